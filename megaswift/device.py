@@ -1,0 +1,67 @@
+"""The one place that chooses the device and the collective backend.
+
+NCCL on CUDA, gloo on CPU. Nothing else in the project calls `torch.cuda` outside `kernels/`.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available() and os.environ.get("MEGASWIFT_FORCE_CPU", "0") != "1"
+
+
+def device_type() -> str:
+    return "cuda" if cuda_available() else "cpu"
+
+
+def backend() -> str:
+    return "nccl" if cuda_available() else "gloo"
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def get_device() -> torch.device:
+    if cuda_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(timeout_s: float | None = None) -> bool:
+    """Start the default process group when launched by torchrun (WORLD_SIZE set).
+
+    Returns True when a process group is active. A single process without torchrun runs with
+    no process group at all: every collective in `parallel/` is a no-op for groups of size 1.
+    The timeout makes a dead or hung peer end the job with an error instead of a silent hang.
+    """
+    if dist.is_initialized():
+        return True
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("MEGASWIFT_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    if cuda_available():
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl", timeout=timeout, device_id=get_device())
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+    return True
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -1,0 +1,97 @@
+"""The parallel layout: degrees, their product with the world size, and the model rules.
+
+Everything here is pure arithmetic, so a layout that cannot fit fails before any process group
+(or any process) starts, with a message that names the numbers that do not divide.
+
+Rank order follows Megatron: tp varies fastest, then cp, then dp, then pp:
+
+    rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
+
+Experts use a second view of the same ranks inside each pipeline stage: etp fastest, then ep,
+then expert-dp (edp = tp * cp * dp / (etp * ep)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megaswift.errors import LayoutError
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    sp: bool = False
+
+    def __post_init__(self):
+        for name in ("world_size", "tp", "pp", "cp", "ep", "etp"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise LayoutError(f"parallel.{name} must be a positive integer, got {v!r}")
+        model_parallel = self.tp * self.pp * self.cp
+        if self.world_size % model_parallel:
+            raise LayoutError(
+                f"world size {self.world_size} is not divisible by tp({self.tp}) * pp({self.pp}) * cp({self.cp})"
+                f" = {model_parallel}; use a world size that is a multiple of {model_parallel}"
+                " or change parallel.tp/pp/cp"
+            )
+        per_stage = self.world_size // self.pp
+        if per_stage % (self.ep * self.etp):
+            raise LayoutError(
+                f"ranks per pipeline stage, tp({self.tp}) * cp({self.cp}) * dp({self.dp}) = {per_stage},"
+                f" is not divisible by ep({self.ep}) * etp({self.etp}) = {self.ep * self.etp}"
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+    @property
+    def edp(self) -> int:
+        return self.world_size // (self.pp * self.ep * self.etp)
+
+    def describe(self) -> str:
+        return (f"world={self.world_size} tp={self.tp} pp={self.pp} cp={self.cp} dp={self.dp}"
+                f" ep={self.ep} etp={self.etp} edp={self.edp} sp={self.sp}")
+
+    def check_model(self, cfg) -> None:
+        """Rules that depend on the model (a `megaswift.models.config.ModelConfig`)."""
+        tp = self.tp
+        if cfg.num_attention_heads % tp:
+            raise LayoutError(
+                f"num_attention_heads ({cfg.num_attention_heads}) is not divisible by tp ({tp});"
+                f" choose tp among {_divisors(cfg.num_attention_heads)}"
+            )
+        kv = cfg.num_query_groups
+        if kv % tp and tp % kv:
+            raise LayoutError(
+                f"num_key_value_heads ({kv}) and tp ({tp}) must divide one another"
+                " (tp <= kv heads splits them, tp > kv heads replicates them)"
+            )
+        if cfg.num_attention_heads % kv:
+            raise LayoutError(
+                f"num_attention_heads ({cfg.num_attention_heads}) is not divisible by"
+                f" num_key_value_heads ({kv})"
+            )
+        if cfg.ffn_hidden_size % tp:
+            raise LayoutError(
+                f"ffn_hidden_size / intermediate_size ({cfg.ffn_hidden_size}) is not divisible by tp ({tp})"
+            )
+        if cfg.num_layers < self.pp:
+            raise LayoutError(f"num_layers ({cfg.num_layers}) is smaller than pp ({self.pp})")
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Sequence parallelism shards the sequence over tp ranks outside attention and MLP."""
+        if self.sp and self.tp > 1 and seq_len % self.tp:
+            raise LayoutError(
+                f"sequence length {seq_len} is not divisible by tp ({self.tp}), which"
+                " parallel.sp requires; pad the sequence or turn sp off"
+            )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -1,0 +1,47 @@
+"""Packaging for megaswift.
+
+`parallel/`, `kernels/` and `launch/` live at the top of the repository (the layout shows the
+architecture) but install as `megaswift.parallel`, `megaswift.kernels` and `megaswift.launch`,
+so no generic top-level name lands in site-packages.
+
+torch is pinned loosely here on purpose: `scripts/install.sh` installs the right build first
+(CPU wheel on a machine without CUDA), and a range that build satisfies installs nothing more.
+"""
+from setuptools import setup
+
+setup(
+    name="megaswift",
+    version="0.1.0",
+    description="Megatron-style parallel training of LLMs on PyTorch, tested on CPU and GPU",
+    python_requires=">=3.10",
+    packages=[
+        "megaswift",
+        "megaswift.models",
+        "megaswift.convert",
+        "megaswift.checkpoint",
+        "megaswift.testing",
+        "megaswift.parallel",
+        "megaswift.kernels",
+        "megaswift.launch",
+    ],
+    package_dir={
+        "megaswift.parallel": "parallel",
+        "megaswift.kernels": "kernels",
+        "megaswift.launch": "launch",
+    },
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=4.51",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "pyyaml>=6",
+        "numpy",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6", "triton>=3.0"],
+        "wandb": ["wandb"],
+        "ray": ["ray>=2.9"],
+        "test": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["megaswift=megaswift.cli:main"]},
+)

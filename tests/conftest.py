@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# Tests are fp32 on CPU and must not depend on a GPU being present.
+os.environ.setdefault("MEGASWIFT_FORCE_CPU", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# make tests/ helpers importable as plain modules from any test directory
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; deselected on CPU-only machines")
+    config.addinivalue_line("markers", "slow: takes more than ~30 s")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    deselected = [i for i in items if "gpu" in i.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [i for i in items if "gpu" not in i.keywords]
