@@ -1,0 +1,72 @@
+"""Let torch.distributed.checkpoint save and load a parameter as pieces of its canonical tensor.
+
+DTensor can only describe regular shardings, but a rank's linear_fc1 holds two ranges of the
+canonical [gate; up] tensor, linear_qkv with replicated KV heads holds a query range plus a KV
+range shared with other ranks, and the vocab shard ends in padding. `CanonicalShards` describes
+those pieces with DCP's own chunk protocol (`__create_write_items__`, `__create_chunk_list__`),
+so DCP writes each piece once (identical chunks from KV replicas are deduplicated by DCP's
+planner) and reads whatever pieces the loading layout needs: resharding comes for free.
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+from megaswift.convert.canonical import local_pieces
+from megaswift.models.sharding import ShardLayout
+
+
+class CanonicalShards:
+    def __init__(self, local: torch.Tensor, layout: ShardLayout):
+        self.layout = layout
+        self.pieces = local_pieces(local, layout)
+        self._by_offset = {self._offsets(start): t for start, t in self.pieces}
+
+    def size(self) -> torch.Size:
+        return torch.Size(self.layout.canonical_shape)
+
+    def _offsets(self, start: int) -> torch.Size:
+        off = [0] * len(self.layout.canonical_shape)
+        off[self.layout.dim] = start
+        return torch.Size(off)
+
+    def __create_chunk_list__(self):
+        return [ChunkStorageMetadata(offsets=self._offsets(s), sizes=t.size()) for s, t in self.pieces]
+
+    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, self._offsets(s)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=self._offsets(s), sizes=t.size()),
+                    properties=TensorProperties.create_from_tensor(t),
+                    size=self.size(),
+                ),
+            )
+            for s, t in self.pieces
+        ]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self._by_offset[torch.Size(index.offset)]
+
+
+def _lookup(state_dict, index: MetadataIndex, fallback):
+    obj = state_dict.get(index.fqn)
+    if isinstance(obj, CanonicalShards):
+        return obj.__get_tensor_shard__(index)
+    return fallback(index)
+
+
+class CanonicalSavePlanner(DefaultSavePlanner):
+    """DefaultSavePlanner only looks pieces up inside torch.Tensor values; ours are not tensors."""
+
+    def lookup_object(self, index):
+        return _lookup(self.state_dict, index, super().lookup_object)
+
+
+class CanonicalLoadPlanner(DefaultLoadPlanner):
+    def lookup_tensor(self, index):
+        return _lookup(self.state_dict, index, super().lookup_tensor)

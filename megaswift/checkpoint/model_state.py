@@ -1,0 +1,105 @@
+"""Save and load model weights as canonical tensors with torch.distributed.checkpoint.
+
+Layout of a checkpoint directory:
+
+    megaswift.json   format version, family, ModelConfig, the layout it was saved with, dtype
+    model/           DCP files of the canonical tensors (independent of tp)
+    hf/              tokenizer and generation files of the source HF checkpoint, for export
+
+A save writes into `<dir>.tmp` and renames it at the end, so an interrupted save never damages
+the checkpoint that was there before.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from megaswift.errors import CheckpointError
+
+from .canonical_shards import CanonicalLoadPlanner, CanonicalSavePlanner, CanonicalShards
+
+FORMAT_VERSION = 1
+META_FILE = "megaswift.json"
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def dcp_state(model) -> dict[str, CanonicalShards]:
+    layouts = model.shard_layouts()
+    return {name: CanonicalShards(p.detach(), layouts[name]) for name, p in model.named_parameters()}
+
+
+def save_model(model, ckpt_dir: str, meta: dict, extra_files_from: str | None = None) -> None:
+    """Collective: every rank calls it. `extra_files_from` is a dir whose non-weight files are
+    copied to `hf/` (tokenizer, generation config)."""
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    tmp = ckpt_dir + ".tmp"
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dcp.save(dcp_state(model), checkpoint_id=os.path.join(tmp, "model"), planner=CanonicalSavePlanner(),
+             no_dist=not dist.is_initialized())
+    if _is_rank0():
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump({"format": FORMAT_VERSION, **meta}, f, indent=2)
+        if extra_files_from:
+            copy_side_files(extra_files_from, os.path.join(tmp, "hf"))
+        old = ckpt_dir + ".old"
+        if os.path.exists(ckpt_dir):
+            os.replace(ckpt_dir, old)
+        os.replace(tmp, ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def load_model(model, ckpt_dir: str) -> None:
+    """Fill the model's local parameters from a checkpoint saved under any tp."""
+    read_meta(ckpt_dir)
+    state = dcp_state(model)
+    dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, "model"), planner=CanonicalLoadPlanner(),
+             no_dist=not dist.is_initialized())
+
+
+def read_meta(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt_dir} is not a megaswift checkpoint (no {META_FILE}); "
+                              "create one with `megaswift import-hf`")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
+    return meta
+
+
+def read_canonical(ckpt_dir: str, shapes: dict[str, tuple], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Whole canonical tensors `name -> shape`, read in this process alone (used by export)."""
+    out = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
+    dcp.load(out, checkpoint_id=os.path.join(ckpt_dir, "model"), no_dist=True)
+    return out
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def copy_side_files(src: str, dst: str) -> None:
+    """Copy tokenizer/generation files, never weights or the weight index."""
+    os.makedirs(dst, exist_ok=True)
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if not os.path.isfile(path) or name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        shutil.copy2(path, os.path.join(dst, name))

@@ -1,0 +1,180 @@
+"""Model families as data: how an HF config maps to ModelConfig and HF tensors to canonical ones.
+
+Adding a family is adding a FamilySpec (and a test). Nothing else in the code branches on the
+family name. The four dense families share HF's Llama tensor names, so they share one weight map
+and differ only in config rules (QKV bias, q/k norms, sliding window).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megaswift.errors import CheckpointError
+from megaswift.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class HFKey:
+    """Read `key` from config.json, or use `default` when it is absent or null."""
+    key: str
+    default: object = None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Canonical rows [canon_start, canon_start + length) come from HF rows [hf_start, ...)."""
+    canon_start: int
+    length: int
+    hf_name: str
+    hf_start: int
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    model_types: tuple[str, ...]
+    architecture: str
+    """The HF class written into an exported config.json."""
+    flags: dict = field(default_factory=dict)
+    """ModelConfig fields that differ per family: a constant or an HFKey."""
+
+    def model_config(self, hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
+        heads = hf["num_attention_heads"]
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        flags = {k: (hf.get(v.key) if hf.get(v.key) is not None else v.default) if isinstance(v, HFKey) else v
+                 for k, v in self.flags.items()}
+        unsupported = [k for k in ("mlp_bias",) if hf.get(k)]
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+            unsupported.append(f"hidden_act={hf['hidden_act']}")
+        if unsupported:
+            raise CheckpointError(f"{self.name} checkpoints with {', '.join(unsupported)} are not supported")
+        return ModelConfig(
+            family=self.name,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            ffn_hidden_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_query_groups=hf.get("num_key_value_heads") or heads,
+            kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+            norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope or None,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+            init_method_std=hf.get("initializer_range", 0.02),
+            # HF stores null here when a family's use_sliding_window is off; layer_types (newer
+            # configs) says which layers slide, and without it every layer slides (Mistral).
+            sliding_window=hf.get("sliding_window"),
+            layer_types=hf.get("layer_types"),
+            extra_hf_config={k: v for k, v in hf.items() if k not in _DERIVED_HF_KEYS},
+            **flags,
+        )
+
+    def hf_config(self, cfg: ModelConfig, dtype: str) -> dict:
+        """config.json for an exported checkpoint: the source's own keys plus the model's maths."""
+        hf = dict(cfg.extra_hf_config)
+        rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+        hf.update(
+            architectures=[self.architecture], model_type=self.model_types[0], vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_query_groups, head_dim=cfg.kv_channels, rms_norm_eps=cfg.norm_epsilon,
+            # transformers >= 5 reads rope_parameters, older releases rope_theta/rope_scaling
+            rope_parameters=rope, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+            max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+            sliding_window=cfg.sliding_window, torch_dtype=dtype, dtype=dtype,
+        )
+        if cfg.layer_types is not None:
+            hf["layer_types"] = cfg.layer_types
+        for field_name, rule in self.flags.items():
+            if isinstance(rule, HFKey):
+                hf[rule.key] = getattr(cfg, field_name)
+        return hf
+
+    # -- weights -------------------------------------------------------------------------------
+    def segments(self, name: str, cfg: ModelConfig) -> list[Segment]:
+        """Where the rows of canonical tensor `name` come from in the HF checkpoint."""
+        if name in _TOP_LEVEL:
+            hf = _TOP_LEVEL[name]
+            return [Segment(0, _rows(name, cfg), hf, 0)]
+        parts = name.split(".")  # decoder.layers.<i>.<module path>
+        i, local = parts[2], ".".join(parts[3:])
+        prefix = f"model.layers.{i}."
+        if local in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+            return _qkv_segments(cfg, prefix + "self_attn.", local.rsplit(".", 1)[1])
+        if local == "mlp.linear_fc1.weight":
+            f = cfg.ffn_hidden_size
+            return [Segment(0, f, prefix + "mlp.gate_proj.weight", 0), Segment(f, f, prefix + "mlp.up_proj.weight", 0)]
+        if local not in _LAYER_NAMES:
+            raise KeyError(f"{self.name}: no HF source for {name!r}")
+        return [Segment(0, _rows(name, cfg), prefix + _LAYER_NAMES[local], 0)]
+
+
+_DERIVED_HF_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "max_position_embeddings", "tie_word_embeddings", "attention_bias", "sliding_window", "layer_types",
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+}
+
+_TOP_LEVEL = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+
+_LAYER_NAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.linear_proj.bias": "self_attn.o_proj.bias",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+
+
+def _rows(name: str, cfg: ModelConfig) -> int:
+    from megaswift.models.sharding import shard_layout
+
+    return shard_layout(name, cfg, 1, 0).canonical_shape[0]
+
+
+def _qkv_segments(cfg: ModelConfig, attn: str, kind: str) -> list[Segment]:
+    """Megatron groups QKV per query group: [q heads of group g, k_g, v_g] for each g."""
+    hd, qpg = cfg.kv_channels, cfg.queries_per_group
+    out, row = [], 0
+    for g in range(cfg.num_query_groups):
+        out.append(Segment(row, qpg * hd, f"{attn}q_proj.{kind}", g * qpg * hd))
+        out.append(Segment(row + qpg * hd, hd, f"{attn}k_proj.{kind}", g * hd))
+        out.append(Segment(row + (qpg + 1) * hd, hd, f"{attn}v_proj.{kind}", g * hd))
+        row += (qpg + 2) * hd
+    return out
+
+
+_ATTN_BIAS = HFKey("attention_bias", False)
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec for spec in (
+        FamilySpec("llama", ("llama",), "LlamaForCausalLM",
+                   {"add_qkv_bias": _ATTN_BIAS, "add_proj_bias": _ATTN_BIAS}),
+        FamilySpec("qwen2", ("qwen2",), "Qwen2ForCausalLM",
+                   {"add_qkv_bias": True}),
+        FamilySpec("qwen3", ("qwen3",), "Qwen3ForCausalLM",
+                   {"add_qkv_bias": _ATTN_BIAS, "add_proj_bias": _ATTN_BIAS, "qk_layernorm": True}),
+        FamilySpec("mistral", ("mistral",), "MistralForCausalLM"),
+    )
+}
+
+
+def family_for(hf_config: dict) -> FamilySpec:
+    model_type = hf_config.get("model_type")
+    for spec in FAMILIES.values():
+        if model_type in spec.model_types:
+            return spec
+    supported = ", ".join(t for s in FAMILIES.values() for t in s.model_types)
+    raise CheckpointError(f"unsupported model_type {model_type!r}; supported: {supported}")

@@ -1,0 +1,58 @@
+"""megaswift checkpoint -> HF directory (safetensors shards + index, config.json, tokenizer).
+
+Streams one layer at a time: the canonical tensors of a layer are read from the DCP checkpoint,
+split back into HF tensors (QKV per query group, gate/up), and handed to a shard writer.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from megaswift.checkpoint.model_state import read_canonical, read_meta
+from megaswift.models.config import ModelConfig
+from megaswift.models.sharding import canonical_names, shard_layout
+
+from .families import FAMILIES, FamilySpec
+from .hf_io import ShardedSafetensorsWriter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def split_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig, spec: FamilySpec, out: dict) -> None:
+    """Scatter the rows of one canonical tensor into the HF tensors `out` collects (hf name ->
+    list of (hf_start, rows)). An HF tensor fed by several canonical segments (q_proj from every
+    query group) is complete once all its pieces are in."""
+    for seg in spec.segments(name, cfg):
+        out.setdefault(seg.hf_name, []).append((seg.hf_start, tensor.narrow(0, seg.canon_start, seg.length)))
+
+
+def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3) -> dict:
+    meta = read_meta(ckpt_dir)
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    spec = FAMILIES[cfg.family]
+    dtype = dtype or meta.get("dtype", "float32")
+    torch_dtype = DTYPES[dtype]
+    stored = DTYPES[meta.get("dtype", "float32")]
+    writer = ShardedSafetensorsWriter(hf_dir, max_shard_bytes)
+    for group in canonical_names(cfg):
+        shapes = {n: shard_layout(n, cfg, 1, 0).canonical_shape for n in group}
+        tensors = read_canonical(ckpt_dir, shapes, stored)
+        pieces: dict[str, list] = {}
+        for name in group:
+            split_to_hf(name, tensors[name], cfg, spec, pieces)
+        for hf_name, parts in pieces.items():
+            parts.sort(key=lambda p: p[0])
+            full = torch.cat([t for _, t in parts]) if len(parts) > 1 else parts[0][1]
+            writer.add(hf_name, full.to(torch_dtype))
+    writer.close()
+    side = os.path.join(ckpt_dir, "hf")
+    if os.path.isdir(side):
+        from megaswift.checkpoint.model_state import copy_side_files
+
+        copy_side_files(side, hf_dir)
+    config = spec.hf_config(cfg, dtype)
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return {"tensors": writer.total, "files": len(writer.written)}

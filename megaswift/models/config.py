@@ -1,0 +1,67 @@
+"""ModelConfig: the decoder's hyper-parameters in Megatron's vocabulary.
+
+Families (megaswift/convert/families.py) build it from a Hugging Face config.json; presets can
+build it directly. Only what changes the maths lives here; parallel degrees live in the layout.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    family: str
+    """Name of the family spec (llama, qwen2, qwen3, mistral): decides conversion, not maths."""
+    vocab_size: int
+    """Real vocabulary size; the embedding is padded beyond it (see padded_vocab_size)."""
+    hidden_size: int
+    ffn_hidden_size: int
+    """Width of the SwiGLU MLP (HF intermediate_size); linear_fc1 holds gate and up, 2x this."""
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    """Key/value heads (GQA); equal to num_attention_heads for plain multi-head attention."""
+    kv_channels: int
+    """Per-head dimension (HF head_dim), which may differ from hidden_size / heads."""
+    norm_epsilon: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    """HF rope parameters beyond theta: {'rope_type': 'llama3' | 'linear', 'factor': ...}."""
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    add_qkv_bias: bool = False
+    add_proj_bias: bool = False
+    qk_layernorm: bool = False
+    """RMSNorm over each query/key head before RoPE (Qwen3)."""
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    """Per layer 'full_attention' or 'sliding_attention'; None means every layer uses
+    sliding_window when it is set (Mistral) and full attention otherwise."""
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    extra_hf_config: dict = field(default_factory=dict)
+    """Keys of the source config.json kept verbatim so export-hf writes them back."""
+
+    @property
+    def queries_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Pad the vocabulary to a multiple of divisor * tp (Megatron's rule), so each rank's
+        slice is equal and GEMM-friendly. The padded rows are zero and never predicted."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def window_for_layer(self, i: int) -> int | None:
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**d)

@@ -1,0 +1,127 @@
+"""GPTModel: the one Megatron-style decoder behind every dense family.
+
+Parameter names follow megatron-core (`embedding.word_embeddings`, `decoder.layers.N....`,
+`decoder.final_layernorm`, `output_layer`), and layers live in a ModuleDict keyed by their global
+index, so names stay the same when a pipeline stage holds only some of the layers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megaswift.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaswift.parallel.state import ParallelState
+from megaswift.parallel.tp_layers import ColumnParallelLinear, VocabParallelEmbedding, mark_sequence_parallel
+
+from .config import ModelConfig
+from .layers import RMSNorm, TransformerLayer
+from .rope import RotaryEmbedding
+from .sharding import ShardLayout, shard_layout
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, st: ParallelState, dtype=None, device=None):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(
+            cfg.padded_vocab_size(st.tp_size), cfg.hidden_size, tp_group=st.tp_group, tp_rank=st.tp_rank,
+            tp_size=st.tp_size, sequence_parallel=st.sp, dtype=dtype, device=device)
+
+    def forward(self, input_ids):
+        return self.word_embeddings(input_ids)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, st: ParallelState, layer_ids, dtype=None, device=None, final_norm=True):
+        super().__init__()
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, st, i, dtype, device) for i in layer_ids})
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device) if final_norm else None
+        if final_norm and st.sp:
+            mark_sequence_parallel(self.final_layernorm.weight)
+
+    def forward(self, x, cos, sin, document_ids=None):
+        for layer in self.layers.values():
+            x = layer(x, cos, sin, document_ids)
+        return self.final_layernorm(x) if self.final_layernorm is not None else x
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, st: ParallelState | None = None, dtype=None, device=None):
+        super().__init__()
+        st = st or ParallelState.single()
+        self.cfg, self.st = cfg, st
+        self.embedding = Embedding(cfg, st, dtype, device)
+        self.rotary = RotaryEmbedding(cfg.kv_channels, cfg.rope_theta, cfg.rope_scaling)
+        self.decoder = TransformerBlock(cfg, st, range(cfg.num_layers), dtype, device)
+        self.vocab_local = cfg.padded_vocab_size(st.tp_size) // st.tp_size
+        if cfg.tie_word_embeddings:
+            self.output_layer = None
+        else:
+            self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.vocab_local, tp_group=st.tp_group,
+                                                     sequence_parallel=st.sp, dtype=dtype, device=device)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids, position_ids=None, document_ids=None, labels=None):
+        """input_ids [b, s] -> vocab-parallel logits [b, s, padded_vocab/tp] (padded columns -inf),
+        or, with labels [b, s] (-100 = ignore), the per-token loss [b, s] in fp32.
+
+        position_ids restart at 0 for each packed document; document_ids [b, s] stop attention
+        across documents. Without them the batch rows are single sequences from position 0.
+        """
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        x = self.embedding(input_ids)  # [b, s(/tp under SP), h]
+        cos, sin = self.rotary(position_ids, x.dtype)
+        x = self.decoder(x, cos, sin, document_ids)
+        logits = self._output(x)
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, self.st.tp_group)
+
+    def _output(self, x):
+        if self.output_layer is not None:
+            logits = self.output_layer(x)
+        else:  # tied: reuse the embedding's vocab shard as a column-parallel output weight
+            logits = self._tied_output(x)
+        return self._mask_vocab_padding(logits)
+
+    def _tied_output(self, x):
+        from megaswift.parallel.tp_comm import copy_to_tp_region, gather_from_sp_region
+
+        x = gather_from_sp_region(x, self.st.tp_group, dim=1) if self.st.sp else copy_to_tp_region(x, self.st.tp_group)
+        return torch.nn.functional.linear(x, self.embedding.word_embeddings.weight)
+
+    def _mask_vocab_padding(self, logits):
+        """Padded vocabulary rows must never win the softmax: their logits become -inf."""
+        start = self.st.tp_rank * self.vocab_local
+        n_real = max(0, min(self.cfg.vocab_size - start, self.vocab_local))
+        if n_real == self.vocab_local:
+            return logits
+        mask = torch.arange(self.vocab_local, device=logits.device) >= n_real
+        return logits.masked_fill(mask, float("-inf"))
+
+    # -- sharding metadata ---------------------------------------------------------------------
+    def shard_layouts(self) -> dict[str, ShardLayout]:
+        """Parameter name -> where its local slice sits in the canonical (tp=1) tensor."""
+        return {name: shard_layout(name, self.cfg, self.st.tp_size, self.st.tp_rank)
+                for name, _ in self.named_parameters()}
+
+    def reset_parameters(self, seed: int | None = None):
+        """Random init (normal(0, std) for matrices, ones for norms, zeros for biases), drawn for the
+        canonical tensor and sliced, so every layout starts from the same weights."""
+        from megaswift.convert.canonical import fill_from_canonical
+
+        gen = torch.Generator().manual_seed(self.cfg.init_method_std.__hash__() if seed is None else seed)
+
+        def canonical(name, layout: ShardLayout):
+            if name.endswith("layernorm.weight"):
+                return torch.ones(layout.canonical_shape)
+            if name.endswith(".bias"):
+                return torch.zeros(layout.canonical_shape)
+            return torch.randn(layout.canonical_shape, generator=gen) * self.cfg.init_method_std
+
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                layout = shard_layout(name, self.cfg, self.st.tp_size, self.st.tp_rank)
+                full = canonical(name, layout)
+                p.copy_(fill_from_canonical(lambda dim, start, n, full=full: full.narrow(dim, start, n), layout))

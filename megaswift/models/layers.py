@@ -1,0 +1,102 @@
+"""The pieces of one decoder layer: RMSNorm, self-attention (fused QKV, GQA, RoPE) and SwiGLU MLP.
+
+Activations are batch-first [b, s, h]. Under sequence parallelism (parallel.sp) the layer input
+and output are [b, s/tp, h]; linear_qkv and linear_fc1 all-gather the sequence, linear_proj and
+linear_fc2 reduce-scatter it back (Megatron-LM's SP).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaswift.kernels.attention import attention
+from megaswift.parallel.state import ParallelState
+from megaswift.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, mark_sequence_parallel
+
+from .config import ModelConfig
+from .rope import apply_rotary
+from .sharding import local_heads, shard_layout
+
+
+class RMSNorm(nn.Module):
+    """Normalises in fp32 and scales in the input dtype, as HF's LlamaRMSNorm does (for parity)."""
+
+    def __init__(self, size: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, st: ParallelState, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        tp = st.tp_size
+        self.hd = cfg.kv_channels
+        self.n_q, self.n_kv = local_heads(cfg, tp)
+        self.window = cfg.window_for_layer(layer_idx)
+        self.backend = "auto"
+        qkv_rows = shard_layout("linear_qkv.weight", cfg, tp, st.tp_rank).local_shape[0]
+        self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, qkv_rows, tp_group=st.tp_group, bias=cfg.add_qkv_bias,
+                                               sequence_parallel=st.sp, dtype=dtype, device=device)
+        if cfg.qk_layernorm:
+            self.q_layernorm = RMSNorm(self.hd, cfg.norm_epsilon, dtype, device)
+            self.k_layernorm = RMSNorm(self.hd, cfg.norm_epsilon, dtype, device)
+            if tp > 1:  # each rank normalises only its own heads: the weight grads are partial sums
+                mark_sequence_parallel(self.q_layernorm.weight)
+                mark_sequence_parallel(self.k_layernorm.weight)
+        else:
+            self.q_layernorm = self.k_layernorm = None
+        self.linear_proj = RowParallelLinear(self.n_q * self.hd, cfg.hidden_size, tp_group=st.tp_group,
+                                             bias=cfg.add_proj_bias, sequence_parallel=st.sp, dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin, document_ids=None):
+        qkv = self.linear_qkv(x)  # [b, s, n_kv * (q_per_kv + 2) * hd], full sequence
+        b, s, _ = qkv.shape
+        q_per_kv = self.n_q // self.n_kv
+        qkv = qkv.view(b, s, self.n_kv, q_per_kv + 2, self.hd)
+        q = qkv[:, :, :, :q_per_kv].reshape(b, s, self.n_q, self.hd)
+        k, v = qkv[:, :, :, q_per_kv], qkv[:, :, :, q_per_kv + 1]  # [b, s, n_kv, hd]
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out, _ = attention(q, k, v, causal=True, document_ids=document_ids, window=self.window, backend=self.backend)
+        return self.linear_proj(out.reshape(b, s, self.n_q * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU; linear_fc1 holds this rank's [gate; up] rows, so the split is local."""
+
+    def __init__(self, cfg: ModelConfig, st: ParallelState, dtype=None, device=None):
+        super().__init__()
+        f_local = cfg.ffn_hidden_size // st.tp_size
+        self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * f_local, tp_group=st.tp_group,
+                                               sequence_parallel=st.sp, dtype=dtype, device=device)
+        self.linear_fc2 = RowParallelLinear(f_local, cfg.hidden_size, tp_group=st.tp_group,
+                                            sequence_parallel=st.sp, dtype=dtype, device=device)
+
+    def forward(self, x):
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, st: ParallelState, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device)
+        self.self_attention = SelfAttention(cfg, st, layer_idx, dtype, device)
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device)
+        self.mlp = MLP(cfg, st, dtype, device)
+        if st.sp:  # each rank normalises only its sequence shard: these grads are partial sums
+            mark_sequence_parallel(self.input_layernorm.weight)
+            mark_sequence_parallel(self.pre_mlp_layernorm.weight)
+
+    def forward(self, x, cos, sin, document_ids=None):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, document_ids)
+        return x + self.mlp(self.pre_mlp_layernorm(x))

@@ -1,0 +1,123 @@
+"""Where each rank's parameter slice sits inside the TP-independent ("canonical") tensor.
+
+A canonical tensor is what a parameter would be with tp=1, in Megatron's layout: linear_qkv is
+grouped per query group [q of group 0, k0, v0, q of group 1, k1, v1, ...], linear_fc1 is
+[gate; up], and embeddings are unpadded. Conversion and checkpoints speak canonical tensors, so
+neither depends on the layout a run used, and a checkpoint saved at tp=2 loads at tp=4.
+
+A rank's local tensor is the concatenation, along one dimension, of ranges of the canonical
+tensor, followed by `pad` zero rows (vocab padding). With more TP ranks than KV heads, the
+ranges of a KV head are held by several ranks (replicas); everything else is held once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    canonical_shape: tuple[int, ...]
+    dim: int = 0
+    ranges: tuple[tuple[int, int], ...] = ()
+    """(start, length) along `dim`, in the order they are concatenated locally."""
+    pad: int = 0
+    """Zero rows appended after the ranges (padded vocabulary)."""
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        shape = list(self.canonical_shape)
+        shape[self.dim] = sum(n for _, n in self.ranges) + self.pad
+        return tuple(shape)
+
+    @classmethod
+    def replicated(cls, shape) -> "ShardLayout":
+        shape = tuple(shape)
+        return cls(shape, 0, ((0, shape[0]),) if shape else ())
+
+
+def _coalesce(ranges):
+    out: list[list[int]] = []
+    for start, n in ranges:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1][1] += n
+        else:
+            out.append([start, n])
+    return tuple((s, n) for s, n in out)
+
+
+def split_range(total: int, tp: int, tp_rank: int) -> tuple[int, int]:
+    per = total // tp
+    return tp_rank * per, per
+
+
+def qkv_rows(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[tuple[int, int], ...]:
+    """Canonical rows of linear_qkv held by one TP rank, local order [q, k, v] per local group."""
+    hd, ng, qpg = cfg.kv_channels, cfg.num_query_groups, cfg.queries_per_group
+    group_rows = (qpg + 2) * hd
+    if tp <= ng:  # whole query groups per rank: one contiguous block
+        per = ng // tp
+        return ((tp_rank * per * group_rows, per * group_rows),)
+    # more ranks than KV heads: `rep` ranks share group g, each with qpg/rep of its query heads
+    rep = tp // ng
+    g, j = divmod(tp_rank, rep)
+    q_per = qpg // rep
+    base = g * group_rows
+    return _coalesce([(base + j * q_per * hd, q_per * hd), (base + qpg * hd, 2 * hd)])
+
+
+def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
+    """(query heads, kv heads) computed on one TP rank."""
+    return cfg.num_attention_heads // tp, max(1, cfg.num_query_groups // tp)
+
+
+def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int) -> ShardLayout:
+    """The layout of parameter `name` (a Megatron-style name) on TP rank `tp_rank`."""
+    H, F, hd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    qkv_out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hd
+    leaf = ".".join(name.split(".")[-2:])
+    if leaf in ("word_embeddings.weight", "output_layer.weight"):
+        vp = cfg.padded_vocab_size(tp) // tp
+        start = tp_rank * vp
+        n = max(0, min(cfg.vocab_size, start + vp) - start)
+        return ShardLayout((cfg.vocab_size, H), 0, ((start, n),) if n else (), vp - n)
+    if leaf == "linear_qkv.weight":
+        return ShardLayout((qkv_out, H), 0, qkv_rows(cfg, tp, tp_rank))
+    if leaf == "linear_qkv.bias":
+        return ShardLayout((qkv_out,), 0, qkv_rows(cfg, tp, tp_rank))
+    if leaf == "linear_fc1.weight":
+        s, n = split_range(F, tp, tp_rank)
+        return ShardLayout((2 * F, H), 0, ((s, n), (F + s, n)))
+    if leaf == "linear_proj.weight":
+        return ShardLayout((H, cfg.num_attention_heads * hd), 1, (split_range(cfg.num_attention_heads * hd, tp, tp_rank),))
+    if leaf == "linear_fc2.weight":
+        return ShardLayout((H, F), 1, (split_range(F, tp, tp_rank),))
+    if leaf == "linear_proj.bias":
+        return ShardLayout.replicated((H,))
+    if leaf.endswith("layernorm.weight"):
+        size = hd if ("q_layernorm" in leaf or "k_layernorm" in leaf) else H
+        return ShardLayout.replicated((size,))
+    raise KeyError(f"no shard layout for parameter {name!r}")
+
+
+def layer_param_names(cfg: ModelConfig, i: int) -> list[str]:
+    p = f"decoder.layers.{i}."
+    names = [p + "input_layernorm.weight", p + "self_attention.linear_qkv.weight"]
+    if cfg.add_qkv_bias:
+        names.append(p + "self_attention.linear_qkv.bias")
+    if cfg.qk_layernorm:
+        names += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
+    names.append(p + "self_attention.linear_proj.weight")
+    if cfg.add_proj_bias:
+        names.append(p + "self_attention.linear_proj.bias")
+    names += [p + "pre_mlp_layernorm.weight", p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+    return names
+
+
+def canonical_names(cfg: ModelConfig) -> list[list[str]]:
+    """Every parameter of the whole model, grouped so a group (a layer) can be streamed at once."""
+    groups = [["embedding.word_embeddings.weight"]]
+    groups += [layer_param_names(cfg, i) for i in range(cfg.num_layers)]
+    groups.append(["decoder.final_layernorm.weight"] + ([] if cfg.tie_word_embeddings else ["output_layer.weight"]))
+    return groups

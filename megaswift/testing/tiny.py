@@ -1,0 +1,84 @@
+"""Tiny random-weight HF checkpoints and a locally trained tokenizer, for tests and the quickstart.
+
+Nothing is downloaded: configs are built in code, weights are random, the tokenizer is a small
+BPE trained on text generated here. Sizes are deliberately awkward, as real checkpoints are: a
+vocabulary no TP degree divides, fewer KV heads than TP ranks, head_dim apart from
+hidden/heads, llama3 rope scaling, tied embeddings, QKV bias, several safetensors shards.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+TINY_COMMON = dict(
+    vocab_size=1001, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=8,
+    num_key_value_heads=2, head_dim=12, max_position_embeddings=256, rms_norm_eps=1e-5,
+)
+
+# family -> (HF config class name, extra config keys)
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=4, head_dim=16, rope_theta=1000000.0)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=1, sliding_window=16)),
+}
+
+
+def _words(n: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    syll = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "qu", "an", "el"]
+    lines = []
+    for _ in range(n):
+        k = int(torch.randint(4, 12, (1,), generator=g))
+        idx = torch.randint(0, len(syll), (k, 3), generator=g)
+        lines.append(" ".join("".join(syll[j] for j in row[: 1 + int(row[0]) % 3]) for row in idx.tolist()))
+    return lines
+
+
+def save_tiny_tokenizer(out_dir: str, vocab_size: int = 400, seed: int = 0) -> None:
+    """Train a byte-level BPE on generated text and save it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_words(2000, seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.save_pretrained(out_dir)
+
+
+def make_tiny_hf(family: str, out_dir: str, *, seed: int = 0, max_shard_size: str = "100KB",
+                 dtype: torch.dtype = torch.float32, tokenizer: bool = True, **overrides) -> str:
+    """Write a random-weight HF checkpoint of `family` to out_dir and return out_dir."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, extra = TINY_FAMILIES[family]
+    kwargs = {**TINY_COMMON, **extra, **overrides}
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # HF zero-inits biases and ones-inits norms: randomise so they are tested
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    if tokenizer:
+        save_tiny_tokenizer(out_dir)
+    return out_dir
