@@ -24,3 +24,15 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [i for i in items if "gpu" not in i.keywords]
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """family -> directory of a tiny random-weight HF checkpoint with awkward sizes (see testing/tiny.py)."""
+    from megaswift.testing.tiny import make_tiny_hf
+
+    root = tmp_path_factory.mktemp("tiny_hf")
+    return {f: make_tiny_hf(f, str(root / f), seed=i) for i, f in enumerate(FAMILIES)}

@@ -11,7 +11,8 @@ from torch import nn
 
 from megaswift.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaswift.parallel.state import ParallelState
-from megaswift.parallel.tp_layers import ColumnParallelLinear, VocabParallelEmbedding, mark_sequence_parallel
+from megaswift.parallel.tp_layers import (ColumnParallelLinear, VocabParallelEmbedding,
+                                         allreduce_sequence_parallel_grads, mark_sequence_parallel)
 
 from .config import ModelConfig
 from .layers import RMSNorm, TransformerLayer
@@ -100,6 +101,45 @@ class GPTModel(nn.Module):
         mask = torch.arange(self.vocab_local, device=logits.device) >= n_real
         return logits.masked_fill(mask, float("-inf"))
 
+    def set_attention_backend(self, backend: str) -> None:
+        """kernels.attention backend for every layer: auto, reference, sdpa or flash_attn."""
+        for layer in self.decoder.layers.values():
+            layer.self_attention.backend = backend
+
+    # -- gradients -------------------------------------------------------------------------------
+    def finalize_grads(self) -> None:
+        """Complete the gradients that TP leaves partial; call after backward, before the step.
+
+        Norm weights under sequence parallelism (and q/k norms, which see only a rank's heads)
+        hold partial sums, as do the KV rows of linear_qkv when several ranks replicate a KV head
+        (each replica back-propagates only its own query heads)."""
+        allreduce_sequence_parallel_grads(self, self.st.tp_group)
+        self._sum_replicated_kv_grads()
+
+    def _sum_replicated_kv_grads(self) -> None:
+        cfg, st = self.cfg, self.st
+        ng = cfg.num_query_groups
+        if st.tp_size <= ng:
+            return
+        # Every rank holds one KV head g; its KV rows come last in linear_qkv ([q_sub, k, v]).
+        # One all-reduce over tp of a [ng, n] buffer where each rank fills only row g sums the
+        # replicas of each head (and keeps the heads apart) without extra process groups.
+        g = st.tp_rank // (st.tp_size // ng)
+        kv_rows = 2 * cfg.kv_channels
+        grads = [p.grad for layer in self.decoder.layers.values() for p in layer.self_attention.linear_qkv.parameters()
+                 if p.grad is not None]
+        if not grads:
+            return
+        kv = [gr.narrow(0, gr.shape[0] - kv_rows, kv_rows) for gr in grads]
+        flat = torch.cat([t.reshape(-1) for t in kv])
+        buf = flat.new_zeros(ng, flat.numel())
+        buf[g] = flat
+        torch.distributed.all_reduce(buf, group=st.tp_group)
+        offset = 0
+        for t in kv:
+            t.copy_(buf[g, offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     # -- sharding metadata ---------------------------------------------------------------------
     def shard_layouts(self) -> dict[str, ShardLayout]:
         """Parameter name -> where its local slice sits in the canonical (tp=1) tensor."""
@@ -111,7 +151,7 @@ class GPTModel(nn.Module):
         canonical tensor and sliced, so every layout starts from the same weights."""
         from megaswift.convert.canonical import fill_from_canonical
 
-        gen = torch.Generator().manual_seed(self.cfg.init_method_std.__hash__() if seed is None else seed)
+        gen = torch.Generator().manual_seed(0 if seed is None else seed)
 
         def canonical(name, layout: ShardLayout):
             if name.endswith("layernorm.weight"):

@@ -37,16 +37,6 @@ class ShardLayout:
         return cls(shape, 0, ((0, shape[0]),) if shape else ())
 
 
-def _coalesce(ranges):
-    out: list[list[int]] = []
-    for start, n in ranges:
-        if out and out[-1][0] + out[-1][1] == start:
-            out[-1][1] += n
-        else:
-            out.append([start, n])
-    return tuple((s, n) for s, n in out)
-
-
 def split_range(total: int, tp: int, tp_rank: int) -> tuple[int, int]:
     per = total // tp
     return tp_rank * per, per
@@ -64,7 +54,9 @@ def qkv_rows(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[tuple[int, int], 
     g, j = divmod(tp_rank, rep)
     q_per = qpg // rep
     base = g * group_rows
-    return _coalesce([(base + j * q_per * hd, q_per * hd), (base + qpg * hd, 2 * hd)])
+    # Kept as two pieces even when adjacent: the KV piece must be the same chunk on every replica,
+    # so that a checkpoint stores it once (DCP deduplicates identical chunks, rejects overlaps).
+    return ((base + j * q_per * hd, q_per * hd), (base + qpg * hd, 2 * hd))
 
 
 def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:

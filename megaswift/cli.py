@@ -1,0 +1,104 @@
+"""The `megaswift` command: import-hf, export-hf, verify, launch, tiny-hf.
+
+Config overrides use dotted keys after the command's own arguments (`--parallel.tp 2`). A user
+error (bad config, layout, checkpoint) prints one line and exits with code 2, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megaswift.errors import MegaswiftError
+
+COMMANDS = ("import-hf", "export-hf", "verify", "launch", "tiny-hf")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megaswift", description="Megatron-style parallel training on PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", help="YAML config file; dotted overrides such as --parallel.tp 2 follow")
+        return sp
+
+    s = with_config(sub.add_parser("import-hf", help="convert an HF checkpoint into a megaswift checkpoint"))
+    s.add_argument("hf_dir")
+    s.add_argument("ckpt_dir")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's dtype")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
+
+    s = sub.add_parser("export-hf", help="write a megaswift checkpoint as an HF checkpoint")
+    s.add_argument("ckpt_dir")
+    s.add_argument("hf_dir")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the dtype it was imported in")
+    s.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB, 2GB")
+
+    s = with_config(sub.add_parser("verify", help="compare megaswift logits with transformers on the same tokens"))
+    s.add_argument("hf_dir")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--tolerance", type=float, help="max abs logit difference allowed (default 1e-4 fp32, 5e-2 bf16/fp16)")
+    s.add_argument("--seq-len", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("launch", help="run a subcommand under torchrun after checking the layout")
+    s.add_argument("--nproc-per-node", type=int, default=1)
+    s.add_argument("--nnodes", type=int, default=1)
+    s.add_argument("--node-rank", type=int, default=0)
+    s.add_argument("--rdzv-endpoint", default=None, help="host:port of the first node (multi-node)")
+    s.add_argument("--max-restarts", type=int, default=0)
+
+    s = sub.add_parser("tiny-hf", help="write a tiny random-weight HF checkpoint (tests, quickstart)")
+    s.add_argument("family", choices=["llama", "qwen2", "qwen3", "mistral"])
+    s.add_argument("out_dir")
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse(argv: list[str]):
+    """(namespace, Config). Everything argparse does not know must be a dotted config override."""
+    from megaswift.config import load_config
+
+    if argv and argv[0] == "launch":
+        if "--" not in argv:
+            raise MegaswiftError("usage: megaswift launch [--nproc-per-node N ...] -- <subcommand ...>")
+        cut = argv.index("--")
+        ns = _parser().parse_args(argv[:cut])
+        ns.sub_argv = argv[cut + 1:]
+        return ns, None
+    ns, rest = _parser().parse_known_args(argv)
+    cfg = load_config(getattr(ns, "config", None), rest)
+    return ns, cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        ns, cfg = parse(argv)
+        code = _run(ns, cfg)
+    except MegaswiftError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megaswift: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+def _run(ns, cfg) -> int:
+    if ns.command == "launch":
+        from megaswift.launch.torchrun import launch
+
+        return launch(ns, ns.sub_argv)
+    if ns.command == "tiny-hf":
+        from megaswift.testing.tiny import make_tiny_hf
+
+        make_tiny_hf(ns.family, ns.out_dir, seed=ns.seed)
+        print(f"wrote a tiny random {ns.family} checkpoint to {ns.out_dir}")
+        return 0
+    if ns.command == "export-hf":
+        from megaswift.commands import export_command
+
+        return export_command(ns)
+    from megaswift.commands import import_command, verify_command
+
+    return {"import-hf": import_command, "verify": verify_command}[ns.command](ns, cfg)

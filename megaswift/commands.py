@@ -1,0 +1,105 @@
+"""What the conversion commands do once their arguments are parsed (the CLI stays a parser)."""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+from megaswift import device
+from megaswift.errors import CheckpointError, LayoutError
+from megaswift.parallel.layout import Layout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_model_config(hf_dir: str, cfg):
+    from megaswift.convert.families import family_for
+    from megaswift.convert.hf_io import read_hf_config
+
+    hf = read_hf_config(hf_dir)
+    return family_for(hf).model_config(hf, cfg.model.make_vocab_size_divisible_by)
+
+
+def plan_layout(cfg, world_size: int, model_cfg=None) -> Layout:
+    """Every check that needs no process group: run before torchrun starts anything."""
+    p = cfg.parallel
+    layout = Layout(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp)
+    for name in ("pp", "cp", "ep"):
+        if getattr(p, name) > 1:
+            raise LayoutError(f"parallel.{name}={getattr(p, name)} is not supported by this command yet; use 1")
+    if model_cfg is not None:
+        layout.check_model(model_cfg)
+    return layout
+
+
+def setup_parallel(cfg, model_cfg):
+    from megaswift.parallel.state import ParallelState
+
+    layout = plan_layout(cfg, device.world_size_from_env(), model_cfg)
+    device.init_distributed(cfg.parallel.timeout_s)
+    return ParallelState.build(layout, device.get_device())
+
+
+def _checkpoint_dtype(hf_dir: str, model_cfg) -> str:
+    from megaswift.convert.hf_io import HFReader
+
+    t = HFReader(hf_dir).dtype("model.embed_tokens.weight")
+    return {v: k for k, v in DTYPES.items()}.get(t, "float32")
+
+
+def import_command(ns, cfg) -> int:
+    from megaswift.checkpoint.model_state import save_model
+    from megaswift.convert.hf_import import load_hf_into_model
+    from megaswift.models.decoder import GPTModel
+
+    model_cfg = hf_model_config(ns.hf_dir, cfg)
+    if os.path.exists(ns.ckpt_dir) and os.listdir(ns.ckpt_dir) and not ns.overwrite:
+        raise CheckpointError(f"{ns.ckpt_dir} exists and is not empty; choose another directory or pass --overwrite")
+    st = setup_parallel(cfg, model_cfg)
+    dtype = ns.dtype or _checkpoint_dtype(ns.hf_dir, model_cfg)
+    model = GPTModel(model_cfg, st, dtype=DTYPES[dtype])
+    load_hf_into_model(model, ns.hf_dir)
+    meta = {"family": model_cfg.family, "model_config": model_cfg.to_dict(), "dtype": dtype,
+            "saved_layout": st.layout.describe(), "source": os.path.abspath(ns.hf_dir)}
+    save_model(model, ns.ckpt_dir, meta, extra_files_from=ns.hf_dir)
+    if device.rank() == 0:
+        print(f"imported {model_cfg.family} from {ns.hf_dir} into {ns.ckpt_dir} ({st.layout.describe()}, {dtype})")
+    return 0
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", text.upper())
+    if not m:
+        raise LayoutError(f"--max-shard-size {text!r} is not a size such as 500MB or 2GB")
+    return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, None: 1}[m.group(2)])
+
+
+def export_command(ns) -> int:
+    from megaswift.convert.hf_export import export_hf
+
+    if device.rank() != 0:  # export reads the checkpoint in one process; other ranks have nothing to do
+        return 0
+    info = export_hf(ns.ckpt_dir, ns.hf_dir, ns.dtype, _parse_size(ns.max_shard_size))
+    print(f"exported {ns.ckpt_dir} to {ns.hf_dir} ({info['tensors'] / 1e6:.1f} MB in {info['files']} file(s))")
+    return 0
+
+
+def verify_command(ns, cfg) -> int:
+    from megaswift.convert.verify import verify
+
+    model_cfg = hf_model_config(ns.hf_dir, cfg)
+    st = setup_parallel(cfg, model_cfg)
+    st.layout.check_seq_len(ns.seq_len)
+    tol = ns.tolerance if ns.tolerance is not None else (1e-4 if ns.dtype == "float32" else 5e-2)
+    result = verify(ns.hf_dir, model_cfg, st, DTYPES[ns.dtype], ns.seq_len, ns.batch_size, ns.seed,
+                    attention_backend=cfg.model.attention_backend)
+    ok = result["max_abs_diff"] <= tol
+    if device.rank() == 0:
+        print(f"verify {model_cfg.family} {st.layout.describe()} dtype={ns.dtype}: "
+              f"max_abs_diff={result['max_abs_diff']:.3e} mean_abs_diff={result['mean_abs_diff']:.3e} "
+              f"tolerance={tol:.1e} -> {'PASS' if ok else 'FAIL'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0 if ok else 1

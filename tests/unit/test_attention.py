@@ -1,0 +1,280 @@
+"""kernels/attention.py: every backend against an independent float64 implementation.
+
+Tolerances (fp32 inputs): reference vs the float64 naive version rtol 1e-5 / atol 1e-6; the CPU
+sdpa kernel vs the reference rtol 1e-5 / atol 5e-6 (measured max |diff| about 1.4e-6, grads of
+q/k/v with the lse term included). bf16 and the CUDA kernels get the looser bounds stated below.
+"""
+import math
+
+import pytest
+import torch
+
+from megaswift.kernels.attention import BACKENDS, attention, merge_attention_blocks
+from megaswift.kernels.attention_cuda import flash_attn_available
+
+S, D = 16, 8
+FP32_REF = dict(rtol=1e-5, atol=1e-6)  # reference vs float64 truth
+FP32_SDPA = dict(rtol=1e-5, atol=5e-6)  # CPU fused kernel vs reference
+
+# b, hq, hkv, causal, document lengths per row (None: one sequence), window
+CASES = {
+    "causal": (1, 2, 2, True, None, None),
+    "bidirectional": (1, 2, 2, False, None, None),
+    "documents": (1, 2, 2, True, [[3, 5, 1, 7]], None),
+    "bidirectional_documents": (1, 2, 2, False, [[3, 5, 1, 7]], None),
+    "window": (1, 2, 2, True, None, 4),
+    "documents_window": (1, 2, 2, True, [[3, 5, 1, 7]], 3),
+    "gqa_hkv2": (1, 4, 2, True, [[3, 5, 1, 7]], None),
+    "gqa_hkv1": (1, 4, 1, True, None, None),
+    "batch2_layouts": (2, 4, 2, True, [[3, 5, 1, 7], [9, 2, 5]], None),
+    "batch2_layouts_window": (2, 4, 1, True, [[1, 15], [6, 6, 4]], 5),
+}
+
+
+def make_case(name, dtype=torch.float32, device="cpu", seed=0, s=S, spec=None):
+    b, hq, hkv, causal, lengths, window = spec or CASES[name]
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, hq, D, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(b, s, hkv, D, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(b, s, hkv, D, generator=g).to(device, dtype).requires_grad_()
+    ids = None
+    if lengths is not None:
+        ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths]).to(device)
+    return q, k, v, dict(causal=causal, document_ids=ids, window=window)
+
+
+def naive_mask(b, s, causal, document_ids, window):
+    """[b, s, s] bool from the definitions, one pair at a time."""
+    m = torch.zeros(b, s, s, dtype=torch.bool)
+    for r in range(b):
+        for i in range(s):
+            for j in range(s):
+                ok = (not causal or j <= i) and (window is None or i - j < window)
+                if document_ids is not None:
+                    ok = ok and bool(document_ids[r, i] == document_ids[r, j])
+                m[r, i, j] = ok
+    return m
+
+
+def naive_attention(q, k, v, mask):
+    """float64, softmax and logsumexp from torch, kv head of query head h = h // (hq / hkv)."""
+    hq, hkv = q.shape[2], k.shape[2]
+    heads = torch.tensor([h // (hq // hkv) for h in range(hq)])
+    q, k, v = q.double(), k.double().index_select(2, heads), v.double().index_select(2, heads)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask[:, None].to(q.device), -math.inf)
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), v), torch.logsumexp(scores, -1)
+
+
+def loss_grads(out, lse, inputs, seed=1):
+    """Gradients of a random linear function of out and lse, so both paths are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    gl = torch.randn(lse.shape, generator=g).to(lse.device)
+    gl = torch.where(torch.isfinite(lse), gl, 0.0)
+    loss = (out * go).sum() + (torch.where(torch.isfinite(lse), lse, 0.0) * gl).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+def assert_close(actual, expected, what, **tol):
+    torch.testing.assert_close(actual, expected.to(actual.dtype), msg=lambda m: f"{what}: {m}", **tol)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reference_matches_naive(case):
+    q, k, v, kw = make_case(case)
+    out, lse = attention(q, k, v, backend="reference", **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (q.shape[0], q.shape[2], S) and lse.dtype == torch.float32
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    n_out, n_lse = naive_attention(*leaves, naive_mask(q.shape[0], S, **kw))
+    assert_close(out, n_out, "out", **FP32_REF)
+    assert_close(lse, n_lse, "lse", **FP32_REF)
+    for name, a, e in zip("qkv", loss_grads(out, lse, (q, k, v)), loss_grads(n_out, n_lse, leaves)):
+        assert_close(a, e, f"grad {name}", **FP32_REF)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sdpa_matches_reference(case):
+    q, k, v, kw = make_case(case)
+    out, lse = attention(q, k, v, backend="sdpa", **kw)
+    r_out, r_lse = attention(q, k, v, backend="reference", **kw)
+    assert out.shape == q.shape and lse.dtype == torch.float32
+    assert_close(out, r_out, "out", **FP32_SDPA)
+    assert_close(lse, r_lse, "lse", **FP32_SDPA)
+    for name, a, e in zip("qkv", loss_grads(out, lse, (q, k, v)), loss_grads(r_out, r_lse, (q, k, v))):
+        assert_close(a, e, f"grad {name}", **FP32_SDPA)
+
+
+@pytest.mark.parametrize("case", ["documents", "gqa_hkv2", "batch2_layouts_window"])
+def test_sdpa_bf16_close_to_reference(case):
+    q, k, v, kw = make_case(case, dtype=torch.bfloat16)
+    out, lse = attention(q, k, v, backend="sdpa", **kw)
+    r_out, r_lse = attention(q, k, v, backend="reference", **kw)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert_close(out, r_out, "out", rtol=2e-2, atol=2e-2)
+    assert_close(lse, r_lse, "lse", rtol=1e-2, atol=1e-2)
+    for name, a, e in zip("qkv", loss_grads(out, lse, (q, k, v)), loss_grads(r_out, r_lse, (q, k, v))):
+        assert_close(a, e, f"grad {name}", rtol=5e-2, atol=5e-2)
+
+
+def test_auto_is_sdpa_on_cpu():
+    q, k, v, kw = make_case("batch2_layouts")
+    for a, b in zip(attention(q, k, v, **kw), attention(q, k, v, backend="sdpa", **kw)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("case", ["documents", "gqa_hkv2", "batch2_layouts", "batch2_layouts_window"])
+def test_packed_documents_equal_separate_runs(backend, case):
+    """The packing property: a packed row gives each document what it gets on its own."""
+    q, k, v, kw = make_case(case)
+    ids = kw.pop("document_ids")
+    out, lse = attention(q, k, v, document_ids=ids, backend=backend, **kw)
+    outs, lses = torch.empty_like(out), torch.empty_like(lse)
+    for r in range(q.shape[0]):
+        for doc in ids[r].unique():
+            pos = (ids[r] == doc).nonzero().flatten()
+            a, e = int(pos[0]), int(pos[-1]) + 1
+            o, l = attention(q[r:r + 1, a:e], k[r:r + 1, a:e], v[r:r + 1, a:e], backend=backend, **kw)
+            outs[r:r + 1, a:e], lses[r:r + 1, :, a:e] = o, l
+    assert_close(out, outs, "out", **FP32_SDPA)
+    assert_close(lse, lses, "lse", **FP32_SDPA)
+    for name, a, e in zip("qkv", loss_grads(out, lse, (q, k, v)), loss_grads(outs, lses, (q, k, v))):
+        assert_close(a, e, f"grad {name}", **FP32_SDPA)
+
+
+def _blocks(q, k, v, visible, split, backend):
+    """Attention over two disjoint key sets whose union is every key, one (out, lse) each."""
+    if split == "halves":  # key blocks of their own length; early queries see nothing in the second
+        h = k.shape[1] // 2
+        return [attention(q, k[:, sl], v[:, sl], causal=False, mask=visible[:, :, sl], backend=backend)
+                for sl in (slice(0, h), slice(h, None))]
+    # interleaved: a random key subset, expressed as masks over all keys
+    in_a = (torch.rand(k.shape[1], generator=torch.Generator().manual_seed(3)) < 0.5).to(visible.device)
+    in_a[0] = True  # query 0 sees only key 0, so it sees nothing in block b
+    return [attention(q, k, v, causal=False, mask=visible & m, backend=backend) for m in (in_a, ~in_a)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("split", ["halves", "interleaved"])
+@pytest.mark.parametrize("case", ["documents", "gqa_hkv2", "batch2_layouts_window"])
+def test_merge_blocks_equals_full_attention(backend, split, case):
+    q, k, v, kw = make_case(case)
+    out, lse = attention(q, k, v, backend=backend, **kw)
+    visible = naive_mask(q.shape[0], S, **kw)
+    (out_a, lse_a), (out_b, lse_b) = _blocks(q, k, v, visible, split, backend)
+    assert torch.isinf(lse_b).any(), "the split should leave some queries without keys in one block"
+    assert not out_b.isnan().any() and (out_b[torch.isinf(lse_b).transpose(1, 2)] == 0).all()
+    m_out, m_lse = merge_attention_blocks(out_a, lse_a, out_b, lse_b)
+    assert_close(m_out, out, "out", **FP32_SDPA)
+    assert_close(m_lse, lse, "lse", **FP32_SDPA)
+    # gradients through the merge need each block's lse gradient: this is ring attention's path
+    for name, a, e in zip("qkv", loss_grads(m_out, m_lse, (q, k, v)), loss_grads(out, lse, (q, k, v))):
+        assert_close(a, e, f"grad {name}", **FP32_SDPA)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_rows_without_keys_give_zero_and_minus_inf(backend):
+    q, k, v, _ = make_case("gqa_hkv2")
+    mask = torch.ones(1, S, S, dtype=torch.bool).tril()
+    mask[:, 2] = False
+    mask[:, 9] = False
+    out, lse = attention(q, k, v, causal=False, mask=mask, backend=backend)
+    assert (out[:, [2, 9]] == 0).all() and torch.isneginf(lse[:, :, [2, 9]]).all()
+    assert torch.isfinite(lse[:, :, [0, 1, 3]]).all()
+    r_out, r_lse = attention(q, k, v, causal=False, mask=mask, backend="reference")
+    assert_close(out, r_out, "out", **FP32_SDPA)
+    grads = loss_grads(out, lse, (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    for name, a, e in zip("qkv", grads, loss_grads(r_out, r_lse, (q, k, v))):
+        assert_close(a, e, f"grad {name}", **FP32_SDPA)
+
+
+def test_merge_rows_empty_in_both_blocks():
+    g = torch.Generator().manual_seed(0)
+    out_a, out_b = (torch.randn(1, 4, 2, 8, generator=g).requires_grad_() for _ in range(2))
+    lse_a, lse_b = (torch.randn(1, 2, 4, generator=g) for _ in range(2))
+    lse_a[:, :, 1], lse_b[:, :, 1] = -math.inf, -math.inf  # position 1: no key anywhere
+    lse_b[:, :, 2] = -math.inf  # position 2: only block a
+    lse_a.requires_grad_(), lse_b.requires_grad_()
+    out, lse = merge_attention_blocks(out_a, lse_a, out_b, lse_b)
+    assert (out[:, 1] == 0).all() and torch.isneginf(lse[:, :, 1]).all()
+    torch.testing.assert_close(out[:, 2], out_a[:, 2])
+    torch.testing.assert_close(lse[:, :, 2], lse_a[:, :, 2])
+    expect = torch.logaddexp(lse_a[:, :, 0], lse_b[:, :, 0])
+    torch.testing.assert_close(lse[:, :, 0], expect)
+    grads = torch.autograd.grad(out.sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum(),
+                                (out_a, lse_a, out_b, lse_b))
+    assert all(torch.isfinite(x).all() for x in grads)
+
+
+def test_unknown_backend_lists_valid_names():
+    q, k, v, kw = make_case("causal")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'.*reference.*sdpa.*flash_attn"):
+        attention(q, k, v, backend="flash", **kw)
+    assert BACKENDS == ("auto", "reference", "sdpa", "flash_attn")
+
+
+@pytest.mark.skipif(flash_attn_available(), reason="flash-attn is installed")
+def test_flash_attn_missing_says_how_to_install():
+    q, k, v, kw = make_case("causal")
+    with pytest.raises(ImportError, match=r"megaswift\[gpu\]"):
+        attention(q, k, v, backend="flash_attn", **kw)
+
+
+def test_bad_inputs_name_the_values():
+    q, k, v, _ = make_case("gqa_hkv2")
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of kv heads \(3\)"):
+        attention(q, k.repeat(1, 1, 2, 1)[:, :, :3], v.repeat(1, 1, 2, 1)[:, :, :3])
+    with pytest.raises(ValueError, match="pass causal=False"):
+        attention(q, k, v, mask=torch.ones(1, S, S, dtype=torch.bool))
+    with pytest.raises(ValueError, match="explicit mask"):
+        attention(q, k[:, :8], v[:, :8])
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        attention(q, k, v, window=0)
+
+
+# --- CUDA: run by the gpu marker on a GPU machine -----------------------------------------------
+
+GPU_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["sdpa", "flash_attn"])
+@pytest.mark.parametrize("case", ["causal", "bidirectional", "documents_window", "gqa_hkv2", "batch2_layouts"])
+@pytest.mark.parametrize("s", [16, 300])
+def test_cuda_backends_match_reference(case, backend, dtype, s):
+    if backend == "flash_attn" and not flash_attn_available():
+        pytest.skip("flash-attn is not installed")
+    if backend == "flash_attn" and dtype == torch.float32:
+        pytest.skip("flash-attn runs in half precision only")
+    b, hq, hkv, causal, lengths, window = CASES[case]
+    if lengths is not None and s != S:  # stretch the layouts to s positions, odd lengths kept
+        lengths = [[n * s // S for n in r[:-1]] + [s - sum(n * s // S for n in r[:-1])] for r in lengths]
+    spec = (b, hq, hkv, causal, lengths, window)
+    q, k, v, kw = make_case(case, dtype=dtype, device="cuda", s=s, spec=spec)
+    out, lse = attention(q, k, v, backend=backend, **kw)
+    r_out, r_lse = attention(q, k, v, backend="reference", **kw)
+    tol = GPU_TOL[dtype]
+    assert_close(out, r_out, "out", **tol)
+    assert_close(lse, r_lse, "lse", **tol)
+    for name, a, e in zip("qkv", loss_grads(out, lse, (q, k, v)), loss_grads(r_out, r_lse, (q, k, v))):
+        assert_close(a, e, f"grad {name}", **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sdpa_merge_with_empty_rows(dtype):
+    q, k, v, kw = make_case("gqa_hkv2", dtype=dtype, device="cuda")
+    out, lse = attention(q, k, v, backend="reference", **kw)
+    visible = naive_mask(q.shape[0], S, **kw).cuda()
+    (out_a, lse_a), (out_b, lse_b) = _blocks(q, k, v, visible, "halves", "sdpa")
+    assert torch.isneginf(lse_b).any() and not out_b.isnan().any()
+    m_out, m_lse = merge_attention_blocks(out_a, lse_a, out_b, lse_b)
+    tol = GPU_TOL[dtype]
+    assert_close(m_out, out, "out", **tol)
+    assert_close(m_lse, lse, "lse", **tol)
+    for name, a, e in zip("qkv", loss_grads(m_out, m_lse, (q, k, v)), loss_grads(out, lse, (q, k, v))):
+        assert_close(a, e, f"grad {name}", **tol)
