@@ -24,7 +24,12 @@ def flash_attn_available() -> bool:
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, *, visible: Tensor | None, causal: bool, scale: float):
-    """torch's fused CUDA kernels. visible: boolean [b, s_q, s_k] or None (then `causal` alone)."""
+    """torch's fused CUDA kernels. visible: boolean [b, s_q, s_k] or None (then `causal` alone).
+
+    Without a mask, half precision goes to the flash kernel; masks (documents, window, ring
+    blocks) and fp32 go to the memory-efficient kernel with an additive [b, 1, s_q, s_k] bias,
+    which costs s_q * s_k memory per row: for long packed sequences prefer backend='flash_attn'.
+    """
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, s, d]
     b, hq, s_q, d = qh.shape
     if kh.shape[1] != hq:  # neither aten kernel takes GQA: repeat kv heads as HF's repeat_kv
@@ -38,8 +43,11 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, visible: Tensor | None, causal: boo
         s_k = kh.shape[2]
         padded = -(-s_k // _BIAS_ALIGN) * _BIAS_ALIGN
         # a finite floor instead of -inf: a row that sees no key then gives a uniform softmax
-        # (which attention() overwrites with out 0, lse -inf) instead of NaN inside the kernel
-        bias = torch.full((b, 1, s_q, padded), torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device)
+        # (which attention() overwrites with out 0, lse -inf) instead of NaN inside the kernel.
+        # -1e30 rather than finfo.min leaves room for the kernel's log2(e) rescaling in float32
+        # (onnxruntime uses the same value for this kernel); fp16 cannot hold it, so its own min.
+        floor = max(torch.finfo(q.dtype).min, -1e30)
+        bias = torch.full((b, 1, s_q, padded), floor, dtype=q.dtype, device=q.device)
         bias[..., :s_k].masked_fill_(visible[:, None], 0.0)
         bias = bias[..., :s_k].expand(b, hq, s_q, s_k)
     out, lse = aten._scaled_dot_product_efficient_attention(qh, kh, vh, bias, True, 0.0, causal, scale=scale)[:2]

@@ -1,0 +1,66 @@
+"""`megaswift launch`: check the layout, then hand over to torch.distributed.run (torchrun).
+
+The check runs here, in the one launching process, so a layout that cannot fit the world size
+or the model is one clean line instead of a traceback from every rank. Process spawning,
+rendezvous, restarts and signal handling are torchrun's; nothing here re-implements them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from megaswift.errors import MegaswiftError
+
+# subcommands whose first positional argument is an HF checkpoint whose shape we can check
+_HF_FIRST = {"verify", "import-hf"}
+
+
+def check_subcommand(sub_argv: list[str], world_size: int) -> None:
+    from megaswift.cli import parse
+    from megaswift.commands import hf_model_config, plan_layout
+
+    if not sub_argv:
+        raise MegaswiftError("megaswift launch needs a subcommand after --, e.g. -- verify HF_DIR --parallel.tp 2")
+    if sub_argv[0] in ("launch",):
+        raise MegaswiftError("megaswift launch cannot launch itself")
+    ns, cfg = parse(sub_argv)
+    if cfg is None:
+        return
+    model_cfg = hf_model_config(ns.hf_dir, cfg) if sub_argv[0] in _HF_FIRST else None
+    plan_layout(cfg, world_size, model_cfg)
+
+
+def torchrun_args(ns, sub_argv: list[str]) -> list[str]:
+    args = [f"--nproc-per-node={ns.nproc_per_node}", f"--nnodes={ns.nnodes}", f"--max-restarts={ns.max_restarts}"]
+    if ns.nnodes > 1:
+        if not ns.rdzv_endpoint:
+            raise MegaswiftError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT of the first node")
+        args += [f"--node-rank={ns.node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={ns.rdzv_endpoint}"]
+    else:
+        args.append("--standalone")  # a free local port, no endpoint to configure
+    return args + ["-m", "megaswift", *sub_argv]
+
+
+def launch(ns, sub_argv: list[str]) -> int:
+    check_subcommand(sub_argv, ns.nproc_per_node * ns.nnodes)
+    # torchrun would force 1 thread per rank (and warn); share the node's cores out instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ns.nproc_per_node)))
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(torchrun_args(ns, sub_argv))
+    except Exception as e:  # torchrun raises ChildFailedError after printing the failing rank's log
+        name = type(e).__name__
+        if name == "ChildFailedError":
+            return _child_exit_code(e)
+        raise
+    return 0
+
+
+def _child_exit_code(err) -> int:
+    """Propagate a rank's own exit code (2 for a user error, 1 for a failed verify)."""
+    codes = [f.exitcode for f in getattr(err, "failures", {}).values() if f.exitcode and f.exitcode > 0]
+    if codes:
+        return max(set(codes), key=codes.count) if codes else 1
+    print(str(err), file=sys.stderr)
+    return 1
