@@ -24,21 +24,22 @@ from .tp_comm import (
 )
 
 
-def mark_sequence_parallel(param: nn.Parameter) -> nn.Parameter:
-    """Mark a replicated parameter that, under sequence parallelism, sees only this rank's
-    sequence shard (norm weights, a row-parallel bias): its gradient is partial and must be
-    summed over tp before the optimizer step (`allreduce_sequence_parallel_grads`)."""
-    param.sequence_parallel = True
+def mark_tp_partial_grad(param: nn.Parameter) -> nn.Parameter:
+    """Mark a parameter replicated over tp whose gradient each rank computes only in part: under
+    sequence parallelism norm weights and a row-parallel bias see one sequence shard; q/k norms
+    always see only the rank's heads. Such gradients are summed over tp before the optimizer
+    step (`allreduce_tp_partial_grads`), as Megatron does for layernorms under SP."""
+    param.tp_partial_grad = True
     return param
 
 
-def allreduce_sequence_parallel_grads(module: nn.Module, tp_group) -> None:
+def allreduce_tp_partial_grads(module: nn.Module, tp_group) -> None:
     """Sum the gradients of every marked parameter over tp, one all-reduce per dtype."""
     if group_size(tp_group) == 1:
         return
     buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for p in module.parameters():
-        if getattr(p, "sequence_parallel", False) and p.grad is not None:
+        if getattr(p, "tp_partial_grad", False) and p.grad is not None:
             buckets[(p.grad.dtype, p.grad.device)].append(p.grad)
     for grads in buckets.values():
         flat = torch.cat([g.reshape(-1) for g in grads])  # one buffer, one collective
@@ -93,7 +94,7 @@ class RowParallelLinear(nn.Module):
 
     The bias is replicated and added after the sum, so it is counted once. Under sequence
     parallelism each rank adds it only to its sequence shard, so its gradient is partial: it is
-    marked for `allreduce_sequence_parallel_grads`, as Megatron does.
+    marked for `allreduce_tp_partial_grads`, as Megatron does.
     """
 
     def __init__(self, in_features_per_rank: int, out_features: int, *, tp_group, bias: bool = False,
@@ -104,7 +105,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features_per_rank, dtype=dtype, device=device))
         self.bias = _bias(out_features, bias, dtype, device)
         if self.bias is not None and sequence_parallel:
-            mark_sequence_parallel(self.bias)
+            mark_tp_partial_grad(self.bias)
 
     def reset_parameters(self, init_std: float) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=init_std)

@@ -12,7 +12,7 @@ from torch import nn
 from megaswift.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaswift.parallel.state import ParallelState
 from megaswift.parallel.tp_layers import (ColumnParallelLinear, VocabParallelEmbedding,
-                                         allreduce_sequence_parallel_grads, mark_sequence_parallel)
+                                         allreduce_tp_partial_grads, mark_tp_partial_grad)
 
 from .config import ModelConfig
 from .layers import RMSNorm, TransformerLayer
@@ -37,7 +37,7 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, st, i, dtype, device) for i in layer_ids})
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device) if final_norm else None
         if final_norm and st.sp:
-            mark_sequence_parallel(self.final_layernorm.weight)
+            mark_tp_partial_grad(self.final_layernorm.weight)
 
     def forward(self, x, cos, sin, document_ids=None):
         for layer in self.layers.values():
@@ -113,7 +113,7 @@ class GPTModel(nn.Module):
         Norm weights under sequence parallelism (and q/k norms, which see only a rank's heads)
         hold partial sums, as do the KV rows of linear_qkv when several ranks replicate a KV head
         (each replica back-propagates only its own query heads)."""
-        allreduce_sequence_parallel_grads(self, self.st.tp_group)
+        allreduce_tp_partial_grads(self, self.st.tp_group)
         self._sum_replicated_kv_grads()
 
     def _sum_replicated_kv_grads(self) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from megaswift.kernels.attention import attention
 from megaswift.parallel.state import ParallelState
-from megaswift.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, mark_sequence_parallel
+from megaswift.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, mark_tp_partial_grad
 
 from .config import ModelConfig
 from .rope import apply_rotary
@@ -49,8 +49,8 @@ class SelfAttention(nn.Module):
             self.q_layernorm = RMSNorm(self.hd, cfg.norm_epsilon, dtype, device)
             self.k_layernorm = RMSNorm(self.hd, cfg.norm_epsilon, dtype, device)
             if tp > 1:  # each rank normalises only its own heads: the weight grads are partial sums
-                mark_sequence_parallel(self.q_layernorm.weight)
-                mark_sequence_parallel(self.k_layernorm.weight)
+                mark_tp_partial_grad(self.q_layernorm.weight)
+                mark_tp_partial_grad(self.k_layernorm.weight)
         else:
             self.q_layernorm = self.k_layernorm = None
         self.linear_proj = RowParallelLinear(self.n_q * self.hd, cfg.hidden_size, tp_group=st.tp_group,
@@ -94,8 +94,8 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device)
         self.mlp = MLP(cfg, st, dtype, device)
         if st.sp:  # each rank normalises only its sequence shard: these grads are partial sums
-            mark_sequence_parallel(self.input_layernorm.weight)
-            mark_sequence_parallel(self.pre_mlp_layernorm.weight)
+            mark_tp_partial_grad(self.input_layernorm.weight)
+            mark_tp_partial_grad(self.pre_mlp_layernorm.weight)
 
     def forward(self, x, cos, sin, document_ids=None):
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, document_ids)

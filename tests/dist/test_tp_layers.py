@@ -14,8 +14,8 @@ from megaswift.parallel.tp_layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    allreduce_sequence_parallel_grads,
-    mark_sequence_parallel,
+    allreduce_tp_partial_grads,
+    mark_tp_partial_grad,
 )
 from megaswift.testing.dist import run_distributed
 
@@ -52,7 +52,7 @@ def _check_mlp(st, sp):
     close(y_tp, y_ref[:, seq], f"mlp sp={sp} output")
     y_ref.backward(gy)
     y_tp.backward(gy[:, seq])
-    allreduce_sequence_parallel_grads(row, g)  # the bias saw only this rank's shard under SP
+    allreduce_tp_partial_grads(row, g)  # the bias saw only this rank's shard under SP
     close(x_tp.grad, x_ref.grad[:, seq], f"mlp sp={sp} input grad")
     close(col.weight.grad, fc1.weight.grad[cols], f"mlp sp={sp} fc1 weight grad")
     close(row.weight.grad, fc2.weight.grad[:, cols], f"mlp sp={sp} fc2 weight grad")
@@ -142,12 +142,12 @@ def _check_scatter_and_errors(st):
     with pytest.raises(ValueError, match=rf"dim 1 of size 7 over {tp} .*7 is not divisible by {tp}"):
         reduce_scatter_to_sp_region(torch.ones(B, 7, H), g, dim=1)
     # marked grads are summed over tp, coalesced across shapes
-    a, b = mark_sequence_parallel(nn.Parameter(torch.zeros(3))), mark_sequence_parallel(nn.Parameter(torch.zeros(2, 2)))
+    a, b = mark_tp_partial_grad(nn.Parameter(torch.zeros(3))), mark_tp_partial_grad(nn.Parameter(torch.zeros(2, 2)))
     c = nn.Parameter(torch.zeros(2))  # not marked: left alone
     m = nn.ParameterList([a, b, c])
     for p in m:
         p.grad = torch.full_like(p, float(r + 1))
-    allreduce_sequence_parallel_grads(m, g)
+    allreduce_tp_partial_grads(m, g)
     total = tp * (tp + 1) / 2
     assert (a.grad == total).all() and (b.grad == total).all() and (c.grad == r + 1).all()
 

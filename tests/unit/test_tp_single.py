@@ -11,8 +11,8 @@ from megaswift.parallel.tp_layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    allreduce_sequence_parallel_grads,
-    mark_sequence_parallel,
+    allreduce_tp_partial_grads,
+    mark_tp_partial_grad,
 )
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -42,12 +42,12 @@ def test_column_row_pair_matches_nn_linear():
     g = torch.randn_like(y_ref)
     y_ref.backward(g)
     y_tp.backward(g)
-    allreduce_sequence_parallel_grads(row, None)  # no group: a no-op
+    allreduce_tp_partial_grads(row, None)  # no group: a no-op
     torch.testing.assert_close(x_tp.grad, x_ref.grad, **TOL)
     for dst, src in ((col, fc1), (row, fc2)):
         torch.testing.assert_close(dst.weight.grad, src.weight.grad, **TOL)
         torch.testing.assert_close(dst.bias.grad, src.bias.grad, **TOL)
-    assert getattr(row.bias, "sequence_parallel", False)
+    assert getattr(row.bias, "tp_partial_grad", False)
 
 
 def test_reset_parameters():
@@ -120,6 +120,6 @@ def test_log_probs_match_log_softmax():
     torch.testing.assert_close(tp_in.grad[..., :37], ref_in.grad, **TOL)
 
 
-def test_mark_sequence_parallel():
-    p = mark_sequence_parallel(nn.Parameter(torch.ones(3)))
-    assert p.sequence_parallel is True
+def test_mark_tp_partial_grad():
+    p = mark_tp_partial_grad(nn.Parameter(torch.ones(3)))
+    assert p.tp_partial_grad is True
