@@ -68,5 +68,13 @@ class CanonicalSavePlanner(DefaultSavePlanner):
 
 
 class CanonicalLoadPlanner(DefaultLoadPlanner):
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+        # DCP's _init_state_dict walks the values in place and turns any object it does not know
+        # into None (torch 2.13, planner_helpers._iterate_state_dict); put ours back after it.
+        ours = {k: v for k, v in state_dict.items() if isinstance(v, CanonicalShards)}
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        state_dict.update(ours)
+        self.state_dict.update(ours)
+
     def lookup_tensor(self, index):
         return _lookup(self.state_dict, index, super().lookup_tensor)

@@ -11,9 +11,11 @@ the checkpoint that was there before.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,14 @@ def _barrier():
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def dcp_state(model) -> dict[str, CanonicalShards]:
     layouts = model.shard_layouts()
     return {name: CanonicalShards(p.detach(), layouts[name]) for name, p in model.named_parameters()}
@@ -50,8 +60,9 @@ def save_model(model, ckpt_dir: str, meta: dict, extra_files_from: str | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    dcp.save(dcp_state(model), checkpoint_id=os.path.join(tmp, "model"), planner=CanonicalSavePlanner(),
-             no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.save(dcp_state(model), checkpoint_id=os.path.join(tmp, "model"), planner=CanonicalSavePlanner(),
+                 no_dist=not dist.is_initialized())
     if _is_rank0():
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump({"format": FORMAT_VERSION, **meta}, f, indent=2)
@@ -69,8 +80,9 @@ def load_model(model, ckpt_dir: str) -> None:
     """Fill the model's local parameters from a checkpoint saved under any tp."""
     read_meta(ckpt_dir)
     state = dcp_state(model)
-    dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, "model"), planner=CanonicalLoadPlanner(),
-             no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, "model"), planner=CanonicalLoadPlanner(),
+                 no_dist=not dist.is_initialized())
 
 
 def read_meta(ckpt_dir: str) -> dict:
@@ -88,7 +100,8 @@ def read_meta(ckpt_dir: str) -> dict:
 def read_canonical(ckpt_dir: str, shapes: dict[str, tuple], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Whole canonical tensors `name -> shape`, read in this process alone (used by export)."""
     out = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
-    dcp.load(out, checkpoint_id=os.path.join(ckpt_dir, "model"), no_dist=True)
+    with _quiet_single_process():
+        dcp.load(out, checkpoint_id=os.path.join(ckpt_dir, "model"), no_dist=True)
     return out
 
 
