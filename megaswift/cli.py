@@ -74,6 +74,9 @@ def parse(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # transformers' per-file progress bars drown the one-line results of these commands
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         ns, cfg = parse(argv)
         code = _run(ns, cfg)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install megaswift with the torch build that fits this machine:
+# the CUDA build from PyPI where an NVIDIA driver answers, the CPU build everywhere else.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+pip_install() { .venv/bin/python -m pip install --quiet "$@"; }
+
+if .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  echo "torch $TORCH_VERSION already installed"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  pip_install "torch==$TORCH_VERSION"
+else
+  # A bare `torch` from PyPI is the multi-GB CUDA build. Take a local CPU wheel if pip's
+  # find-links has one (CI machines do), else PyTorch's CPU index.
+  pip_install --no-index "torch==$TORCH_VERSION" 2>/dev/null ||
+    pip_install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+fi
+pip_install -e ".[test]"
+.venv/bin/python -c "import torch, megaswift.parallel; print('megaswift ready: torch', torch.__version__)"
