@@ -97,59 +97,18 @@ class _ReduceFromTPRegion(torch.autograd.Function):
         return grad, None
 
 
-class _GatherFromSPRegion(torch.autograd.Function):
-    """Sequence shards -> full sequence before a column-parallel linear. The gradient that comes
-    back is partial on each rank (each owns a slice of the linear's outputs), so it is summed as
-    well as split: a reduce-scatter."""
+class _AlongDim(torch.autograd.Function):
+    """A collective along `dim` forward and its adjoint backward. The four sequence/vocab regions
+    below differ only in that pair, so one autograd function serves them all."""
 
     @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _all_gather_along(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_along(grad, ctx.dim, ctx.group), None, None
-
-
-class _ReduceScatterToSPRegion(torch.autograd.Function):
-    """Partial sums over the full sequence -> summed sequence shard (after a row-parallel linear)."""
-
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter_along(x, dim, group)
+    def forward(ctx, x, group, dim, fwd, bwd):
+        ctx.group, ctx.dim, ctx.bwd = group, dim, bwd
+        return fwd(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_along(grad, ctx.dim, ctx.group), None, None
-
-
-class _ScatterToSPRegion(torch.autograd.Function):
-    """Replicated full sequence -> this rank's shard; the gradient is every rank's shard joined."""
-
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _split_along(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_along(grad, ctx.dim, ctx.group), None, None
-
-
-class _GatherFromTPRegion(torch.autograd.Function):
-    """Join the ranks' slices of `dim`. The loss downstream is replicated, so each rank's gradient
-    is already complete and it keeps only its own slice."""
-
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _all_gather_along(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_along(grad, ctx.dim, ctx.group), None, None
+        return ctx.bwd(grad, ctx.dim, ctx.group), None, None, None, None
 
 
 def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
@@ -161,16 +120,24 @@ def reduce_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def gather_from_sp_region(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
-    return x if group_size(group) == 1 else _GatherFromSPRegion.apply(x, group, dim)
+    """Sequence shards -> full sequence before a column-parallel linear. The gradient that comes
+    back is partial on each rank (each owns a slice of the linear's outputs), so it is summed as
+    well as split: a reduce-scatter."""
+    return x if group_size(group) == 1 else _AlongDim.apply(x, group, dim, _all_gather_along, _reduce_scatter_along)
 
 
 def reduce_scatter_to_sp_region(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ReduceScatterToSPRegion.apply(x, group, dim)
+    """Partial sums over the full sequence -> summed sequence shard (after a row-parallel linear);
+    backward all-gathers."""
+    return x if group_size(group) == 1 else _AlongDim.apply(x, group, dim, _reduce_scatter_along, _all_gather_along)
 
 
 def scatter_to_sp_region(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ScatterToSPRegion.apply(x, group, dim)
+    """Replicated full sequence -> this rank's shard; the gradient is every rank's shard joined."""
+    return x if group_size(group) == 1 else _AlongDim.apply(x, group, dim, _split_along, _all_gather_along)
 
 
 def gather_from_tp_region(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
-    return x if group_size(group) == 1 else _GatherFromTPRegion.apply(x, group, dim)
+    """Join the ranks' slices of `dim`. The loss downstream is replicated, so each rank's gradient
+    is already complete and it keeps only its own slice."""
+    return x if group_size(group) == 1 else _AlongDim.apply(x, group, dim, _all_gather_along, _split_along)
