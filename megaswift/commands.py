@@ -4,14 +4,12 @@ from __future__ import annotations
 import os
 import re
 
-import torch
 import torch.distributed as dist
 
 from megaswift import device
+from megaswift.convert.hf_export import DTYPES
 from megaswift.errors import CheckpointError, LayoutError
 from megaswift.parallel.layout import Layout
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hf_model_config(hf_dir: str, cfg):
