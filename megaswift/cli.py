@@ -1,4 +1,4 @@
-"""The `megaswift` command: import-hf, export-hf, verify, launch, tiny-hf.
+"""The `megaswift` command: train, import-hf, export-hf, verify, launch, tiny-hf, quickstart.
 
 Config overrides use dotted keys after the command's own arguments (`--parallel.tp 2`). A user
 error (bad config, layout, checkpoint) prints one line and exits with code 2, with no traceback.
@@ -11,7 +11,7 @@ import sys
 
 from megaswift.errors import MegaswiftError
 
-COMMANDS = ("import-hf", "export-hf", "verify", "launch", "tiny-hf")
+COMMANDS = ("train", "import-hf", "export-hf", "verify", "launch", "tiny-hf", "quickstart")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     def with_config(sp):
         sp.add_argument("--config", help="YAML config file; dotted overrides such as --parallel.tp 2 follow")
         return sp
+
+    s = with_config(sub.add_parser("train", help="train a model (run it under `megaswift launch` for several ranks)"))
+    s.add_argument("algorithm", choices=["sft"])
 
     s = with_config(sub.add_parser("import-hf", help="convert an HF checkpoint into a megaswift checkpoint"))
     s.add_argument("hf_dir")
@@ -102,6 +105,6 @@ def _run(ns, cfg) -> int:
         from megaswift.commands import export_command
 
         return export_command(ns)
-    from megaswift.commands import import_command, verify_command
+    from megaswift.commands import import_command, train_command, verify_command
 
-    return {"import-hf": import_command, "verify": verify_command}[ns.command](ns, cfg)
+    return {"import-hf": import_command, "verify": verify_command, "train": train_command}[ns.command](ns, cfg)

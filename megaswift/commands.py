@@ -101,3 +101,15 @@ def verify_command(ns, cfg) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0 if ok else 1
+
+
+def train_command(ns, cfg) -> int:
+    from megaswift.train import sft
+    from megaswift.train.metrics import format_summary
+
+    summary = {"sft": sft.run}[ns.algorithm](cfg)
+    if device.rank() == 0:
+        print(format_summary(ns.algorithm, summary, cfg), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

@@ -240,6 +240,9 @@ class ParallelSection(_Checked):
     """Sequence parallelism: shard activations outside attention/MLP along the sequence over tp."""
     timeout_s: int = _at_least(1, 600)
     """Seconds a collective may wait before the job fails, so a dead or hung rank ends the run."""
+    ddp_bucket_size: int = _at_least(1, 40_000_000)
+    """Gradient elements per data-parallel bucket: a bucket's reduction starts as soon as
+    backward has produced all of its gradients, overlapping communication with compute."""
 
 
 @dataclass(kw_only=True)
@@ -310,8 +313,10 @@ class CheckpointSection(_Checked):
     """How many recent checkpoints to keep; None keeps all."""
     load: str | None = None
     """Checkpoint directory to resume from, or 'latest' for the newest one in output_dir."""
-    export_hf: str | None = None
-    """Directory to write a Hugging Face checkpoint to at the end of the run."""
+    export_hf: bool = False
+    """Write a Hugging Face checkpoint at the end of the run (to export_dir)."""
+    export_dir: str | None = None
+    """Where export_hf writes; default <train.output_dir>/hf."""
 
 
 @dataclass(kw_only=True)

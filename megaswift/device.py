@@ -65,3 +65,47 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rng_state() -> dict:
+    """Every random generator a run touches, for checkpoints (loadable with weights_only=True)."""
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for v in np.random.get_state()]}
+    if cuda_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+    np.random.set_state(tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in state["numpy"]))
+    if "cuda" in state and cuda_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def accelerator_name() -> str | None:
+    return torch.cuda.get_device_name() if cuda_available() else None
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory allocated by torch on CUDA; peak resident memory of the process on CPU."""
+    if cuda_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def synchronize() -> None:
+    """Wait for queued kernels, so wall-clock timings mean what they say."""
+    if cuda_available():
+        torch.cuda.synchronize()

@@ -16,3 +16,7 @@ class LayoutError(MegaswiftError):
 
 class CheckpointError(MegaswiftError):
     """A checkpoint is missing a tensor, has a wrong shape, or is of an unsupported family."""
+
+
+class DataError(MegaswiftError):
+    """A data file or row is missing or malformed; the message names the file and line (or row)."""

@@ -51,23 +51,19 @@ def dcp_state(model) -> dict[str, CanonicalShards]:
     return {name: CanonicalShards(p.detach(), layouts[name]) for name, p in model.named_parameters()}
 
 
-def save_model(model, ckpt_dir: str, meta: dict, extra_files_from: str | None = None) -> None:
-    """Collective: every rank calls it. `extra_files_from` is a dir whose non-weight files are
-    copied to `hf/` (tokenizer, generation config)."""
+@contextlib.contextmanager
+def staged_dir(ckpt_dir: str):
+    """Collective. Yields `<dir>.tmp` to write into; once every rank is done, rank 0 swaps it in
+    for `<dir>`. A save that dies before that leaves the previous `<dir>` untouched."""
     ckpt_dir = os.path.abspath(ckpt_dir)
     tmp = ckpt_dir + ".tmp"
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    with _quiet_single_process():
-        dcp.save(dcp_state(model), checkpoint_id=os.path.join(tmp, "model"), planner=CanonicalSavePlanner(),
-                 no_dist=not dist.is_initialized())
+    yield tmp
+    _barrier()
     if _is_rank0():
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({"format": FORMAT_VERSION, **meta}, f, indent=2)
-        if extra_files_from:
-            copy_side_files(extra_files_from, os.path.join(tmp, "hf"))
         old = ckpt_dir + ".old"
         if os.path.exists(ckpt_dir):
             os.replace(ckpt_dir, old)
@@ -76,13 +72,37 @@ def save_model(model, ckpt_dir: str, meta: dict, extra_files_from: str | None = 
     _barrier()
 
 
+def save_dcp(state: dict, path: str) -> None:
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=path, planner=CanonicalSavePlanner(), no_dist=not dist.is_initialized())
+
+
+def load_dcp(state: dict, path: str) -> None:
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, planner=CanonicalLoadPlanner(), no_dist=not dist.is_initialized())
+
+
+def write_meta(ckpt_dir: str, meta: dict, extra_files_from: str | None = None) -> None:
+    """Rank 0 only: the metadata file and the tokenizer side files."""
+    with open(os.path.join(ckpt_dir, META_FILE), "w") as f:
+        json.dump({"format": FORMAT_VERSION, **meta}, f, indent=2)
+    if extra_files_from:
+        copy_side_files(extra_files_from, os.path.join(ckpt_dir, "hf"))
+
+
+def save_model(model, ckpt_dir: str, meta: dict, extra_files_from: str | None = None) -> None:
+    """Collective: every rank calls it. `extra_files_from` is a dir whose non-weight files are
+    copied to `hf/` (tokenizer, generation config)."""
+    with staged_dir(ckpt_dir) as tmp:
+        save_dcp(dcp_state(model), os.path.join(tmp, "model"))
+        if _is_rank0():
+            write_meta(tmp, meta, extra_files_from)
+
+
 def load_model(model, ckpt_dir: str) -> None:
     """Fill the model's local parameters from a checkpoint saved under any tp."""
     read_meta(ckpt_dir)
-    state = dcp_state(model)
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, "model"), planner=CanonicalLoadPlanner(),
-                 no_dist=not dist.is_initialized())
+    load_dcp(dcp_state(model), os.path.join(ckpt_dir, "model"))
 
 
 def read_meta(ckpt_dir: str) -> dict:

@@ -32,7 +32,8 @@ def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_by
     meta = read_meta(ckpt_dir)
     cfg = ModelConfig.from_dict(meta["model_config"])
     spec = FAMILIES[cfg.family]
-    dtype = dtype or meta.get("dtype", "float32")
+    # a training checkpoint stores fp32 master weights; it exports in its source model's dtype
+    dtype = dtype or meta.get("export_dtype") or meta.get("dtype", "float32")
     torch_dtype = DTYPES[dtype]
     stored = DTYPES[meta.get("dtype", "float32")]
     writer = ShardedSafetensorsWriter(hf_dir, max_shard_bytes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megaswift.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megaswift.parallel.state import ParallelState
@@ -35,13 +36,17 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, st: ParallelState, layer_ids, dtype=None, device=None, final_norm=True):
         super().__init__()
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, st, i, dtype, device) for i in layer_ids})
+        self.recompute_layers = False
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device) if final_norm else None
         if final_norm and st.sp:
             mark_tp_partial_grad(self.final_layernorm.weight)
 
     def forward(self, x, cos, sin, document_ids=None):
         for layer in self.layers.values():
-            x = layer(x, cos, sin, document_ids)
+            if self.recompute_layers and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, document_ids, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, document_ids)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
 
 
@@ -106,6 +111,16 @@ class GPTModel(nn.Module):
         for layer in self.decoder.layers.values():
             layer.self_attention.backend = backend
 
+    def set_recompute(self, mode: str) -> None:
+        """Activation recompute: "full" keeps only each layer's input and reruns the layer in
+        backward; "selective" reruns only the core attention (its activations grow with s^2 in
+        the reference kernel; Korthikanti et al. 2022); "none" keeps everything."""
+        if mode not in ("none", "selective", "full"):
+            raise ValueError(f"recompute must be none, selective or full; got {mode!r}")
+        self.decoder.recompute_layers = mode == "full"
+        for layer in self.decoder.layers.values():
+            layer.self_attention.recompute_core = mode == "selective"
+
     # -- gradients -------------------------------------------------------------------------------
     def finalize_grads(self) -> None:
         """Complete the gradients that TP leaves partial; call after backward, before the step.
@@ -139,6 +154,34 @@ class GPTModel(nn.Module):
         for t in kv:
             t.copy_(buf[g, offset: offset + t.numel()].view_as(t))
             offset += t.numel()
+
+    def grad_norm_weights(self) -> dict[nn.Parameter, float | torch.Tensor]:
+        """Per parameter, 1 / (number of TP ranks holding the same canonical element), so a global
+        gradient norm summed over TP counts each element once: norms are replicated on every
+        rank, and KV rows on tp/num_query_groups ranks when TP exceeds the KV heads. Parameters
+        held once are left out (weight 1)."""
+        st, cfg = self.st, self.cfg
+        out: dict[nn.Parameter, float | torch.Tensor] = {}
+        if st.tp_size == 1:
+            return out
+        for name, p in self.named_parameters():
+            layouts = [shard_layout(name, cfg, st.tp_size, r) for r in range(st.tp_size)]
+            mine = layouts[st.tp_rank]
+            counts = [sum(rng in other.ranges for other in layouts) for rng in mine.ranges]
+            if all(c == 1 for c in counts):
+                continue
+            if len(set(counts)) == 1 and not mine.pad:
+                out[p] = 1.0 / counts[0]
+                continue
+            w = torch.ones(mine.local_shape[mine.dim], device=p.device)
+            pos = 0
+            for (_, n), c in zip(mine.ranges, counts):
+                w[pos: pos + n] = 1.0 / c
+                pos += n
+            shape = [1] * p.ndim
+            shape[mine.dim] = -1
+            out[p] = w.view(shape).expand_as(p).contiguous()
+        return out
 
     # -- sharding metadata ---------------------------------------------------------------------
     def shard_layouts(self) -> dict[str, ShardLayout]:

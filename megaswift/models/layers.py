@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megaswift.kernels.attention import attention
 from megaswift.parallel.state import ParallelState
@@ -42,6 +43,7 @@ class SelfAttention(nn.Module):
         self.n_q, self.n_kv = local_heads(cfg, tp)
         self.window = cfg.window_for_layer(layer_idx)
         self.backend = "auto"
+        self.recompute_core = False  # model.set_recompute("selective")
         qkv_rows = shard_layout("linear_qkv.weight", cfg, tp, st.tp_rank).local_shape[0]
         self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, qkv_rows, tp_group=st.tp_group, bias=cfg.add_qkv_bias,
                                                sequence_parallel=st.sp, dtype=dtype, device=device)
@@ -66,8 +68,15 @@ class SelfAttention(nn.Module):
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out, _ = attention(q, k, v, causal=True, document_ids=document_ids, window=self.window, backend=self.backend)
+        if self.recompute_core and torch.is_grad_enabled():
+            out = checkpoint(self._core, q, k, v, document_ids, use_reentrant=False)
+        else:
+            out = self._core(q, k, v, document_ids)
         return self.linear_proj(out.reshape(b, s, self.n_q * self.hd))
+
+    def _core(self, q, k, v, document_ids):
+        out, _ = attention(q, k, v, causal=True, document_ids=document_ids, window=self.window, backend=self.backend)
+        return out
 
 
 class MLP(nn.Module):

@@ -1,0 +1,107 @@
+"""Training checkpoints: everything a run needs to continue, at any TP/DP/ZeRO layout.
+
+    <output_dir>/checkpoints/step_<N>/
+        megaswift.json   as for imported models, plus "train": step, data position, config
+        model/           weights (fp32 master), canonical DCP tensors: exported and resharded as usual
+        optim/           AdamW exp_avg / exp_avg_sq per parameter, canonical like the weights
+        rng/rank_<r>.pt  each rank's random generator states
+
+Saves go through `staged_dir`: written to `step_<N>.tmp` and renamed when complete, so a job
+killed mid-save leaves every earlier checkpoint intact and `latest` never picks a partial one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import torch
+
+from megaswift import device
+from megaswift.errors import CheckpointError
+
+from .canonical_shards import CanonicalShards
+from .model_state import META_FILE, _is_rank0, dcp_state, load_dcp, read_meta, save_dcp, staged_dir, write_meta
+
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def step_dir(output_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_dir(output_dir), f"step_{step}")
+
+
+def completed_steps(output_dir: str) -> list[int]:
+    """Steps with a complete checkpoint (a `.tmp` directory is an interrupted save)."""
+    root = checkpoints_dir(output_dir)
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        m = STEP_DIR.fullmatch(name)
+        if m and os.path.isfile(os.path.join(root, name, META_FILE)):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def resolve_load(load: str | None, output_dir: str) -> str | None:
+    """`checkpoint.load`: a directory, or 'latest' (None when output_dir has no checkpoint yet,
+    so a requeued job that never saved starts from the beginning)."""
+    if load is None:
+        return None
+    if load == "latest":
+        steps = completed_steps(output_dir)
+        return step_dir(output_dir, steps[-1]) if steps else None
+    if not os.path.isfile(os.path.join(load, META_FILE)):
+        raise CheckpointError(f"checkpoint.load={load} is not a megaswift checkpoint (no {META_FILE})")
+    return load
+
+
+def _optim_state(model, opt_state: dict) -> dict[str, CanonicalShards]:
+    layouts = model.shard_layouts()
+    names = {p: n for n, p in model.named_parameters()}
+    return {f"{key}/{names[p]}": CanonicalShards(t, layouts[names[p]])
+            for key, per_param in opt_state.items() for p, t in per_param.items()}
+
+
+def save_training(ckpt_dir: str, model, opt_state: dict, meta: dict, side_files_from: str | None = None) -> None:
+    """Collective. `opt_state` is {'exp_avg': {param: full local tensor}, ...}."""
+    with staged_dir(ckpt_dir) as tmp:
+        save_dcp(dcp_state(model), os.path.join(tmp, "model"))
+        save_dcp(_optim_state(model, opt_state), os.path.join(tmp, "optim"))
+        rng_dir = os.path.join(tmp, "rng")
+        os.makedirs(rng_dir, exist_ok=True)
+        torch.save(device.rng_state(), os.path.join(rng_dir, f"rank_{device.rank()}.pt"))
+        if _is_rank0():
+            write_meta(tmp, meta, side_files_from)
+        pause = float(os.environ.get("MEGASWIFT_TEST_PAUSE_BEFORE_COMMIT_S", "0"))
+        if pause:  # lets the tests kill a job while a save is incomplete
+            open(os.path.join(tmp, "PAUSED"), "w").close()
+            import time
+
+            time.sleep(pause)
+
+
+def load_training(ckpt_dir: str, model, state_keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """Load the weights into `model`; return ({key: {param: tensor}} optimizer state, meta)."""
+    meta = read_meta(ckpt_dir)
+    if "train" not in meta:
+        raise CheckpointError(f"{ckpt_dir} holds weights only (no training state) and cannot be resumed")
+    load_dcp(dcp_state(model), os.path.join(ckpt_dir, "model"))
+    opt_state = {key: {p: torch.zeros_like(p) for p in model.parameters()} for key in state_keys}
+    load_dcp(_optim_state(model, opt_state), os.path.join(ckpt_dir, "optim"))
+    rng_file = os.path.join(ckpt_dir, "rng", f"rank_{device.rank()}.pt")
+    if os.path.isfile(rng_file):  # absent when resuming on more ranks than saved: keep the seeded state
+        device.set_rng_state(torch.load(rng_file, weights_only=True))
+    return opt_state, meta
+
+
+def prune(output_dir: str, keep: int | None) -> None:
+    """Rank 0: delete all but the newest `keep` complete checkpoints."""
+    if keep is None or not _is_rank0():
+        return
+    for step in completed_steps(output_dir)[:-keep]:
+        shutil.rmtree(step_dir(output_dir, step), ignore_errors=True)

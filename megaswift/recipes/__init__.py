@@ -1,0 +1,1 @@
+"""Self-contained training recipes: data, tokenizer, starting checkpoint and evaluation."""

@@ -1,0 +1,150 @@
+"""The quickstart's task: a tiny Qwen3 model learns to add two numbers by SFT on chat rows.
+
+Everything is made here, with no download: the data set (questions with exact answers), a small
+tokenizer that keeps every digit a token of its own, a random-weight checkpoint, and a greedy
+evaluation of an exported checkpoint on held-out questions. Sizes and the training recipe were
+tuned on one CPU core; see benchmarks/quickstart_tuning.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Callable
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+EOS, PAD = "<|im_end|>", "<|endoftext|>"
+
+# Tuned so TP=2 SFT on two CPU cores learns it in about two minutes (benchmarks/quickstart_tuning.md).
+MODEL_SIZE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32)
+MAX_OPERAND = 99
+
+
+def question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def write_arithmetic_data(out_dir: str, n_train: int, n_test: int, seed: int = 0,
+                          max_operand: int = MAX_OPERAND) -> tuple[str, str]:
+    """Write train.jsonl and test.jsonl of addition questions; no test question appears in train.
+
+    Pairs are drawn without replacement from all (a, b) with 0 <= a, b <= max_operand, so the split
+    is disjoint by construction and the test set measures generalisation, not recall.
+    """
+    n_pairs = (max_operand + 1) ** 2
+    if n_train + n_test > n_pairs:
+        raise ValueError(f"n_train ({n_train}) + n_test ({n_test}) > {n_pairs} distinct questions with "
+                         f"operands up to {max_operand}; ask for fewer rows or raise max_operand")
+    rng = random.Random(seed)
+    picks = rng.sample(range(n_pairs), n_train + n_test)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "test.jsonl")
+    for path, chunk in zip(paths, (picks[:n_train], picks[n_train:])):
+        with open(path, "w") as f:
+            for p in chunk:
+                a, b = divmod(p, max_operand + 1)
+                row = {"messages": [{"role": "user", "content": question(a, b)},
+                                    {"role": "assistant", "content": str(a + b)}]}
+                f.write(json.dumps(row) + "\n")
+    return paths
+
+
+def _tokenizer_corpus(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    text = [question(rng.randint(0, 999), rng.randint(0, 999)) for _ in range(500)]
+    return text + ["user", "assistant", "system", "You are a helpful assistant."] * 20
+
+
+def write_tokenizer(out_dir: str, vocab_size: int = 320, seed: int = 0):
+    """Train a byte-level BPE whose digits are always single tokens; save it as a fast tokenizer.
+
+    Splitting digits before BPE means no merge can fuse them, so "37" is "3","7" and the model
+    sees place value, which is what makes addition learnable by a model this small.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tokenizer_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def write_model(out_dir: str, vocab_size: int, seed: int = 0, *, eos_token_id: int | None = None,
+                pad_token_id: int | None = None, **size) -> str:
+    """Write a random-weight fp32 Qwen3 checkpoint; `size` overrides MODEL_SIZE keys."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    dims = {**MODEL_SIZE, **size}
+    config = Qwen3Config(vocab_size=vocab_size, max_position_embeddings=128, rope_theta=10000.0,
+                         tie_word_embeddings=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         **dims)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def read_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def score(expected: list[str], answers: list[str]) -> int:
+    """Exact match after stripping: "82" is right, "82 " is right, "820" and "8 2" are wrong."""
+    return sum(e.strip() == a.strip() for e, a in zip(expected, answers))
+
+
+def hf_generate(hf_dir: str, batch_size: int = 64) -> Callable[[list[list[dict]], int], list[str]]:
+    """A greedy generate function over chat prompts, backed by transformers, for `evaluate`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    tok.padding_side = "left"  # left padding keeps every prompt's last token at the batch's end
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    def generate(prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            for row in ids[:, enc["input_ids"].shape[1]:].tolist():
+                if tok.eos_token_id in row:
+                    row = row[:row.index(tok.eos_token_id)]
+                out.append(tok.decode(row, skip_special_tokens=True).strip())
+        return out
+
+    return generate
+
+
+def evaluate(hf_dir: str | None, test_path: str, n: int | None = None, max_new_tokens: int = 6,
+             generate: Callable[[list[list[dict]], int], list[str]] | None = None) -> dict:
+    """Greedy accuracy of the checkpoint at hf_dir on the first n rows of test_path.
+
+    `generate(prompts, max_new_tokens) -> answers` replaces the transformers model (tests pass a
+    stub); prompts are the rows' messages without the final assistant turn.
+    """
+    rows = read_rows(test_path)[:n]
+    prompts = [r["messages"][:-1] for r in rows]
+    expected = [r["messages"][-1]["content"] for r in rows]
+    answers = (generate or hf_generate(hf_dir))(prompts, max_new_tokens)
+    correct = score(expected, answers)
+    return dict(accuracy=correct / max(len(rows), 1), correct=correct, total=len(rows),
+                examples=[(p[-1]["content"], e, a) for p, e, a in zip(prompts, expected, answers)])

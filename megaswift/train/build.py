@@ -1,0 +1,85 @@
+"""Everything before the first step: checks, process groups, the model and where it comes from.
+
+`plan_training` needs no process group, so `megaswift launch` runs it before spawning ranks and a
+bad config is one line, not a traceback per rank.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megaswift import device
+from megaswift.checkpoint import train_state
+from megaswift.checkpoint.model_state import load_model, read_meta
+from megaswift.errors import ConfigError, DataError
+from megaswift.models.config import ModelConfig
+
+
+@dataclass
+class Plan:
+    layout: object
+    model_cfg: ModelConfig
+    resume_dir: str | None     # a training checkpoint to continue
+    weights_dir: str | None    # a weights-only megaswift checkpoint to start from
+    hf_dir: str | None         # an HF checkpoint to start from
+    side_files: str | None     # tokenizer and generation files
+    export_dtype: str
+
+
+def plan_training(cfg, world_size: int) -> Plan:
+    from megaswift.commands import _checkpoint_dtype, hf_model_config, plan_layout
+
+    load = train_state.resolve_load(cfg.checkpoint.load, cfg.train.output_dir)
+    resume_dir = weights_dir = hf_dir = None
+    if load is not None:
+        meta = read_meta(load)
+        model_cfg = ModelConfig.from_dict(meta["model_config"])
+        resume_dir, weights_dir = (load, None) if "train" in meta else (None, load)
+        side = os.path.join(load, "hf")
+        export_dtype = meta.get("export_dtype") or meta.get("dtype", "float32")
+    elif cfg.model.hf_path:
+        hf_dir = cfg.model.hf_path
+        model_cfg = hf_model_config(hf_dir, cfg)
+        side, export_dtype = hf_dir, _checkpoint_dtype(hf_dir, model_cfg)
+    else:
+        raise ConfigError("nothing to train: set model.hf_path (an HF checkpoint) or checkpoint.load "
+                          "(a megaswift checkpoint, or 'latest' to resume in train.output_dir)")
+    layout = plan_layout(cfg, world_size, model_cfg)
+    layout.check_seq_len(cfg.data.seq_len)
+    t = cfg.train
+    gbs = t.global_batch_size or t.micro_batch_size * layout.dp
+    if gbs % (t.micro_batch_size * layout.dp):
+        raise ConfigError(f"train.global_batch_size={gbs} must be a multiple of micro_batch_size x dp = "
+                          f"{t.micro_batch_size} x {layout.dp} = {t.micro_batch_size * layout.dp}")
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set: point it at a .jsonl or .parquet file or a directory of them")
+    if not os.path.exists(cfg.data.path):
+        raise DataError(f"data.path {cfg.data.path} does not exist")
+    return Plan(layout, model_cfg, resume_dir, weights_dir, hf_dir, side if os.path.isdir(side) else None,
+                export_dtype)
+
+
+def build_trainer(cfg, algorithm):
+    """Plan, start the process groups, build and fill the model, and hand over to the Trainer."""
+    from megaswift.convert.hf_import import load_hf_into_model
+    from megaswift.models.decoder import GPTModel
+    from megaswift.parallel.state import ParallelState
+
+    from .engine import Trainer
+
+    plan = plan_training(cfg, device.world_size_from_env())
+    device.init_distributed(cfg.parallel.timeout_s)
+    st = ParallelState.build(plan.layout, device.get_device())
+    torch.manual_seed(cfg.train.seed)
+    # fp32 master weights on every device; bf16/fp16 (model.dtype) is the autocast compute dtype
+    model = GPTModel(plan.model_cfg, st, dtype=torch.float32, device=device.get_device())
+    if plan.hf_dir:
+        load_hf_into_model(model, plan.hf_dir)
+    elif plan.weights_dir:
+        load_model(model, plan.weights_dir)
+    # a resumed run loads its weights inside the Trainer, after the dp buffers exist
+    trainer = Trainer(cfg, algorithm, model, st, source_dir=plan.side_files, export_dtype=plan.export_dtype,
+                      resume_dir=plan.resume_dir)
+    return trainer

@@ -1,0 +1,179 @@
+"""The training engine: one loop that SFT uses now and DPO/GRPO plug into later.
+
+An algorithm supplies the data (an object with `next_global_batch()`, `state_dict()`,
+`load_state_dict()`) and, per micro batch, a loss *sum* and the number of units it is summed over.
+The engine divides every micro batch's loss by the units of the whole global batch (all micro
+batches, all dp ranks), so the result does not depend on the layout or on gradient accumulation,
+then reduces gradients over dp (SUM), clips by the global norm and steps AdamW.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from megaswift import device
+from megaswift.checkpoint import train_state
+from megaswift.convert.hf_export import DTYPES
+from megaswift.parallel.data_parallel import DataParallel
+
+from . import optim
+from .metrics import MetricsLogger, StepTimer, peak_flops, train_flops_per_token
+
+
+class Algorithm:
+    """What differs between SFT, DPO and GRPO. Subclasses fill these in."""
+
+    name = "base"
+
+    def build_data(self, trainer: "Trainer"):
+        raise NotImplementedError
+
+    def count(self, micro_batch: dict) -> int:
+        """Units (e.g. loss tokens) the loss of this micro batch sums over."""
+        raise NotImplementedError
+
+    def loss_sum(self, model, micro_batch: dict) -> tuple[torch.Tensor, dict]:
+        """(sum of the per-unit losses, extra metrics as sums over units)."""
+        raise NotImplementedError
+
+
+def _all_reduce_sum(values: list[float], group, dev) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+class Trainer:
+    def __init__(self, cfg, algorithm: Algorithm, model, st, *, source_dir: str | None, export_dtype: str,
+                 resume_dir: str | None = None):
+        self.cfg, self.alg, self.model, self.st = cfg, algorithm, model, st
+        self.device = device.get_device()
+        self.source_dir, self.export_dtype = source_dir, export_dtype
+        self.output_dir = cfg.train.output_dir
+        self.step = 0
+        self.tokens_seen = 0
+        model.set_attention_backend(cfg.model.attention_backend)
+        model.set_recompute(cfg.train.recompute)
+        self.dp = DataParallel(list(model.parameters()), st.dp_cp_group, zero=cfg.optim.zero,
+                               bucket_numel=cfg.parallel.ddp_bucket_size)
+        self.optimizer = optim.build_optimizer(self.dp, cfg.optim, self.device.type == "cuda")
+        self.norm_weights = model.grad_norm_weights()
+        self.data = algorithm.build_data(self)
+        if resume_dir is not None:
+            self._resume(resume_dir)
+        self.flops_per_token = train_flops_per_token(model.cfg, cfg.data.seq_len)
+        self.peak_flops = peak_flops()
+        self.logger = MetricsLogger(self.output_dir, total_steps=cfg.train.steps, enabled=device.rank() == 0,
+                                    run_config=cfg.to_dict(), wandb=cfg.log.wandb, tensorboard=cfg.log.tensorboard,
+                                    every=cfg.log.every, name=os.path.basename(os.path.abspath(self.output_dir)))
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _autocast(self):
+        dtype = DTYPES[self.cfg.model.dtype]
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """Forward/backward over this rank's micro batches, gradient reduction, clipping, step."""
+        st, dp = self.st, self.dp
+        micro_batches = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+                         for mb in micro_batches]
+        local_units = sum(self.alg.count(mb) for mb in micro_batches)
+        local_tokens = sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro_batches)
+        total_units, total_tokens = _all_reduce_sum([local_units, local_tokens], st.dp_cp_group, self.device)
+        lr = optim.lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        optim.set_lr(self.optimizer, lr)
+        dp.zero_grad()
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        extra_acc: dict[str, float] = {}
+        for i, mb in enumerate(micro_batches):
+            dp.sync = i == len(micro_batches) - 1
+            with self._autocast():
+                loss_sum, extra = self.alg.loss_sum(self.model, mb)
+            (loss_sum / max(total_units, 1)).backward()
+            loss_acc += loss_sum.detach().double()
+            for k, v in extra.items():
+                extra_acc[k] = extra_acc.get(k, 0.0) + float(v)
+        dp.finish_grad_sync()
+        self.model.finalize_grads()
+        grad_norm = dp.grad_norm(self.norm_weights, (st.tp_group,)).item()
+        clip = self.cfg.optim.clip_grad
+        if clip > 0 and grad_norm > clip:
+            dp.scale_grads(clip / (grad_norm + 1e-6))
+        self.optimizer.step()
+        dp.gather_params()
+        self.step += 1
+        keys = sorted(extra_acc)
+        sums = _all_reduce_sum([loss_acc.item()] + [extra_acc[k] for k in keys], st.dp_cp_group, self.device)
+        out = {"loss": sums[0] / max(total_units, 1), "grad_norm": grad_norm, "lr": lr,
+               "tokens": int(total_tokens), "loss_tokens": int(total_units)}
+        out.update({k: v / max(total_units, 1) for k, v in zip(keys, sums[1:])})
+        return out
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        timer = StepTimer()
+        start_elapsed = getattr(self, "_resumed_elapsed", 0.0)
+        padded_tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+        while self.step < cfg.train.steps:
+            batches = self.data.next_global_batch()
+            m = self.train_step(batches)
+            dt = timer.lap()
+            self.tokens_seen += m["tokens"]
+            m.update(step=self.step, tokens_per_s=m["tokens"] / dt, step_time_s=dt,
+                     elapsed_s=start_elapsed + timer.elapsed(), peak_mem_gb=device.peak_memory_bytes() / 1e9)
+            if self.peak_flops:
+                computed = padded_tokens * len(batches) * self.st.dp_size  # padding costs FLOPs too
+                m["mfu"] = self.flops_per_token * computed / dt / (self.peak_flops * self.st.layout.world_size)
+            self.logger.log(m)
+            every = cfg.checkpoint.every
+            if every and self.step % every == 0 and self.step < cfg.train.steps:
+                self.save(start_elapsed + timer.elapsed())
+        last = self.save(start_elapsed + timer.elapsed()) if self.step > 0 else None
+        summary = self.logger.summary()
+        summary["checkpoint"] = last
+        if cfg.checkpoint.export_hf and last:
+            summary["export"] = self.export(last)
+        self.logger.close()
+        return summary
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, elapsed_s: float) -> str:
+        path = train_state.step_dir(self.output_dir, self.step)
+        if os.path.isfile(os.path.join(path, train_state.META_FILE)):
+            return path  # this step is already saved (the final save after a periodic one)
+        mc = self.model.cfg
+        meta = {"family": mc.family, "model_config": mc.to_dict(), "dtype": "float32",
+                "export_dtype": self.export_dtype, "saved_layout": self.st.layout.describe(),
+                "source": self.source_dir,
+                "train": {"algorithm": self.alg.name, "step": self.step, "data": self.data.state_dict(),
+                          "tokens": self.tokens_seen, "elapsed_s": elapsed_s, "config": self.cfg.to_dict()}}
+        side = self.source_dir if self.source_dir and os.path.isdir(self.source_dir) else None
+        train_state.save_training(path, self.model, optim.full_state(self.dp, self.optimizer), meta, side)
+        train_state.prune(self.output_dir, self.cfg.checkpoint.keep)
+        return path
+
+    def _resume(self, ckpt_dir: str) -> None:
+        opt_state, meta = train_state.load_training(ckpt_dir, self.model, optim.STATE_KEYS)
+        t = meta["train"]
+        self.step, self.tokens_seen, self._resumed_elapsed = t["step"], t.get("tokens", 0), t.get("elapsed_s", 0.0)
+        optim.load_full_state(self.dp, self.optimizer, opt_state, self.step)
+        self.data.load_state_dict(t["data"])
+        if device.rank() == 0:
+            print(f"resumed from {ckpt_dir} at step {self.step} (saved with {meta.get('saved_layout')})", flush=True)
+
+    def export(self, ckpt_dir: str) -> str:
+        from megaswift.convert.hf_export import export_hf
+
+        out = self.cfg.checkpoint.export_dir or os.path.join(self.output_dir, "hf")
+        if device.rank() == 0:
+            export_hf(ckpt_dir, out)
+        if dist.is_initialized():
+            dist.barrier()
+        return out

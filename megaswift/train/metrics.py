@@ -1,0 +1,156 @@
+"""Per-step metrics: `<output_dir>/metrics.jsonl`, a progress line on rank 0, optional trackers.
+
+Every run writes one JSON object per optimizer step (design.md): step, loss, grad_norm, lr,
+tokens, tokens_per_s, elapsed_s, plus whatever the algorithm adds. Only rank 0 writes anything.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from megaswift import device
+from megaswift.errors import ConfigError
+
+# Dense bf16 tensor-core peak per GPU (vendor datasheets, SXM parts); MFU is reported only where
+# the device is listed here, never guessed.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                   "B200": 2250e12, "L40S": 362e12}
+
+
+def peak_flops() -> float | None:
+    name = device.accelerator_name() or ""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+    """Model FLOPs of forward + backward per token (3x the forward), counting matmuls only:
+    the weights (2 flops per multiply-add) and causal attention scores and values (s/2 keys on
+    average). Recomputation is not counted, as MFU conventionally does not."""
+    h, hd = cfg.hidden_size, cfg.kv_channels
+    nq, ng = cfg.num_attention_heads, cfg.num_query_groups
+    per_layer = h * (nq + 2 * ng) * hd + nq * hd * h + 3 * h * cfg.ffn_hidden_size
+    weights = cfg.num_layers * per_layer + h * cfg.vocab_size
+    attention = cfg.num_layers * 2 * nq * hd * (seq_len / 2)
+    return 3 * 2 * (weights + attention)
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, *, total_steps: int, enabled: bool, run_config: dict | None = None,
+                 wandb: bool = False, tensorboard: bool = False, every: int = 1, name: str = "run"):
+        self.enabled, self.every, self.total = enabled, every, total_steps
+        self.history: list[dict] = []
+        self._file = self._wandb = self._tb = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._file = open(self.path, "a")
+        if wandb:
+            self._wandb = _start_wandb(output_dir, name, run_config)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("log.tensorboard needs the tensorboard package: pip install 'megaswift[tensorboard]'") from e
+            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.history.append(metrics)
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+        step = metrics["step"]
+        if step % self.every and step != self.total:
+            return
+        print(self.progress_line(metrics), file=sys.stderr, flush=True)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+        if self._tb is not None:
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, step)
+
+    def progress_line(self, m: dict) -> str:
+        width = len(str(self.total))
+        done = m["step"] / self.total
+        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+        parts = [f"step {m['step']:>{width}}/{self.total} [{bar}]", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
+                 f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s"]
+        if m.get("mfu") is not None:
+            parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        parts.append(f"mem {m['peak_mem_gb']:.2f} GB")
+        return "  ".join(parts)
+
+    def summary(self) -> dict:
+        """Figures for the end-of-run screen (rank 0)."""
+        h = self.history
+        if not h:
+            return {}
+        timed = h[1:] or h  # the first step pays for warm-up (allocations, first collectives)
+        tok_s = sum(m["tokens"] for m in timed) / max(1e-9, sum(m["step_time_s"] for m in timed))
+        mfus = [m["mfu"] for m in timed if m.get("mfu") is not None]
+        return {"steps": len(h), "first_loss": h[0]["loss"], "last_loss": h[-1]["loss"],
+                "min_loss": min(m["loss"] for m in h if not math.isnan(m["loss"])) if h else None,
+                "tokens": sum(m["tokens"] for m in h), "tokens_per_s": tok_s,
+                "mfu": sum(mfus) / len(mfus) if mfus else None, "elapsed_s": h[-1]["elapsed_s"],
+                "peak_mem_gb": max(m["peak_mem_gb"] for m in h)}
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _start_wandb(output_dir: str, name: str, run_config: dict | None):
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError("log.wandb needs the wandb package: pip install 'megaswift[wandb]'") from e
+    # without credentials, log offline into output_dir; `wandb sync` uploads it later
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "megaswift"), name=name, dir=output_dir,
+                      config=run_config, mode=mode)
+
+
+class StepTimer:
+    def __init__(self):
+        self.start = time.perf_counter()
+        self._last = self.start
+
+    def lap(self) -> float:
+        device.synchronize()
+        now = time.perf_counter()
+        dt, self._last = now - self._last, now
+        return dt
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def format_summary(algorithm: str, s: dict, cfg) -> str:
+    """The end-of-run screen."""
+    if not s.get("steps"):
+        return f"megaswift {algorithm}: nothing to do (train.steps={cfg.train.steps} already reached)"
+    p = cfg.parallel
+    mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a (peak FLOP/s of this device unknown)"
+    lines = [
+        f"megaswift {algorithm}: {s['steps']} steps in {s['elapsed_s']:.1f} s",
+        f"  layout      tp={p.tp} pp={p.pp} cp={p.cp} sp={p.sp} zero={cfg.optim.zero} recompute={cfg.train.recompute}",
+        f"  loss        {s['first_loss']:.4f} -> {s['last_loss']:.4f} (min {s['min_loss']:.4f})",
+        f"  tokens      {s['tokens']:,} at {s['tokens_per_s']:,.0f} tokens/s (steps after the first)",
+        f"  MFU         {mfu}",
+        f"  peak memory {s['peak_mem_gb']:.2f} GB (rank 0)",
+        f"  metrics     {os.path.join(cfg.train.output_dir, 'metrics.jsonl')}",
+    ]
+    if s.get("checkpoint"):
+        lines.append(f"  checkpoint  {s['checkpoint']}")
+    if s.get("export"):
+        lines.append(f"  HF export   {s['export']}")
+    return "\n".join(lines)

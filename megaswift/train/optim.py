@@ -1,0 +1,82 @@
+"""AdamW over the data-parallel pieces, the learning-rate schedule, and optimizer state I/O.
+
+The optimizer state is saved per parameter in its canonical (layout-independent) form, like the
+weights, so a run saved at one TP/DP/ZeRO layout resumes at another.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megaswift.parallel.data_parallel import DataParallel
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def build_optimizer(dp: DataParallel, optim_cfg, on_cuda: bool) -> torch.optim.AdamW:
+    """Weight decay on matrices only: norms and biases (1-D) are left alone, as in Megatron."""
+    decay, no_decay = [], []
+    for piece in dp.pieces:
+        piece.data.grad = piece.grad  # views of the gradient buffer, reduced by dp
+        (decay if piece.param.ndim >= 2 else no_decay).append(piece.data)
+    groups = [g for g in ({"params": decay, "weight_decay": optim_cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    kwargs = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
+                             eps=optim_cfg.adam_eps, **kwargs)
+
+
+def lr_at(step: int, optim_cfg, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr, then
+    cosine or linear decay that reaches min_lr at the last step, or constant."""
+    lr, min_lr, warmup = optim_cfg.lr, optim_cfg.min_lr, optim_cfg.warmup_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if optim_cfg.schedule == "constant":
+        return lr
+    span = max(1, total_steps - 1 - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if optim_cfg.schedule == "cosine":
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr + (min_lr - lr) * progress
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def full_state(dp: DataParallel, optimizer: torch.optim.Optimizer) -> dict[str, dict[nn.Parameter, torch.Tensor]]:
+    """{'exp_avg': {param: tensor shaped like the param}, ...}: under ZeRO-1 the shards of every
+    dp rank are gathered, so each rank can save any parameter's state."""
+    out = {}
+    for key in STATE_KEYS:
+        shards = []
+        for b in dp.buckets:
+            lo, hi = b.shard
+            flat = b.data.new_zeros(hi - lo)
+            for piece in b.pieces:
+                state = optimizer.state.get(piece.data)
+                if state:
+                    off = piece.offset + piece.start - lo
+                    flat[off: off + piece.n] = state[key].reshape(-1)
+            shards.append(flat)
+        merged: dict[nn.Parameter, torch.Tensor] = {}
+        for i, flat in enumerate(dp.gather_full(shards)):
+            merged.update(dp.bucket_views(i, flat))
+        out[key] = merged
+    return out
+
+
+def load_full_state(dp: DataParallel, optimizer: torch.optim.Optimizer, state: dict, step: int) -> None:
+    """Inverse of full_state: keep this rank's pieces of each parameter's state."""
+    fused = bool(optimizer.defaults.get("fused"))
+    for piece in dp.pieces:
+        # fused AdamW keeps its step counter on the parameter's device, the others on the CPU
+        where = piece.data.device if fused else "cpu"
+        entry = {"step": torch.tensor(float(step), dtype=torch.float32, device=where)}
+        for key in STATE_KEYS:
+            entry[key] = state[key][piece.param].reshape(-1)[piece.start: piece.start + piece.n].clone()
+        optimizer.state[piece.data] = entry

@@ -1,0 +1,45 @@
+"""Supervised fine-tuning: chat data, loss on the assistant tokens only."""
+from __future__ import annotations
+
+from megaswift import device
+
+from .engine import Algorithm
+
+
+class SFT(Algorithm):
+    name = "sft"
+
+    def build_data(self, trainer):
+        from transformers import AutoTokenizer
+
+        from megaswift.data import SFTDataset, SFTLoader
+
+        cfg, st = trainer.cfg, trainer.st
+        tokenizer = AutoTokenizer.from_pretrained(trainer.source_dir)
+        dataset = SFTDataset(cfg.data.path, tokenizer, cfg.data.seq_len)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        t = cfg.train
+        loader = SFTLoader(dataset, seq_len=cfg.data.seq_len, packing=cfg.data.packing,
+                           micro_batch_size=t.micro_batch_size,
+                           global_batch_size=t.global_batch_size or t.micro_batch_size * st.dp_size,
+                           dp_rank=st.dp_rank, dp_size=st.dp_size, seed=t.seed, pad_id=pad or 0)
+        if device.rank() == 0:
+            dropped = f", {loader.dropped} dropped (no assistant token within data.seq_len)" if loader.dropped else ""
+            print(f"data: {len(dataset)} samples from {cfg.data.path}{dropped}; "
+                  f"{loader.items_per_epoch} {'packed rows' if cfg.data.packing else 'samples'} per epoch", flush=True)
+        return loader
+
+    def count(self, micro_batch: dict) -> int:
+        return int((micro_batch["labels"] != -100).sum())
+
+    def loss_sum(self, model, mb: dict):
+        per_token = model(mb["input_ids"], position_ids=mb["position_ids"], document_ids=mb.get("document_ids"),
+                          labels=mb["labels"])
+        return per_token.sum(), {}
+
+
+def run(cfg) -> dict:
+    from .build import build_trainer
+
+    trainer = build_trainer(cfg, SFT())
+    return trainer.train()

@@ -1,0 +1,51 @@
+"""Shared by the training tests: a small generated chat data set and a Trainer run on one rank."""
+import json
+import os
+import random
+
+from megaswift.config import load_config
+
+WORDS = ["kalo", "mine", "ruza", "tovi", "zequ", "anel", "sato", "vimi", "loka", "neru"]
+
+
+def write_chat_data(path: str, n: int = 48, seed: int = 0) -> str:
+    """Chat rows of varied length (some multi-turn, some with a system message)."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def text(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    with open(path, "w") as f:
+        for i in range(n):
+            msgs = [{"role": "system", "content": text(3)}] if i % 3 == 0 else []
+            for _ in range(1 + i % 2):
+                msgs += [{"role": "user", "content": text(rng.randint(2, 8))},
+                         {"role": "assistant", "content": text(rng.randint(1, 10))}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def train_config(hf_dir: str, data: str, output_dir: str, **overrides):
+    base = {"model": {"hf_path": hf_dir, "attention_backend": "sdpa"},
+            "data": {"path": data, "seq_len": 64},
+            "train": {"steps": 5, "micro_batch_size": 2, "global_batch_size": 8, "seed": 3, "output_dir": output_dir},
+            "optim": {"lr": 3e-3, "warmup_steps": 2, "min_lr": 3e-4, "weight_decay": 0.1, "clip_grad": 1.0},
+            "log": {"every": 1000}}
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key.replace('__', '.')}", str(value)]
+    return load_config(None, args, base=base)
+
+
+def run_steps(rank, world, hf_dir, data, output_dir, steps=None, **overrides) -> list[dict]:
+    """Build a Trainer and run `steps` optimizer steps (all of train.steps if None); per-step metrics."""
+    from megaswift.train.build import build_trainer
+    from megaswift.train.sft import SFT
+
+    cfg = train_config(hf_dir, data, output_dir, **overrides)
+    trainer = build_trainer(cfg, SFT())
+    out = []
+    for _ in range(steps or cfg.train.steps):
+        out.append(trainer.train_step(trainer.data.next_global_batch()))
+    return out
