@@ -169,7 +169,10 @@ def global_batch(data, dp, mb, steps=1, state=None, **kw):
         for _ in range(steps - 1):
             ld.next_global_batch()
     micro = [m for ld in ranks for m in ld.next_global_batch()]
-    return {k: torch.cat([m[k] for m in micro]) if micro[0][k] is not None else None for k in micro[0]}
+    out = {k: torch.cat([m[k] for m in micro]) if micro[0][k] is not None else None
+           for k in micro[0] if k != "num_tokens"}
+    out["num_tokens"] = torch.tensor(sum(m["num_tokens"] for m in micro))
+    return out
 
 
 def same(a: dict, b: dict) -> bool:
