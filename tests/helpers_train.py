@@ -49,3 +49,16 @@ def run_steps(rank, world, hf_dir, data, output_dir, steps=None, **overrides) ->
     for _ in range(steps or cfg.train.steps):
         out.append(trainer.train_step(trainer.data.next_global_batch()))
     return out
+
+
+def run_train(rank, world, hf_dir, data, output_dir, **overrides) -> list[dict]:
+    """Trainer.train() as the CLI runs it (checkpoints included); rank 0's metrics.jsonl rows."""
+    from megaswift.train.build import build_trainer
+    from megaswift.train.sft import SFT
+
+    cfg = train_config(hf_dir, data, output_dir, **overrides)
+    build_trainer(cfg, SFT()).train()
+    if rank != 0:
+        return []
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -1,0 +1,109 @@
+"""Resume: 6 steps straight equal 3 steps + resume + 3 steps, bitwise at the same layout and within
+fp32 tolerance (rtol 1e-5) at another layout; a save killed midway leaves the last checkpoint whole."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from helpers_train import run_train, train_config, write_chat_data
+from megaswift.checkpoint.train_state import completed_steps
+from megaswift.testing.dist import run_distributed
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_chat_data(str(tmp_path_factory.mktemp("sft") / "train.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_hf, data, tmp_path_factory):
+    """6 steps at tp=2 in one go, saving every 3 steps."""
+    out = str(tmp_path_factory.mktemp("straight"))
+    metrics = run_distributed(run_train, 2, tiny_hf["llama"], data, out, parallel__tp=2, train__steps=6,
+                              checkpoint__every=3)[0]
+    return out, metrics
+
+
+def _losses(metrics, steps):
+    by_step = {m["step"]: m for m in metrics}
+    return [by_step[s]["loss"] for s in steps], [by_step[s]["grad_norm"] for s in steps]
+
+
+def test_straight_run_saved_and_logged(straight):
+    out, metrics = straight
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "grad_norm", "lr", "tokens", "tokens_per_s", "elapsed_s"):
+        assert all(key in m for m in metrics), key
+    assert completed_steps(out) == [3, 6]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+def test_resume_same_layout_is_bitwise(straight, tiny_hf, data, tmp_path):
+    _, want = straight
+    out = str(tmp_path)
+    run_distributed(run_train, 2, tiny_hf["llama"], data, out, parallel__tp=2, train__steps=3)
+    got = run_distributed(run_train, 2, tiny_hf["llama"], data, out, parallel__tp=2, train__steps=6,
+                          checkpoint__load="latest")[0]
+    assert _losses(got, range(1, 7)) == _losses(want, range(1, 7))  # exact equality, not a tolerance
+
+
+def test_resume_at_another_layout(straight, tiny_hf, data):
+    """Saved at tp=2 (dp=1); resumed at dp=2 with ZeRO-1 and two micro batches per rank."""
+    out, want = straight
+    got = run_distributed(run_train, 2, tiny_hf["llama"], data, os.path.join(out, "other"), train__steps=6,
+                          checkpoint__load=os.path.join(out, "checkpoints", "step_3"), optim__zero=1,
+                          train__micro_batch_size=2)[0]
+    assert [m["step"] for m in got] == [4, 5, 6]
+    np.testing.assert_allclose(_losses(got, (4, 5, 6)), _losses(want, (4, 5, 6)), rtol=1e-5)
+
+
+def _cli(config_path, out, *extra, env=None):
+    cmd = [sys.executable, "-m", "megaswift", "train", "sft", "--config", config_path, *extra]
+    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_killed_save_keeps_previous_checkpoint(tiny_hf, data, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = train_config(tiny_hf["llama"], data, out, train__steps=2).to_dict()
+    path = str(tmp_path / "sft.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    first = _cli(path, out)
+    assert first.wait(timeout=120) == 0, first.stdout.read()
+    assert completed_steps(out) == [2]
+
+    # resume towards step 4 and kill the job while step_4 is written but not yet committed
+    second = _cli(path, out, "--train.steps", "4", "--checkpoint.load", "latest",
+                  env={"MEGASWIFT_TEST_PAUSE_BEFORE_COMMIT_S": "120"})
+    marker = os.path.join(out, "checkpoints", "step_4.tmp", "PAUSED")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(marker):
+        assert second.poll() is None, second.stdout.read()
+        assert time.monotonic() < deadline, "the save never started"
+        time.sleep(0.1)
+    os.killpg(second.pid, signal.SIGKILL)
+    second.wait()
+    assert completed_steps(out) == [2]
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step_4.tmp"))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        killed_run = [json.loads(line) for line in f]
+
+    # `latest` skips the partial save, resumes from step 2 and repeats steps 3 and 4 exactly
+    third = _cli(path, out, "--train.steps", "4", "--checkpoint.load", "latest")
+    log = third.communicate(timeout=120)[0]
+    assert third.returncode == 0, log
+    assert "resumed from" in log and "step_2" in log
+    assert completed_steps(out) == [2, 4]
+    assert not os.path.exists(os.path.join(out, "checkpoints", "step_4.tmp"))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    again = [r for r in rows[len(killed_run):]]
+    assert [r["step"] for r in again] == [3, 4]
+    assert [r["loss"] for r in again] == [r["loss"] for r in killed_run if r["step"] in (3, 4)]
