@@ -28,7 +28,7 @@ class Plan:
     export_dtype: str
 
 
-def plan_training(cfg, world_size: int) -> Plan:
+def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
     from megaswift.commands import _checkpoint_dtype, hf_model_config, plan_layout
 
     load = train_state.resolve_load(cfg.checkpoint.load, cfg.train.output_dir)
@@ -53,9 +53,9 @@ def plan_training(cfg, world_size: int) -> Plan:
     if gbs % (t.micro_batch_size * layout.dp):
         raise ConfigError(f"train.global_batch_size={gbs} must be a multiple of micro_batch_size x dp = "
                           f"{t.micro_batch_size} x {layout.dp} = {t.micro_batch_size * layout.dp}")
-    if not cfg.data.path:
+    if reads_data_path and not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a .jsonl or .parquet file or a directory of them")
-    if not os.path.exists(cfg.data.path):
+    if reads_data_path and not os.path.exists(cfg.data.path):
         raise DataError(f"data.path {cfg.data.path} does not exist")
     return Plan(layout, model_cfg, resume_dir, weights_dir, hf_dir, side if os.path.isdir(side) else None,
                 export_dtype)
@@ -69,7 +69,7 @@ def build_trainer(cfg, algorithm):
 
     from .engine import Trainer
 
-    plan = plan_training(cfg, device.world_size_from_env())
+    plan = plan_training(cfg, device.world_size_from_env(), algorithm.reads_data_path)
     device.init_distributed(cfg.parallel.timeout_s)
     st = ParallelState.build(plan.layout, device.get_device())
     torch.manual_seed(cfg.train.seed)

@@ -27,6 +27,7 @@ class Algorithm:
     """What differs between SFT, DPO and GRPO. Subclasses fill these in."""
 
     name = "base"
+    reads_data_path = True  # plan_training checks data.path exists
 
     def build_data(self, trainer: "Trainer"):
         raise NotImplementedError

@@ -30,13 +30,14 @@ def build_optimizer(dp: DataParallel, optim_cfg, on_cuda: bool) -> torch.optim.A
 
 def lr_at(step: int, optim_cfg, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr, then
-    cosine or linear decay that reaches min_lr at the last step, or constant."""
+    cosine or linear decay towards min_lr, or constant."""
     lr, min_lr, warmup = optim_cfg.lr, optim_cfg.min_lr, optim_cfg.warmup_steps
     if step < warmup:
         return lr * (step + 1) / warmup
     if optim_cfg.schedule == "constant":
         return lr
-    span = max(1, total_steps - 1 - warmup)
+    # min_lr is reached after the last step, so the last step still learns something
+    span = max(1, total_steps - warmup)
     progress = min(1.0, (step - warmup) / span)
     if optim_cfg.schedule == "cosine":
         return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
