@@ -29,12 +29,16 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
     """Model FLOPs of forward + backward per token (3x the forward), counting matmuls only:
     the weights (2 flops per multiply-add) and causal attention scores and values (s/2 keys on
     average). Recomputation is not counted, as MFU conventionally does not."""
+    attention = cfg.num_layers * 2 * cfg.num_attention_heads * cfg.kv_channels * (seq_len / 2)
+    return 3 * 2 * (matmul_params(cfg) + attention)
+
+
+def matmul_params(cfg) -> int:
+    """Weights that take part in a matmul per token: every linear layer and the output layer."""
     h, hd = cfg.hidden_size, cfg.kv_channels
     nq, ng = cfg.num_attention_heads, cfg.num_query_groups
     per_layer = h * (nq + 2 * ng) * hd + nq * hd * h + 3 * h * cfg.ffn_hidden_size
-    weights = cfg.num_layers * per_layer + h * cfg.vocab_size
-    attention = cfg.num_layers * 2 * nq * hd * (seq_len / 2)
-    return 3 * 2 * (weights + attention)
+    return cfg.num_layers * per_layer + h * cfg.vocab_size
 
 
 class MetricsLogger:

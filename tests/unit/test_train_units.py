@@ -1,0 +1,91 @@
+"""Pieces of the training engine that need no process group: lr schedule, metrics file and
+trackers, checkpoint discovery, FLOPs count."""
+import json
+import os
+
+import pytest
+
+from megaswift.checkpoint.train_state import completed_steps, resolve_load
+from megaswift.config import load_config
+from megaswift.errors import CheckpointError, ConfigError
+from megaswift.train.metrics import MetricsLogger, train_flops_per_token
+from megaswift.train.optim import lr_at
+
+
+def _optim(**kw):
+    return load_config(overrides=[f"--optim.{k}={v}" for k, v in kw.items()]).optim
+
+
+def test_warmup_then_cosine_to_min_lr():
+    o = _optim(lr=1.0, min_lr=0.1, warmup_steps=4, schedule="cosine")
+    lrs = [lr_at(s, o, 14) for s in range(14)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lrs[-1] > 0.1 and lr_at(14, o, 14) == pytest.approx(0.1)  # min_lr after the last step
+
+
+def test_linear_and_constant_schedules():
+    lin = _optim(lr=1.0, min_lr=0.0, warmup_steps=0, schedule="linear")
+    assert [lr_at(s, lin, 4) for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    const = _optim(lr=0.5, warmup_steps=2, schedule="constant")
+    assert [lr_at(s, const, 10) for s in (0, 1, 5, 9)] == pytest.approx([0.25, 0.5, 0.5, 0.5])
+
+
+def _row(step, loss):
+    return {"step": step, "loss": loss, "grad_norm": 1.0, "lr": 1e-3, "tokens": 100, "tokens_per_s": 50.0,
+            "step_time_s": 2.0, "elapsed_s": 2.0 * step, "peak_mem_gb": 0.5}
+
+
+def test_metrics_jsonl_tensorboard_and_summary(tmp_path, capsys):
+    log = MetricsLogger(str(tmp_path), total_steps=3, enabled=True, tensorboard=True)
+    for s, loss in ((1, 3.0), (2, 2.0), (3, 2.5)):
+        log.log(_row(s, loss))
+    summary = log.summary()
+    log.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["loss"] == 2.0
+    assert os.listdir(tmp_path / "tensorboard")
+    assert summary["first_loss"] == 3.0 and summary["last_loss"] == 2.5 and summary["min_loss"] == 2.0
+    assert summary["tokens"] == 300 and summary["tokens_per_s"] == pytest.approx(50.0)
+    assert "step 2/3" in capsys.readouterr().err
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    log = MetricsLogger(str(tmp_path / "x"), total_steps=1, enabled=False)
+    log.log(_row(1, 1.0))
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_wandb_is_optional_and_offline_without_a_key(tmp_path, monkeypatch):
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="megaswift\\[wandb\\]"):
+            MetricsLogger(str(tmp_path), total_steps=1, enabled=True, wandb=True)
+    else:
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+        MetricsLogger(str(tmp_path), total_steps=1, enabled=True, wandb=True).close()
+
+
+def test_latest_skips_partial_saves(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in (("step_2", True), ("step_10", True), ("step_12.tmp", False), ("step_11", False)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "megaswift.json").write_text("{}")
+    assert completed_steps(str(tmp_path)) == [2, 10]
+    assert resolve_load("latest", str(tmp_path)).endswith("step_10")
+    assert resolve_load("latest", str(tmp_path / "fresh")) is None
+    with pytest.raises(CheckpointError, match="not a megaswift checkpoint"):
+        resolve_load(str(root / "step_11"), str(tmp_path))
+
+
+def test_flops_per_token_counts_weights_and_attention():
+    from megaswift.models.config import ModelConfig
+
+    cfg = ModelConfig(family="llama", vocab_size=100, hidden_size=8, ffn_hidden_size=16, num_layers=1,
+                      num_attention_heads=2, num_query_groups=1, kv_channels=4)
+    weights = 8 * (2 + 2) * 4 + 2 * 4 * 8 + 3 * 8 * 16 + 8 * 100
+    assert train_flops_per_token(cfg, 10) == 6 * (weights + 1 * 2 * 2 * 4 * 5)
