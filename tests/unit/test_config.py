@@ -321,3 +321,15 @@ def test_to_dict_round_trip(tmp_path):
     assert load_config(path) == cfg
     d["parallel"]["pp_layers"].append(9)  # to_dict copies, so the config is not aliased
     assert cfg.parallel.pp_layers == [2, 2]
+
+
+def test_shipped_configs_load():
+    """Every example in configs/ parses with the current keys and types."""
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    paths = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    assert paths
+    for path in paths:
+        load_config(path)
