@@ -20,6 +20,7 @@ setup(
         "megaswift.convert",
         "megaswift.checkpoint",
         "megaswift.data",
+        "megaswift.recipes",
         "megaswift.train",
         "megaswift.testing",
         "megaswift.parallel",

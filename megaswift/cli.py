@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML config file; dotted overrides such as --parallel.tp 2 follow")
         return sp
 
+    s = sub.add_parser("quickstart", help="build a tiny model and data, train SFT at TP=2 on CPU, export, evaluate")
+    s.add_argument("--out", default="outputs/quickstart", help="where everything is written")
+    s.add_argument("--steps", type=int, help="optimizer steps (default: the tuned recipe)")
+
     s = with_config(sub.add_parser("train", help="train a model (run it under `megaswift launch` for several ranks)"))
     s.add_argument("algorithm", choices=["sft"])
 
@@ -101,6 +105,10 @@ def _run(ns, cfg) -> int:
         make_tiny_hf(ns.family, ns.out_dir, seed=ns.seed)
         print(f"wrote a tiny random {ns.family} checkpoint to {ns.out_dir}")
         return 0
+    if ns.command == "quickstart":
+        from megaswift.quickstart import quickstart_command
+
+        return quickstart_command(ns)
     if ns.command == "export-hf":
         from megaswift.commands import export_command
 

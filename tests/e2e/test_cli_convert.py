@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def megaswift(*args, check=True):
+def megaswift(*args, check=True, timeout=300):
     env = {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "megaswift", *args], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "megaswift", *args], capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"megaswift {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
