@@ -66,6 +66,9 @@ class Trainer:
         self.data = algorithm.build_data(self)
         if resume_dir is not None:
             self._resume(resume_dir)
+        if cfg.model.dtype != "float32" and self.device.type != "cuda" and device.rank() == 0:
+            print(f"note: model.dtype={cfg.model.dtype} is the autocast dtype on CUDA; this CPU run trains in float32",
+                  flush=True)
         self.flops_per_token = train_flops_per_token(model.cfg, cfg.data.seq_len)
         self.peak_flops = peak_flops()
         self.logger = MetricsLogger(self.output_dir, total_steps=cfg.train.steps, enabled=device.rank() == 0,
@@ -74,10 +77,12 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _autocast(self):
+        # CPU trains in fp32: CPU bf16 kernels are slower than fp32 ones and the CPU path is
+        # the numerical reference for every parity test
         dtype = DTYPES[self.cfg.model.dtype]
-        if dtype == torch.float32:
+        if dtype == torch.float32 or self.device.type != "cuda":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type="cuda", dtype=dtype)
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """Forward/backward over this rank's micro batches, gradient reduction, clipping, step."""
