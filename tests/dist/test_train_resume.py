@@ -107,3 +107,23 @@ def test_killed_save_keeps_previous_checkpoint(tiny_hf, data, tmp_path):
     again = [r for r in rows[len(killed_run):]]
     assert [r["step"] for r in again] == [3, 4]
     assert [r["loss"] for r in again] == [r["loss"] for r in killed_run if r["step"] in (3, 4)]
+
+
+def test_weights_only_checkpoint_starts_a_new_run(tiny_hf, data, tmp_path):
+    """checkpoint.load at an import-hf checkpoint (no training state) starts from its weights:
+    the same losses as starting from the HF checkpoint itself."""
+    from megaswift.checkpoint.model_state import save_model
+    from megaswift.commands import hf_model_config
+    from megaswift.config import load_config
+    from megaswift.convert.hf_import import load_hf_into_model
+    from megaswift.models.decoder import GPTModel
+
+    hf = tiny_hf["qwen2"]
+    model = GPTModel(hf_model_config(hf, load_config()))
+    load_hf_into_model(model, hf)
+    ckpt = str(tmp_path / "imported")
+    save_model(model, ckpt, {"family": model.cfg.family, "model_config": model.cfg.to_dict(), "dtype": "float32"},
+               extra_files_from=hf)
+    from_hf = run_train(0, 1, hf, data, str(tmp_path / "a"), train__steps=2)
+    from_ckpt = run_train(0, 1, hf, data, str(tmp_path / "b"), train__steps=2, checkpoint__load=ckpt)
+    assert [m["loss"] for m in from_ckpt] == [m["loss"] for m in from_hf]
