@@ -183,12 +183,14 @@ class DataParallel:
         for w in works:
             w.wait()
 
-    def gather_full(self, flat_per_bucket: list[torch.Tensor]) -> list[torch.Tensor]:
-        """All-gather per-bucket shard tensors (e.g. optimizer state) into whole buckets."""
+    def gather_full(self, flat_per_bucket: list[torch.Tensor], only: int | None = None) -> list[torch.Tensor]:
+        """All-gather per-bucket shard tensors (e.g. optimizer state) into whole buckets; with
+        `only`, the one tensor given belongs to bucket `only`."""
         if not self.zero or self.dp == 1:
             return flat_per_bucket
+        buckets = [self.buckets[only]] if only is not None else self.buckets
         out = []
-        for b, shard in zip(self.buckets, flat_per_bucket):
+        for b, shard in zip(buckets, flat_per_bucket):
             full = shard.new_empty(b.data.numel())
             dist.all_gather_single(full, shard.contiguous(), group=self.group)
             out.append(full)

@@ -50,24 +50,33 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def full_state(dp: DataParallel, optimizer: torch.optim.Optimizer) -> dict[str, dict[nn.Parameter, torch.Tensor]]:
-    """{'exp_avg': {param: tensor shaped like the param}, ...}: under ZeRO-1 the shards of every
-    dp rank are gathered, so each rank can save any parameter's state."""
-    out = {}
-    for key in STATE_KEYS:
-        shards = []
-        for b in dp.buckets:
-            lo, hi = b.shard
+    """{'exp_avg': {param: tensor shaped like the param}, ...} for the checkpoint.
+
+    Without ZeRO every rank holds the whole state and DCP writes each tensor once. Under ZeRO-1
+    the buckets are all-gathered one at a time and each dp rank keeps only every dp-th parameter,
+    so a save costs one bucket of extra memory, not the whole unsharded state."""
+    out: dict[str, dict[nn.Parameter, torch.Tensor]] = {key: {} for key in STATE_KEYS}
+    if not dp.zero or dp.dp == 1:
+        for piece in dp.pieces:  # a piece is a whole parameter here
+            state = optimizer.state.get(piece.data)
+            for key in STATE_KEYS if state else ():
+                out[key][piece.param] = state[key].view_as(piece.param)
+        return out
+    index = 0
+    for i, b in enumerate(dp.buckets):
+        lo, hi = b.shard
+        for key in STATE_KEYS:
             flat = b.data.new_zeros(hi - lo)
             for piece in b.pieces:
                 state = optimizer.state.get(piece.data)
                 if state:
                     off = piece.offset + piece.start - lo
                     flat[off: off + piece.n] = state[key].reshape(-1)
-            shards.append(flat)
-        merged: dict[nn.Parameter, torch.Tensor] = {}
-        for i, flat in enumerate(dp.gather_full(shards)):
-            merged.update(dp.bucket_views(i, flat))
-        out[key] = merged
+            (full,) = dp.gather_full([flat], only=i)
+            for j, (p, view) in enumerate(dp.bucket_views(i, full).items()):
+                if (index + j) % dp.dp == dp.dp_rank:
+                    out[key][p] = view.clone()
+        index += len(b.params)
     return out
 
 
