@@ -103,6 +103,17 @@ def load_model(model, ckpt_dir: str) -> None:
     """Fill the model's local parameters from a checkpoint saved under any tp."""
     read_meta(ckpt_dir)
     load_dcp(dcp_state(model), os.path.join(ckpt_dir, "model"))
+    zero_padding(model)
+
+
+@torch.no_grad()
+def zero_padding(model) -> None:
+    """Vocabulary padding rows are not in the checkpoint; keep them zero, as import makes them,
+    so a loaded model is the same whichever way it was filled."""
+    for name, layout in model.shard_layouts().items():
+        if layout.pad:
+            p = model.get_parameter(name)
+            p.narrow(layout.dim, p.shape[layout.dim] - layout.pad, layout.pad).zero_()
 
 
 def read_meta(ckpt_dir: str) -> dict:

@@ -51,34 +51,49 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, st: ParallelState | None = None, dtype=None, device=None):
+    """The whole model, or one pipeline stage of it: `layer_ids` are the global indices of the
+    layers this stage holds; `pre_process` adds the embedding (first stage), `post_process` the
+    final norm, output layer and loss (last stage). With tied embeddings the last stage holds
+    its own `embedding.word_embeddings` for the output; same name, so checkpoints store it once
+    (and the pipeline sums its gradient with the first stage's)."""
+
+    def __init__(self, cfg: ModelConfig, st: ParallelState | None = None, dtype=None, device=None, *,
+                 layer_ids=None, pre_process: bool = True, post_process: bool = True):
         super().__init__()
         st = st or ParallelState.single()
         self.cfg, self.st = cfg, st
-        self.embedding = Embedding(cfg, st, dtype, device)
+        self.pre_process, self.post_process = pre_process, post_process
+        tied_output = post_process and cfg.tie_word_embeddings
+        self.embedding = Embedding(cfg, st, dtype, device) if pre_process or tied_output else None
         self.rotary = RotaryEmbedding(cfg.kv_channels, cfg.rope_theta, cfg.rope_scaling)
-        self.decoder = TransformerBlock(cfg, st, range(cfg.num_layers), dtype, device)
+        layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
+        self.decoder = TransformerBlock(cfg, st, layer_ids, dtype, device, final_norm=post_process)
         self.vocab_local = cfg.padded_vocab_size(st.tp_size) // st.tp_size
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings or not post_process:
             self.output_layer = None
         else:
             self.output_layer = ColumnParallelLinear(cfg.hidden_size, self.vocab_local, tp_group=st.tp_group,
                                                      sequence_parallel=st.sp, dtype=dtype, device=device)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids, position_ids=None, document_ids=None, labels=None):
+    def forward(self, input_ids, position_ids=None, document_ids=None, labels=None, hidden_states=None):
         """input_ids [b, s] -> vocab-parallel logits [b, s, padded_vocab/tp] (padded columns -inf),
         or, with labels [b, s] (-100 = ignore), the per-token loss [b, s] in fp32.
 
         position_ids restart at 0 for each packed document; document_ids [b, s] stop attention
         across documents. Without them the batch rows are single sequences from position 0.
+
+        A pipeline stage without `pre_process` takes the previous stage's `hidden_states`
+        instead of embedding the tokens; one without `post_process` returns its hidden states.
         """
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        x = self.embedding(input_ids)  # [b, s(/tp under SP), h]
+        x = self.embedding(input_ids) if self.pre_process else hidden_states  # [b, s(/tp under SP), h]
         cos, sin = self.rotary(position_ids, x.dtype)
         x = self.decoder(x, cos, sin, document_ids)
+        if not self.post_process:
+            return x
         logits = self._output(x)
         if labels is None:
             return logits
