@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -106,7 +105,9 @@ def run_megaswift(args) -> dict:
         def loss_sum(self, model, mb):
             return model(mb["input_ids"], labels=mb["labels"]).sum(), {}
 
-    on_cuda = torch.cuda.is_available() and os.environ.get("MEGASWIFT_FORCE_CPU") != "1"
+    from megaswift import device
+
+    on_cuda = device.cuda_available()
     cfg = load_config(base={
         "model": {"hf_path": args.model_dir, "dtype": "bfloat16" if on_cuda else "float32"},
         "data": {"seq_len": args.seq_len},
@@ -167,7 +168,7 @@ def main(argv=None):
                     best[side] = r
     flops_per_token = train_flops_per_token(model_cfg, args.seq_len)
     n_params = matmul_params(model_cfg)
-    peak = peak_flops() if torch.cuda.is_available() else None
+    peak = peak_flops()  # None where the device has no known peak (any CPU)
     print(f"model: llama {n_params / 1e6:.1f}M matmul params, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
           f"batch {args.micro_batch} x {args.grad_accum} x seq {args.seq_len}; device {best['megaswift']['device']}")
     print(f"{'side':<14}{'tokens/s':>12}{'peak mem GB':>14}{'MFU':>8}")

@@ -276,6 +276,10 @@ class TrainSection(_Checked):
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (attention core only) or full (whole layers)."""
 
+    def global_batch(self, dp: int) -> int:
+        """global_batch_size, or its default: one micro batch per dp rank."""
+        return self.global_batch_size or self.micro_batch_size * dp
+
 
 @dataclass(kw_only=True)
 class OptimSection(_Checked):

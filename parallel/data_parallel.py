@@ -23,13 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def _size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+from .tp_comm import group_rank, group_size
 
 
 @dataclass
@@ -61,7 +55,7 @@ class DataParallel:
 
     def __init__(self, params: list[nn.Parameter], group=None, *, zero: int = 0, bucket_numel: int = 40_000_000):
         self.group, self.zero = group, zero
-        self.dp, self.dp_rank = _size(group), _rank(group)
+        self.dp, self.dp_rank = group_size(group), group_rank(group)
         self.sync = True  # set False for all micro batches but the last (gradient accumulation)
         params = [p for p in params if p.requires_grad]
         self.buckets: list[Bucket] = []
@@ -162,7 +156,7 @@ class DataParallel:
         if self.zero and self.dp > 1:
             dist.all_reduce(sq, group=self.group)
         for group in model_parallel_groups:
-            if _size(group) > 1:
+            if group_size(group) > 1:
                 dist.all_reduce(sq, group=group)
         return sq.sqrt()
 
@@ -183,18 +177,13 @@ class DataParallel:
         for w in works:
             w.wait()
 
-    def gather_full(self, flat_per_bucket: list[torch.Tensor], only: int | None = None) -> list[torch.Tensor]:
-        """All-gather per-bucket shard tensors (e.g. optimizer state) into whole buckets; with
-        `only`, the one tensor given belongs to bucket `only`."""
+    def gather_bucket(self, bucket_index: int, shard: torch.Tensor) -> torch.Tensor:
+        """All-gather one bucket's shard tensors (e.g. optimizer state) into the whole bucket."""
         if not self.zero or self.dp == 1:
-            return flat_per_bucket
-        buckets = [self.buckets[only]] if only is not None else self.buckets
-        out = []
-        for b, shard in zip(buckets, flat_per_bucket):
-            full = shard.new_empty(b.data.numel())
-            dist.all_gather_single(full, shard.contiguous(), group=self.group)
-            out.append(full)
-        return out
+            return shard
+        full = shard.new_empty(self.buckets[bucket_index].data.numel())
+        dist.all_gather_single(full, shard.contiguous(), group=self.group)
+        return full
 
     def bucket_views(self, bucket_index: int, flat: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """Cut a whole-bucket flat tensor into tensors shaped like its parameters."""

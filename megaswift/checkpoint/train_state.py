@@ -21,8 +21,8 @@ from megaswift import device
 from megaswift.errors import CheckpointError
 
 from .canonical_shards import CanonicalShards
-from .model_state import (META_FILE, _is_rank0, dcp_state, load_dcp, read_meta, save_dcp, staged_dir, write_meta,
-                          zero_padding)
+from .model_state import (META_FILE, _is_rank0, dcp_state, load_dcp, load_model, read_meta, save_dcp, staged_dir,
+                          write_meta)
 
 STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -91,8 +91,7 @@ def load_training(ckpt_dir: str, model, state_keys: tuple[str, ...]) -> tuple[di
     meta = read_meta(ckpt_dir)
     if "train" not in meta:
         raise CheckpointError(f"{ckpt_dir} holds weights only (no training state) and cannot be resumed")
-    load_dcp(dcp_state(model), os.path.join(ckpt_dir, "model"))
-    zero_padding(model)
+    load_model(model, ckpt_dir)
     opt_state = {key: {p: torch.zeros_like(p) for p in model.parameters()} for key in state_keys}
     load_dcp(_optim_state(model, opt_state), os.path.join(ckpt_dir, "optim"))
     rng_file = os.path.join(ckpt_dir, "rng", f"rank_{device.rank()}.pt")

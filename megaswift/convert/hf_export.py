@@ -28,12 +28,16 @@ def split_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig, spec: FamilyS
         out.setdefault(seg.hf_name, []).append((seg.hf_start, tensor.narrow(0, seg.canon_start, seg.length)))
 
 
+def default_export_dtype(meta: dict) -> str:
+    """A training checkpoint stores fp32 master weights; it exports in its source model's dtype."""
+    return meta.get("export_dtype") or meta.get("dtype", "float32")
+
+
 def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3) -> dict:
     meta = read_meta(ckpt_dir)
     cfg = ModelConfig.from_dict(meta["model_config"])
     spec = FAMILIES[cfg.family]
-    # a training checkpoint stores fp32 master weights; it exports in its source model's dtype
-    dtype = dtype or meta.get("export_dtype") or meta.get("dtype", "float32")
+    dtype = dtype or default_export_dtype(meta)
     torch_dtype = DTYPES[dtype]
     stored = DTYPES[meta.get("dtype", "float32")]
     writer = ShardedSafetensorsWriter(hf_dir, max_shard_bytes)

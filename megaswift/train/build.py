@@ -13,6 +13,7 @@ import torch
 from megaswift import device
 from megaswift.checkpoint import train_state
 from megaswift.checkpoint.model_state import load_model, read_meta
+from megaswift.convert.hf_export import default_export_dtype
 from megaswift.errors import ConfigError, DataError
 from megaswift.models.config import ModelConfig
 
@@ -38,7 +39,7 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
         model_cfg = ModelConfig.from_dict(meta["model_config"])
         resume_dir, weights_dir = (load, None) if "train" in meta else (None, load)
         side = os.path.join(load, "hf")
-        export_dtype = meta.get("export_dtype") or meta.get("dtype", "float32")
+        export_dtype = default_export_dtype(meta)
     elif cfg.model.hf_path:
         hf_dir = cfg.model.hf_path
         model_cfg = hf_model_config(hf_dir, cfg)
@@ -49,7 +50,7 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
     layout = plan_layout(cfg, world_size, model_cfg)
     layout.check_seq_len(cfg.data.seq_len)
     t = cfg.train
-    gbs = t.global_batch_size or t.micro_batch_size * layout.dp
+    gbs = t.global_batch(layout.dp)
     if gbs % (t.micro_batch_size * layout.dp):
         raise ConfigError(f"train.global_batch_size={gbs} must be a multiple of micro_batch_size x dp = "
                           f"{t.micro_batch_size} x {layout.dp} = {t.micro_batch_size * layout.dp}")

@@ -18,6 +18,7 @@ from megaswift import device
 from megaswift.checkpoint import train_state
 from megaswift.convert.hf_export import DTYPES
 from megaswift.parallel.data_parallel import DataParallel
+from megaswift.parallel.tp_comm import group_size
 
 from . import optim
 from .metrics import MetricsLogger, StepTimer, peak_flops, train_flops_per_token
@@ -43,7 +44,7 @@ class Algorithm:
 
 def _all_reduce_sum(values: list[float], group, dev) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=dev)
-    if group is not None and dist.get_world_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(t, group=group)
     return t.tolist()
 
@@ -57,6 +58,7 @@ class Trainer:
         self.output_dir = cfg.train.output_dir
         self.step = 0
         self.tokens_seen = 0
+        self.resumed_elapsed_s = 0.0  # wall time of the run before the checkpoint it resumed
         model.set_attention_backend(cfg.model.attention_backend)
         model.set_recompute(cfg.train.recompute)
         self.dp = DataParallel(list(model.parameters()), st.dp_cp_group, zero=cfg.optim.zero,
@@ -125,7 +127,7 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         timer = StepTimer()
-        start_elapsed = getattr(self, "_resumed_elapsed", 0.0)
+        start_elapsed = self.resumed_elapsed_s
         padded_tokens = cfg.train.micro_batch_size * cfg.data.seq_len
         while self.step < cfg.train.steps:
             batches = self.data.next_global_batch()
@@ -160,15 +162,15 @@ class Trainer:
                 "source": self.source_dir,
                 "train": {"algorithm": self.alg.name, "step": self.step, "data": self.data.state_dict(),
                           "tokens": self.tokens_seen, "elapsed_s": elapsed_s, "config": self.cfg.to_dict()}}
-        side = self.source_dir if self.source_dir and os.path.isdir(self.source_dir) else None
-        train_state.save_training(path, self.model, optim.full_state(self.dp, self.optimizer), meta, side)
+        # source_dir is a directory or None (plan_training checks)
+        train_state.save_training(path, self.model, optim.full_state(self.dp, self.optimizer), meta, self.source_dir)
         train_state.prune(self.output_dir, self.cfg.checkpoint.keep)
         return path
 
     def _resume(self, ckpt_dir: str) -> None:
         opt_state, meta = train_state.load_training(ckpt_dir, self.model, optim.STATE_KEYS)
         t = meta["train"]
-        self.step, self.tokens_seen, self._resumed_elapsed = t["step"], t.get("tokens", 0), t.get("elapsed_s", 0.0)
+        self.step, self.tokens_seen, self.resumed_elapsed_s = t["step"], t.get("tokens", 0), t.get("elapsed_s", 0.0)
         optim.load_full_state(self.dp, self.optimizer, opt_state, self.step)
         self.data.load_state_dict(t["data"])
         if device.rank() == 0:

@@ -72,7 +72,7 @@ def full_state(dp: DataParallel, optimizer: torch.optim.Optimizer) -> dict[str, 
                 if state:
                     off = piece.offset + piece.start - lo
                     flat[off: off + piece.n] = state[key].reshape(-1)
-            (full,) = dp.gather_full([flat], only=i)
+            full = dp.gather_bucket(i, flat)
             for j, (p, view) in enumerate(dp.bucket_views(i, full).items()):
                 if (index + j) % dp.dp == dp.dp_rank:
                     out[key][p] = view.clone()

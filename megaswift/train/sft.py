@@ -21,7 +21,7 @@ class SFT(Algorithm):
         t = cfg.train
         loader = SFTLoader(dataset, seq_len=cfg.data.seq_len, packing=cfg.data.packing,
                            micro_batch_size=t.micro_batch_size,
-                           global_batch_size=t.global_batch_size or t.micro_batch_size * st.dp_size,
+                           global_batch_size=t.global_batch(st.dp_size),
                            dp_rank=st.dp_rank, dp_size=st.dp_size, seed=t.seed, pad_id=pad or 0)
         if device.rank() == 0:
             dropped = f", {loader.dropped} dropped (no assistant token within data.seq_len)" if loader.dropped else ""
