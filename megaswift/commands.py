@@ -10,6 +10,7 @@ from megaswift import device
 from megaswift.convert.hf_export import DTYPES
 from megaswift.errors import CheckpointError, LayoutError
 from megaswift.parallel.layout import Layout
+from megaswift.parallel.pipeline_stages import num_stages, split_layers
 
 
 def hf_model_config(hf_dir: str, cfg):
@@ -24,12 +25,29 @@ def plan_layout(cfg, world_size: int, model_cfg=None) -> Layout:
     """Every check that needs no process group: run before torchrun starts anything."""
     p = cfg.parallel
     layout = Layout(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp)
-    for name in ("pp", "cp", "ep"):
+    for name in ("cp", "ep"):
         if getattr(p, name) > 1:
             raise LayoutError(f"parallel.{name}={getattr(p, name)} is not supported by this command yet; use 1")
+    if p.pp == 1 and (p.vpp > 1 or p.pp_layers):
+        raise LayoutError(f"parallel.vpp={p.vpp} / parallel.pp_layers={p.pp_layers} need parallel.pp > 1")
+    stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
     if model_cfg is not None:
         layout.check_model(model_cfg)
+        if p.pp > 1:
+            split_layers(model_cfg.num_layers, stages, p.pp_layers)
     return layout
+
+
+def build_model(cfg, model_cfg, st, dtype):
+    """The whole GPTModel, or under pp > 1 this rank's pipeline stages (a PipelineModel)."""
+    from megaswift.models.decoder import GPTModel
+    from megaswift.models.pipeline_model import PipelineModel
+
+    if st.pp_size == 1:
+        return GPTModel(model_cfg, st, dtype=dtype, device=st.device)
+    p = cfg.parallel
+    return PipelineModel(model_cfg, st, schedule=p.pp_schedule, vpp=p.vpp, pp_layers=p.pp_layers, dtype=dtype,
+                         device=st.device)
 
 
 def setup_parallel(cfg, model_cfg):
@@ -50,14 +68,13 @@ def _checkpoint_dtype(hf_dir: str, model_cfg) -> str:
 def import_command(ns, cfg) -> int:
     from megaswift.checkpoint.model_state import save_model
     from megaswift.convert.hf_import import load_hf_into_model
-    from megaswift.models.decoder import GPTModel
 
     model_cfg = hf_model_config(ns.hf_dir, cfg)
     if os.path.exists(ns.ckpt_dir) and os.listdir(ns.ckpt_dir) and not ns.overwrite:
         raise CheckpointError(f"{ns.ckpt_dir} exists and is not empty; choose another directory or pass --overwrite")
     st = setup_parallel(cfg, model_cfg)
     dtype = ns.dtype or _checkpoint_dtype(ns.hf_dir, model_cfg)
-    model = GPTModel(model_cfg, st, dtype=DTYPES[dtype])
+    model = build_model(cfg, model_cfg, st, DTYPES[dtype])
     load_hf_into_model(model, ns.hf_dir)
     meta = {"family": model_cfg.family, "model_config": model_cfg.to_dict(), "dtype": dtype,
             "saved_layout": st.layout.describe(), "source": os.path.abspath(ns.hf_dir)}
@@ -91,7 +108,8 @@ def verify_command(ns, cfg) -> int:
     st = setup_parallel(cfg, model_cfg)
     st.layout.check_seq_len(ns.seq_len)
     tol = ns.tolerance if ns.tolerance is not None else (1e-4 if ns.dtype == "float32" else 5e-2)
-    result = verify(ns.hf_dir, model_cfg, st, DTYPES[ns.dtype], ns.seq_len, ns.batch_size, ns.seed,
+    model = build_model(cfg, model_cfg, st, DTYPES[ns.dtype])
+    result = verify(ns.hf_dir, model, DTYPES[ns.dtype], ns.seq_len, ns.batch_size, ns.seed,
                     attention_backend=cfg.model.attention_backend)
     ok = result["max_abs_diff"] <= tol
     if device.rank() == 0:

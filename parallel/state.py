@@ -37,6 +37,7 @@ class ParallelState:
     dp_group: object = None
     pp_group: object = None
     dp_cp_group: object = None  # gradients of dense weights are reduced over dp x cp
+    embedding_group: object = None  # first and last pp rank: tied embedding gradients are summed here
     ep_group: object = None
     etp_group: object = None
     edp_group: object = None  # gradients of expert weights are reduced over expert-dp
@@ -114,6 +115,9 @@ class ParallelState:
         make("cp", [dense[i, j, :, k] for i in range(L.pp) for j in range(L.dp) for k in range(L.tp)])
         make("dp", [dense[i, :, j, k] for i in range(L.pp) for j in range(L.cp) for k in range(L.tp)])
         make("pp", [dense[:, i, j, k] for i in range(L.dp) for j in range(L.cp) for k in range(L.tp)])
+        if L.pp > 1:
+            make("embedding", [dense[[0, L.pp - 1], i, j, k] for i in range(L.dp) for j in range(L.cp)
+                               for k in range(L.tp)])
         make("dp_cp", [dense[i, :, :, k] for i in range(L.pp) for k in range(L.tp)])
         make("ep", [expert[i, j, :, k] for i in range(L.pp) for j in range(L.edp) for k in range(L.etp)])
         make("etp", [expert[i, j, k, :] for i in range(L.pp) for j in range(L.edp) for k in range(L.ep)])

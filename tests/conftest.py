@@ -36,3 +36,14 @@ def tiny_hf(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_hf")
     return {f: make_tiny_hf(f, str(root / f), seed=i) for i, f in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def deep_hf(tmp_path_factory):
+    """8-layer tiny checkpoints (llama; qwen2 with tied embeddings) so pipelines of up to 8 stages
+    (pp=4, pp=2 x vpp=2, zbv) and uneven splits have layers to cut."""
+    from megaswift.testing.tiny import make_tiny_hf
+
+    root = tmp_path_factory.mktemp("deep_hf")
+    return {f: make_tiny_hf(f, str(root / f), seed=10 + i, num_hidden_layers=8)
+            for i, f in enumerate(("llama", "qwen2"))}

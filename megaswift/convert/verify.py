@@ -10,17 +10,17 @@ from .hf_import import load_hf_into_model
 
 
 @torch.no_grad()
-def megaswift_logits(hf_dir, model_cfg, st, dtype, tokens, attention_backend="auto") -> torch.Tensor:
-    """Full-vocab logits [b, s, vocab] of the megaswift model under the layout `st`."""
-    from megaswift.models.decoder import GPTModel
-
-    model = GPTModel(model_cfg, st, dtype=dtype, device=st.device)
-    model.set_attention_backend(attention_backend)
-    load_hf_into_model(model, hf_dir)
+def megaswift_logits(model, tokens) -> torch.Tensor | None:
+    """Full-vocab logits [b, s, vocab] of a loaded megaswift model (a GPTModel or this rank's
+    pipeline stages); None on ranks that do not run the last pipeline stage."""
+    st, cfg = model.st, model.cfg
     model.eval()
-    logits = model(tokens.to(st.device))
-    logits = gather_from_tp_region(logits, st.tp_group, dim=-1)
-    return logits[..., : model_cfg.vocab_size].float().cpu()
+    tokens = tokens.to(st.device)
+    if hasattr(model, "forward_logits"):  # pipeline stages
+        logits = model.forward_logits(tokens)
+    else:
+        logits = gather_from_tp_region(model(tokens), st.tp_group, dim=-1)[..., : cfg.vocab_size]
+    return None if logits is None else logits.float().cpu()
 
 
 @torch.no_grad()
@@ -32,14 +32,28 @@ def hf_logits(hf_dir, dtype, tokens) -> torch.Tensor:
     return model(tokens).logits.float()
 
 
-def verify(hf_dir, model_cfg, st, dtype, seq_len=64, batch_size=2, seed=0, attention_backend="auto") -> dict:
+def verify(hf_dir, model, dtype, seq_len=64, batch_size=2, seed=0, attention_backend="auto") -> dict:
+    """`model` is built (empty) for the layout; it is filled from `hf_dir` here."""
+    model.set_attention_backend(attention_backend)
+    load_hf_into_model(model, hf_dir)
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len), generator=gen)
-    ours = megaswift_logits(hf_dir, model_cfg, st, dtype, tokens, attention_backend)
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch_size, seq_len), generator=gen)
+    ours = megaswift_logits(model, tokens)
+    # one reference model is enough: the first rank holding full logits compares, the rest wait
+    st = model.st
+    judge = _first_rank_with_logits(ours is not None)
     result = [None]
-    if st.rank == 0:  # one reference model is enough; the other ranks wait for the verdict
+    if st.rank == judge:
         diff = (ours - hf_logits(hf_dir, dtype, tokens)).abs()
         result = [{"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item()}]
     if dist.is_initialized():
-        dist.broadcast_object_list(result, src=0)
+        dist.broadcast_object_list(result, src=judge)
     return result[0]
+
+
+def _first_rank_with_logits(have: bool) -> int:
+    if not dist.is_initialized():
+        return 0
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, have)
+    return flags.index(True)

@@ -86,8 +86,8 @@ class GPTModel(nn.Module):
         A pipeline stage without `pre_process` takes the previous stage's `hidden_states`
         instead of embedding the tokens; one without `post_process` returns its hidden states.
         """
-        b, s = input_ids.shape
         if position_ids is None:
+            b, s = input_ids.shape
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         x = self.embedding(input_ids) if self.pre_process else hidden_states  # [b, s(/tp under SP), h]
         cos, sin = self.rotary(position_ids, x.dtype)

@@ -54,6 +54,10 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
     if gbs % (t.micro_batch_size * layout.dp):
         raise ConfigError(f"train.global_batch_size={gbs} must be a multiple of micro_batch_size x dp = "
                           f"{t.micro_batch_size} x {layout.dp} = {t.micro_batch_size * layout.dp}")
+    if layout.pp > 1:
+        from megaswift.parallel.pipeline import check_microbatches
+
+        check_microbatches(cfg.parallel.pp_schedule, layout.pp, gbs // (t.micro_batch_size * layout.dp))
     if reads_data_path and not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a .jsonl or .parquet file or a directory of them")
     if reads_data_path and not os.path.exists(cfg.data.path):
@@ -64,8 +68,8 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
 
 def build_trainer(cfg, algorithm):
     """Plan, start the process groups, build and fill the model, and hand over to the Trainer."""
+    from megaswift.commands import build_model
     from megaswift.convert.hf_import import load_hf_into_model
-    from megaswift.models.decoder import GPTModel
     from megaswift.parallel.state import ParallelState
 
     from .engine import Trainer
@@ -75,7 +79,7 @@ def build_trainer(cfg, algorithm):
     st = ParallelState.build(plan.layout, device.get_device())
     torch.manual_seed(cfg.train.seed)
     # fp32 master weights on every device; bf16/fp16 (model.dtype) is the autocast compute dtype
-    model = GPTModel(plan.model_cfg, st, dtype=torch.float32, device=device.get_device())
+    model = build_model(cfg, plan.model_cfg, st, torch.float32)
     if plan.hf_dir:
         load_hf_into_model(model, plan.hf_dir)
     elif plan.weights_dir:

@@ -37,9 +37,19 @@ class Algorithm:
         """Units (e.g. loss tokens) the loss of this micro batch sums over."""
         raise NotImplementedError
 
-    def loss_sum(self, model, micro_batch: dict) -> tuple[torch.Tensor, dict]:
-        """(sum of the per-unit losses, extra metrics as sums over units)."""
+    def forward_inputs(self, micro_batch: dict) -> dict:
+        """The model's arguments, token ids first (under PP the first stage's positional input;
+        the others go to every stage as keyword arguments)."""
         raise NotImplementedError
+
+    def loss_from_output(self, output, micro_batch: dict) -> tuple[torch.Tensor, dict]:
+        """(sum of the per-unit losses, extra metrics as sums over units) from the model's output
+        (under PP: the last stage's)."""
+        raise NotImplementedError
+
+    def loss_sum(self, model, micro_batch: dict) -> tuple[torch.Tensor, dict]:
+        inputs = self.forward_inputs(micro_batch)
+        return self.loss_from_output(model(**inputs), micro_batch)
 
 
 def _all_reduce_sum(values: list[float], group, dev) -> list[float]:
@@ -65,6 +75,7 @@ class Trainer:
                                bucket_numel=cfg.parallel.ddp_bucket_size)
         self.optimizer = optim.build_optimizer(self.dp, cfg.optim, self.device.type == "cuda")
         self.norm_weights = model.grad_norm_weights()
+        self.pipeline = self._build_pipeline() if st.pp_size > 1 else None
         self.data = algorithm.build_data(self)
         if resume_dir is not None:
             self._resume(resume_dir)
@@ -76,6 +87,14 @@ class Trainer:
         self.logger = MetricsLogger(self.output_dir, total_steps=cfg.train.steps, enabled=device.rank() == 0,
                                     run_config=cfg.to_dict(), wandb=cfg.log.wandb, tensorboard=cfg.log.tensorboard,
                                     every=cfg.log.every, name=os.path.basename(os.path.abspath(self.output_dir)))
+
+    def _build_pipeline(self):
+        from megaswift.parallel.pipeline import PipelineRunner
+
+        t = self.cfg.train
+        n_micro = t.global_batch(self.st.dp_size) // (t.micro_batch_size * self.st.dp_size)
+        return PipelineRunner(self.model.stage_modules(), self.model.num_stages, self.model.schedule, n_micro,
+                              self.st.pp_group, self.device)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _autocast(self):
@@ -97,19 +116,16 @@ class Trainer:
         lr = optim.lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         optim.set_lr(self.optimizer, lr)
         dp.zero_grad()
-        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
-        extra_acc: dict[str, float] = {}
-        for i, mb in enumerate(micro_batches):
-            dp.sync = i == len(micro_batches) - 1
-            with self._autocast():
-                loss_sum, extra = self.alg.loss_sum(self.model, mb)
-            (loss_sum / max(total_units, 1)).backward()
-            loss_acc += loss_sum.detach().double()
-            for k, v in extra.items():
-                extra_acc[k] = extra_acc.get(k, 0.0) + float(v)
-        dp.finish_grad_sync()
-        self.model.finalize_grads()
-        grad_norm = dp.grad_norm(self.norm_weights, (st.tp_group,)).item()
+        if self.pipeline is None:
+            loss_acc, extra_acc, timing = self._forward_backward(micro_batches, total_units)
+            dp.finish_grad_sync()
+            self.model.finalize_grads()
+        else:
+            loss_acc, extra_acc, timing = self._forward_backward_pipeline(micro_batches, total_units)
+            # PP: the fix-ups are sums, so they run on the local gradients first; then dp reduces
+            self.model.finalize_grads()
+            dp.finish_grad_sync()
+        grad_norm = dp.grad_norm(self.norm_weights, (st.tp_group, st.pp_group)).item()
         clip = self.cfg.optim.clip_grad
         if clip > 0 and grad_norm > clip:
             dp.scale_grads(clip / (grad_norm + 1e-6))
@@ -117,11 +133,59 @@ class Trainer:
         dp.gather_params()
         self.step += 1
         keys = sorted(extra_acc)
-        sums = _all_reduce_sum([loss_acc.item()] + [extra_acc[k] for k in keys], st.dp_cp_group, self.device)
+        sums = _all_reduce_sum([loss_acc] + [extra_acc[k] for k in keys], st.dp_cp_group, self.device)
+        if self.pipeline is not None:  # the losses live on the last stage; the others add zeros
+            sums = _all_reduce_sum(sums, st.pp_group, self.device)
         out = {"loss": sums[0] / max(total_units, 1), "grad_norm": grad_norm, "lr": lr,
                "tokens": int(total_tokens), "loss_tokens": int(total_units)}
         out.update({k: v / max(total_units, 1) for k, v in zip(keys, sums[1:])})
+        out.update(timing)
         return out
+
+    def _forward_backward(self, micro_batches, total_units):
+        """Micro batches one after another; dp reduces during the last one's backward."""
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        extra_acc: dict[str, float] = {}
+        for i, mb in enumerate(micro_batches):
+            self.dp.sync = i == len(micro_batches) - 1
+            with self._autocast():
+                loss_sum, extra = self.alg.loss_sum(self.model, mb)
+            (loss_sum / max(total_units, 1)).backward()
+            loss_acc += loss_sum.detach().double()
+            for k, v in extra.items():
+                extra_acc[k] = extra_acc.get(k, 0.0) + float(v)
+        return loss_acc.item(), extra_acc, {}
+
+    def _forward_backward_pipeline(self, micro_batches, total_units):
+        """The pipeline schedule runs every micro batch; the loss callback runs on the last stage.
+        dp reduces after the schedule: the schedule gives no hook at each stage's last backward."""
+        results: dict[int, tuple[float, dict]] = {}
+
+        def loss_of(output, i):
+            loss_sum, extra = self.alg.loss_from_output(output, micro_batches[i])
+            # torch's shape inference calls this once more for micro batch 0: keyed, not added
+            results[i] = (float(loss_sum.detach()), {k: float(v) for k, v in extra.items()})
+            return loss_sum / max(total_units, 1)
+
+        self.dp.sync = False
+        with self._autocast():
+            timing = self.pipeline.run([self.alg.forward_inputs(mb) for mb in micro_batches], loss_of)
+        loss_acc, extra_acc = 0.0, {}
+        for loss_sum, extra in results.values():
+            loss_acc += loss_sum
+            for k, v in extra.items():
+                extra_acc[k] = extra_acc.get(k, 0.0) + v
+        return loss_acc, extra_acc, self._pipeline_metrics(timing)
+
+    def _pipeline_metrics(self, timing: dict) -> dict:
+        """Compute seconds of every pp rank, and the bubble: the share of the pp ranks' wall
+        time (the slowest rank's) spent not computing."""
+        st = self.st
+        mine = torch.zeros(2 * st.pp_size, dtype=torch.float64, device=self.device)
+        mine[st.pp_rank], mine[st.pp_size + st.pp_rank] = timing["busy_s"], timing["wall_s"]
+        dist.all_reduce(mine, group=st.pp_group)
+        busy, wall = mine[: st.pp_size].tolist(), mine[st.pp_size:].tolist()
+        return {"pp_bubble": 1.0 - sum(busy) / (st.pp_size * max(wall)), "pp_stage_compute_s": busy}
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> dict:

@@ -32,10 +32,12 @@ class SFT(Algorithm):
     def count(self, micro_batch: dict) -> int:
         return int((micro_batch["labels"] != -100).sum())
 
-    def loss_sum(self, model, mb: dict):
-        per_token = model(mb["input_ids"], position_ids=mb["position_ids"], document_ids=mb.get("document_ids"),
-                          labels=mb["labels"])
-        return per_token.sum(), {}
+    def forward_inputs(self, mb: dict) -> dict:
+        return {"input_ids": mb["input_ids"], "position_ids": mb["position_ids"],
+                "document_ids": mb.get("document_ids"), "labels": mb["labels"]}
+
+    def loss_from_output(self, per_token_loss, mb: dict):
+        return per_token_loss.sum(), {}
 
 
 def run(cfg) -> dict:

@@ -1,0 +1,162 @@
+"""This rank's share of a pipeline-parallel model: one GPTModel per stage it runs.
+
+`PipelineModel` answers the same questions as a whole `GPTModel` (named parameters under their
+canonical names, shard layouts, gradient fix-ups, norm weights), so the engine, the checkpoint
+code and the HF import treat both alike. The schedule itself lives in `parallel/pipeline.py`.
+
+Tied embeddings: the first stage owns `embedding.word_embeddings` for the input and the last
+stage a copy of it for the output, under the same name (a checkpoint stores it once). When both
+stages sit on one rank (the ZBV schedule puts stage 0 and stage S-1 on pp rank 0) they share one
+Parameter. Otherwise the two copies start equal (both are loaded from the same tensor), their
+gradients are summed over the embedding group {first pp rank, last pp rank} before the
+data-parallel reduction, as Megatron's embedding group does, and equal gradients keep the copies
+equal through every AdamW step.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megaswift.parallel import pipeline_stages
+from megaswift.parallel.state import ParallelState
+from megaswift.parallel.tp_comm import gather_from_tp_region
+
+from .config import ModelConfig
+from .decoder import GPTModel
+from .sharding import ShardLayout
+
+TIED = "embedding.word_embeddings.weight"
+
+
+class PipelineModel:
+    def __init__(self, cfg: ModelConfig, st: ParallelState, *, schedule: str, vpp: int = 1,
+                 pp_layers: list[int] | None = None, dtype=None, device=None):
+        self.cfg, self.st, self.schedule = cfg, st, schedule
+        self.num_stages = pipeline_stages.num_stages(st.pp_size, vpp, schedule)
+        self.splits = pipeline_stages.split_layers(cfg.num_layers, self.num_stages, pp_layers)
+        self.stage_ids = pipeline_stages.stages_of_rank(st.pp_rank, st.pp_size, self.num_stages, schedule)
+        last = self.num_stages - 1
+        self.chunks: list[GPTModel] = [
+            GPTModel(cfg, st, dtype, device, layer_ids=self.splits[s], pre_process=s == 0, post_process=s == last)
+            for s in self.stage_ids]
+        self.has_first, self.has_last = 0 in self.stage_ids, last in self.stage_ids
+        if cfg.tie_word_embeddings and self.has_first and self.has_last:
+            self.chunks[-1].embedding = self.chunks[0].embedding  # one Parameter, gradients add up
+        # the copy of the tied embedding whose gradient comes from the other end of the pipeline
+        self.tied_copy = (cfg.tie_word_embeddings and st.pp_size > 1 and (self.has_first != self.has_last))
+
+    # -- the nn.Module questions the engine and the checkpoint code ask -----------------------------
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        seen: set[int] = set()
+        for chunk in self.chunks:
+            for name, p in chunk.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, p
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self.named_parameters())
+
+    def get_parameter(self, name: str) -> nn.Parameter:
+        return dict(self.named_parameters())[name]
+
+    def shard_layouts(self) -> dict[str, ShardLayout]:
+        out: dict[str, ShardLayout] = {}
+        for chunk in self.chunks:
+            out.update(chunk.shard_layouts())
+        return out
+
+    def set_attention_backend(self, backend: str) -> None:
+        for chunk in self.chunks:
+            chunk.set_attention_backend(backend)
+
+    def set_recompute(self, mode: str) -> None:
+        for chunk in self.chunks:
+            chunk.set_recompute(mode)
+
+    def train(self, mode: bool = True) -> "PipelineModel":
+        for chunk in self.chunks:
+            chunk.train(mode)
+        return self
+
+    def eval(self) -> "PipelineModel":
+        return self.train(False)
+
+    # -- gradients -------------------------------------------------------------------------------
+    def finalize_grads(self) -> None:
+        """TP fix-ups per chunk, then the tied-embedding sum. Every step here is a sum, so it
+        may run on the local gradients before the data-parallel reduction (the engine does that
+        under PP: with ZeRO-1 the first and last stage shard their buckets differently)."""
+        for chunk in self.chunks:
+            chunk.finalize_grads()
+        if self.cfg.tie_word_embeddings and self.st.pp_size > 1 and (self.has_first or self.has_last):
+            if not (self.has_first and self.has_last):
+                dist.all_reduce(self.get_parameter(TIED).grad, group=self.st.embedding_group)
+
+    def grad_norm_weights(self) -> dict[nn.Parameter, float | torch.Tensor]:
+        """As GPTModel's; the last stage's copy of a tied embedding counts 0, so the norm summed
+        over pp counts its elements once (the first stage's copy holds the same gradient)."""
+        out: dict[nn.Parameter, float | torch.Tensor] = {}
+        for chunk in self.chunks:
+            out.update(chunk.grad_norm_weights())
+        if self.tied_copy and self.has_last:
+            out[self.get_parameter(TIED)] = 0.0
+        return out
+
+    # -- stage modules for torch.distributed.pipelining ------------------------------------------
+    def stage_modules(self) -> list[tuple[int, nn.Module]]:
+        return [(s, StageModule(chunk)) for s, chunk in zip(self.stage_ids, self.chunks)]
+
+    def owner(self, stage: int) -> int:
+        """The pp rank that runs `stage`."""
+        for r in range(self.st.pp_size):
+            if stage in pipeline_stages.stages_of_rank(r, self.st.pp_size, self.num_stages, self.schedule):
+                return r
+        raise ValueError(stage)
+
+    @torch.no_grad()
+    def forward_logits(self, input_ids: torch.Tensor, position_ids=None) -> torch.Tensor | None:
+        """Inference without a schedule: the stages run one after another, hidden states sent
+        point to point over the pp group. Full-vocab logits [b, s, vocab] on the ranks of the
+        last stage, None elsewhere. For `megaswift verify` and evaluation, not for training."""
+        st, cfg = self.st, self.cfg
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        local = dict(zip(self.stage_ids, self.chunks))
+        ranks = st.group_ranks["pp"]
+        seq = s // st.tp_size if st.sp else s
+        h = None
+        for stage in range(self.num_stages):
+            me, prev = self.owner(stage), self.owner(stage - 1) if stage else None
+            if stage and me == st.pp_rank and prev != st.pp_rank:
+                h = torch.empty(b, seq, cfg.hidden_size, dtype=self._dtype(), device=input_ids.device)
+                dist.recv(h, src=ranks[prev], group=st.pp_group)
+            elif stage and prev == st.pp_rank and me != st.pp_rank:
+                dist.send(h.contiguous(), dst=ranks[me], group=st.pp_group)
+            if me == st.pp_rank:
+                h = local[stage](input_ids, position_ids=position_ids, hidden_states=h)
+        if not self.has_last:
+            return None
+        return gather_from_tp_region(h, st.tp_group, dim=-1)[..., : cfg.vocab_size]
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class StageModule(nn.Module):
+    """What a PipelineStage runs: the first stage takes token ids, the others the hidden states
+    of the stage before; position/document ids and labels come to every stage as keyword
+    arguments (each stage's attention needs them; only the last uses the labels)."""
+
+    def __init__(self, chunk: GPTModel):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, x, position_ids, document_ids=None, labels=None):
+        if self.chunk.pre_process:
+            return self.chunk(x, position_ids=position_ids, document_ids=document_ids, labels=labels)
+        return self.chunk(None, position_ids=position_ids, document_ids=document_ids, labels=labels, hidden_states=x)
