@@ -45,11 +45,29 @@ def test_import_tp2_export_is_bitwise_and_loads_in_transformers(tiny_hf, tmp_pat
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
 
 
+def test_import_pp2_export_is_bitwise(tiny_hf, tmp_path):
+    """Two pipeline stages each save their layers; qwen2 ties the embeddings, which both the first
+    and the last stage carry and the checkpoint must hold once."""
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "export")
+    megaswift("launch", "--nproc-per-node", "2", "--", "import-hf", tiny_hf["qwen2"], ckpt, "--parallel.pp", "2")
+    megaswift("export-hf", ckpt, out)
+    src, dst = tensors(tiny_hf["qwen2"]), tensors(out)
+    assert set(src) == set(dst)
+    for k in src:
+        assert torch.equal(src[k], dst[k]), k
+
+
+VERIFY_LAYOUTS = {"tp2_sp": (2, ["--parallel.tp", "2", "--parallel.sp", "true"]),
+                  "tp2_pp2": (4, ["--parallel.tp", "2", "--parallel.pp", "2"])}
+
+
+@pytest.mark.parametrize("layout", list(VERIFY_LAYOUTS))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_verify_passes_at_tp2(tiny_hf, family):
-    proc = megaswift("launch", "--nproc-per-node", "2", "--", "verify", tiny_hf[family], "--parallel.tp", "2",
-                     "--parallel.sp", "true")
+def test_verify_passes(tiny_hf, family, layout):
+    nproc, flags = VERIFY_LAYOUTS[layout]
+    proc = megaswift("launch", "--nproc-per-node", str(nproc), "--", "verify", tiny_hf[family], *flags)
     assert "PASS" in proc.stdout, proc.stdout
+    assert f"pp={2 if 'pp2' in layout else 1}" in proc.stdout
 
 
 def test_verify_fails_with_exit_1_on_wrong_weights(tiny_hf, tmp_path):
