@@ -17,6 +17,7 @@ What this module adds:
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -57,15 +58,20 @@ class PipelineRunner:
             self.schedule = MULTI_STAGE[schedule](self.stages, n_microbatches, loss_fn=self._loss, scale_grads=False)
         self._loss_of: Callable[[torch.Tensor, int], torch.Tensor] | None = None
         self.busy_s = 0.0
+        self.steps_run = 0
+        self.pp_rank = self.stages[0].group_rank
+        self._fault = _test_fault()
         for stage in self.stages:
             for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
                 if hasattr(stage, name):
-                    setattr(stage, name, self._timed(getattr(stage, name)))
+                    setattr(stage, name, self._timed(getattr(stage, name), stage.stage_index))
 
-    def _timed(self, fn):
+    def _timed(self, fn, stage_index: int):
         from megaswift.device import synchronize
 
         def timed(*args, **kwargs):
+            if self._fault and self._fault[:2] == (stage_index, self.steps_run + 1):
+                _trigger(self._fault[2], stage_index)
             synchronize()
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
@@ -93,6 +99,34 @@ class PipelineRunner:
         t0 = time.perf_counter()
         try:
             self.schedule.step(whole[first], target=target, return_outputs=False, **{k: whole[k] for k in rest})
+        except Exception as e:
+            stages = [s.stage_index for s in self.stages]
+            raise PipelineFailure(
+                f"pipeline step {self.steps_run + 1} failed on pp rank {self.pp_rank} (stages {stages}): "
+                f"{type(e).__name__}: {e}\nIf a neighbouring stage failed or died first, its log has the cause; "
+                f"a peer that stops answering ends the job after parallel.timeout_s.") from e
         finally:
             self._loss_of = None
+        self.steps_run += 1
         return {"busy_s": self.busy_s, "wall_s": time.perf_counter() - t0}
+
+
+class PipelineFailure(RuntimeError):
+    """A pipeline step did not complete on this rank: its own stage raised, or a peer stage
+    failed, died or timed out (the cause chained below)."""
+
+
+def _test_fault() -> tuple[int, int, str] | None:
+    """MEGASWIFT_TEST_PP_FAULT=STAGE:STEP:raise|exit makes that stage raise (or the process exit
+    at once, as a crash would) in its first compute of that step; the failure tests use it."""
+    spec = os.environ.get("MEGASWIFT_TEST_PP_FAULT")
+    if not spec:
+        return None
+    stage, step, mode = spec.split(":")
+    return int(stage), int(step), mode
+
+
+def _trigger(mode: str, stage_index: int) -> None:
+    if mode == "exit":
+        os._exit(13)
+    raise RuntimeError(f"injected fault in stage {stage_index} (MEGASWIFT_TEST_PP_FAULT)")

@@ -86,6 +86,8 @@ class MetricsLogger:
                  f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s"]
         if m.get("mfu") is not None:
             parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        if m.get("pp_bubble") is not None:
+            parts.append(f"bubble {100 * m['pp_bubble']:.0f}%")
         parts.append(f"mem {m['peak_mem_gb']:.2f} GB")
         return "  ".join(parts)
 
@@ -97,10 +99,12 @@ class MetricsLogger:
         timed = h[1:] or h  # the first step pays for warm-up (allocations, first collectives)
         tok_s = sum(m["tokens"] for m in timed) / max(1e-9, sum(m["step_time_s"] for m in timed))
         mfus = [m["mfu"] for m in timed if m.get("mfu") is not None]
+        bubbles = [m["pp_bubble"] for m in timed if m.get("pp_bubble") is not None]
         return {"steps": len(h), "first_loss": h[0]["loss"], "last_loss": h[-1]["loss"],
                 "min_loss": min(m["loss"] for m in h if not math.isnan(m["loss"])) if h else None,
                 "tokens": sum(m["tokens"] for m in h), "tokens_per_s": tok_s,
-                "mfu": sum(mfus) / len(mfus) if mfus else None, "elapsed_s": h[-1]["elapsed_s"],
+                "mfu": sum(mfus) / len(mfus) if mfus else None,
+                "pp_bubble": sum(bubbles) / len(bubbles) if bubbles else None, "elapsed_s": h[-1]["elapsed_s"],
                 "peak_mem_gb": max(m["peak_mem_gb"] for m in h)}
 
     def close(self) -> None:
@@ -146,10 +150,13 @@ def format_summary(algorithm: str, s: dict, cfg) -> str:
     mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a (peak FLOP/s of this device unknown)"
     lines = [
         f"megaswift {algorithm}: {s['steps']} steps in {s['elapsed_s']:.1f} s",
-        f"  layout      tp={p.tp} pp={p.pp} cp={p.cp} sp={p.sp} zero={cfg.optim.zero} recompute={cfg.train.recompute}",
+        f"  layout      tp={p.tp} pp={p.pp} cp={p.cp} sp={p.sp} zero={cfg.optim.zero} recompute={cfg.train.recompute}"
+        + (f" pp_schedule={p.pp_schedule} vpp={p.vpp}" if p.pp > 1 else ""),
         f"  loss        {s['first_loss']:.4f} -> {s['last_loss']:.4f} (min {s['min_loss']:.4f})",
         f"  tokens      {s['tokens']:,} at {s['tokens_per_s']:,.0f} tokens/s (steps after the first)",
         f"  MFU         {mfu}",
+        *([f"  pp bubble   {100 * s['pp_bubble']:.1f}% of the pp ranks' time spent waiting"]
+          if s.get("pp_bubble") is not None else []),
         f"  peak memory {s['peak_mem_gb']:.2f} GB (rank 0)",
         f"  metrics     {os.path.join(cfg.train.output_dir, 'metrics.jsonl')}",
     ]

@@ -1,0 +1,74 @@
+"""A pipeline stage that raises or dies ends every rank with a clear message, never a silent hang.
+
+Under `megaswift launch` torchrun's agent stops the other ranks as soon as one fails. Without an
+agent (each rank started on its own, as `srun` does) the surviving rank finds out from the
+process group: the broken connection, or at the latest parallel.timeout_s. The stage fails in
+the middle of step 2 (MEGASWIFT_TEST_PP_FAULT), while its peer waits on it.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from helpers_train import train_config, write_chat_data
+from megaswift.testing.dist import free_port
+
+TIMEOUT_S = 30  # parallel.timeout_s of these runs
+SLACK_S = 60  # process start-up, tokenizing, step 1
+
+
+@pytest.fixture(scope="module")
+def config(tiny_hf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppfail")
+    data = write_chat_data(str(root / "train.jsonl"))
+    cfg = train_config(tiny_hf["llama"], data, str(root / "out"), parallel__pp=2, parallel__timeout_s=TIMEOUT_S,
+                       train__steps=4).to_dict()
+    path = str(root / "sft.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def _env(fault):
+    return {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore", "MEGASWIFT_TEST_PP_FAULT": fault}
+
+
+@pytest.mark.parametrize("fault", ["1:2:raise", "1:2:exit", "0:2:exit"])
+def test_launch_ends_every_rank(config, fault):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", "2", "--", "train", "sft",
+                           "--config", config], env=_env(fault), capture_output=True, text=True,
+                          timeout=TIMEOUT_S + SLACK_S)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log
+    assert time.monotonic() - start < TIMEOUT_S + SLACK_S
+    if fault.endswith("raise"):
+        assert "PipelineFailure: pipeline step 2 failed on pp rank 1" in log, log
+        assert "injected fault in stage 1" in log, log
+    else:
+        assert proc.returncode == 13, log  # the dead rank's own exit code, not the agent's
+        assert "exitcode" in log and "13" in log, log
+
+
+def test_without_an_agent_the_survivor_ends(config):
+    """Rank 0 (stage 0) dies mid step 2; rank 1 waits for its activations and must not hang."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**_env("0:2:exit"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "megaswift", "train", "sft", "--config", config],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    start = time.monotonic()
+    try:
+        log = procs[1].communicate(timeout=TIMEOUT_S + SLACK_S)[0]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].wait() == 13
+    assert procs[1].returncode != 0, log
+    assert time.monotonic() - start < TIMEOUT_S + SLACK_S
+    assert "PipelineFailure: pipeline step 2 failed on pp rank 1 (stages [1])" in log, log
