@@ -94,7 +94,7 @@ class Trainer:
         t = self.cfg.train
         n_micro = t.global_batch(self.st.dp_size) // (t.micro_batch_size * self.st.dp_size)
         return PipelineRunner(self.model.stage_modules(), self.model.num_stages, self.model.schedule, n_micro,
-                              self.st.pp_group, self.device)
+                              self.st.pp_group, self.device, timeout_s=self.cfg.parallel.timeout_s)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _autocast(self):

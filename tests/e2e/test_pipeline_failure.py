@@ -6,6 +6,7 @@ process group: the broken connection, or at the latest parallel.timeout_s. The s
 the middle of step 2 (MEGASWIFT_TEST_PP_FAULT), while its peer waits on it.
 """
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,18 +37,28 @@ def _env(fault):
     return {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore", "MEGASWIFT_TEST_PP_FAULT": fault}
 
 
-@pytest.mark.parametrize("fault", ["1:2:raise", "1:2:exit", "0:2:exit"])
+@pytest.mark.parametrize("fault", ["1:2:raise", "1:2:exit", "0:2:exit", "1:2:hang"])
 def test_launch_ends_every_rank(config, fault):
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", "2", "--", "train", "sft",
-                           "--config", config], env=_env(fault), capture_output=True, text=True,
-                          timeout=TIMEOUT_S + SLACK_S)
-    log = proc.stdout + proc.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", "2", "--", "train",
+                             "sft", "--config", config], env=_env(fault), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log = proc.communicate(timeout=TIMEOUT_S + SLACK_S)[0]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # a hung rank would outlive a killed launcher
+        except ProcessLookupError:
+            pass  # everything has exited
     assert proc.returncode != 0, log
     assert time.monotonic() - start < TIMEOUT_S + SLACK_S
     if fault.endswith("raise"):
         assert "PipelineFailure: pipeline step 2 failed on pp rank 1" in log, log
         assert "injected fault in stage 1" in log, log
+    elif fault.endswith("hang"):  # the waiting rank's watchdog gives up after parallel.timeout_s
+        assert f"pipeline step 2 on pp rank 0 (stages [0]) has waited more than parallel.timeout_s={TIMEOUT_S}" \
+            in log, log
+        assert time.monotonic() - start > TIMEOUT_S
     else:
         assert proc.returncode == 13, log  # the dead rank's own exit code, not the agent's
         assert "exitcode" in log and "13" in log, log
