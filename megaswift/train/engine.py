@@ -185,7 +185,8 @@ class Trainer:
         mine[st.pp_rank], mine[st.pp_size + st.pp_rank] = timing["busy_s"], timing["wall_s"]
         dist.all_reduce(mine, group=st.pp_group)
         busy, wall = mine[: st.pp_size].tolist(), mine[st.pp_size:].tolist()
-        return {"pp_bubble": 1.0 - sum(busy) / (st.pp_size * max(wall)), "pp_stage_compute_s": busy}
+        return {"pp_bubble": 1.0 - sum(busy) / (st.pp_size * max(wall)), "pp_stage_compute_s": busy,
+                "pp_schedule_s": max(wall)}
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> dict:
