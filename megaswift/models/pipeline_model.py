@@ -127,7 +127,7 @@ class PipelineModel:
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         local = dict(zip(self.stage_ids, self.chunks))
-        ranks = st.group_ranks["pp"]
+        ranks = st.group_ranks.get("pp", [st.rank])
         seq = s // st.tp_size if st.sp else s
         h = None
         for stage in range(self.num_stages):

@@ -79,3 +79,15 @@ def test_export_of_pp2_checkpoint_equals_pp1_export(straight, deep_hf, data, tmp
     export_hf(step3, str(tmp_path / "hf_pp2"))
     export_hf(os.path.join(resaved, "checkpoints", "step_3"), str(tmp_path / "hf_pp1"))
     _same_files(str(tmp_path / "hf_pp2"), str(tmp_path / "hf_pp1"))
+
+
+def test_zero1_pipeline_checkpoint_resumes_elsewhere(straight, deep_hf, data, tmp_path):
+    """Saved at pp=2 x dp=2 with ZeRO-1 (each stage's optimizer state sharded over its dp group),
+    resumed in one process: steps 4-6 match the straight pp=2 run."""
+    _, want = straight
+    first = str(tmp_path / "zero")
+    run_distributed(run_train, 4, deep_hf["qwen2"], data, first, train__steps=3, optim__zero=1,
+                    parallel__ddp_bucket_size=30000, **PP2)
+    got = run_train(0, 1, deep_hf["qwen2"], data, str(tmp_path / "one"), train__steps=6,
+                    checkpoint__load=os.path.join(first, "checkpoints", "step_3"))
+    np.testing.assert_allclose(_losses(got, (4, 5, 6)), _losses(want, (4, 5, 6)), rtol=1e-5)

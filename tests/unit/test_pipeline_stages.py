@@ -45,3 +45,40 @@ def test_interleaved_and_v_shapes():
     assert stages_of_rank(1, 2, 6, "interleaved") == [1, 3, 5]
     assert stages_of_rank(0, 4, 8, "zbv") == [0, 7]  # first and last stage on rank 0
     assert stages_of_rank(3, 4, 8, "zbv") == [3, 4]
+
+
+def test_micro_batch_counts_the_schedules_accept():
+    from megaswift.parallel.pipeline import check_microbatches
+
+    check_microbatches("1f1b", 4, 4)
+    check_microbatches("interleaved", 4, 10)  # two rounds of 5
+    check_microbatches("gpipe", 4, 1)
+    with pytest.raises(LayoutError, match="at least pp = 4 micro batches per step, got 3"):
+        check_microbatches("1f1b", 4, 3)
+    with pytest.raises(LayoutError, match=r"\(9\) to be a multiple of 2"):
+        check_microbatches("zbv", 4, 9)
+
+
+def test_training_plan_refuses_bad_pipelines(tiny_hf, tmp_path):
+    """The checks `megaswift launch` runs before any process starts (the tiny models have 2 layers)."""
+    from megaswift.config import load_config
+    from megaswift.train.build import plan_training
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+
+    def plan(world, **parallel):
+        args = [f"--parallel.{k}={v}" for k, v in parallel.items()]
+        base = {"model": {"hf_path": tiny_hf["llama"]}, "data": {"path": str(data)},
+                "train": {"micro_batch_size": 1, "global_batch_size": 2}}
+        return plan_training(load_config(None, args, base=base), world)
+
+    assert plan(2, pp=2).layout.pp == 2
+    with pytest.raises(LayoutError, match=r"num_layers \(2\) is smaller than the 4 pipeline stages"):
+        plan(2, pp=2, pp_schedule="zbv")
+    with pytest.raises(LayoutError, match=r"pp_layers=\[1, 2\] sums to 3, but the model has 2"):
+        plan(2, pp=2, pp_layers="[1,2]")
+    with pytest.raises(LayoutError, match="need parallel.pp > 1"):
+        plan(1, vpp=2)
+    with pytest.raises(LayoutError, match="at least pp = 2 micro batches per step, got 1"):
+        plan(4, pp=2)  # dp=2: global batch 2 leaves one micro batch per dp rank
