@@ -5,6 +5,11 @@ An algorithm supplies the data (an object with `next_global_batch()`, `state_dic
 The engine divides every micro batch's loss by the units of the whole global batch (all micro
 batches, all dp ranks), so the result does not depend on the layout or on gradient accumulation,
 then reduces gradients over dp (SUM), clips by the global norm and steps AdamW.
+
+Under pipeline parallelism the model is this rank's stages (a PipelineModel) and the micro
+batches go through a torch.distributed.pipelining schedule instead of a plain loop; the
+algorithm's `loss_from_output` then runs on the last stage, and the loss and metrics are summed
+over the pp group, where the other stages contribute zeros.
 """
 from __future__ import annotations
 
