@@ -26,9 +26,10 @@ class Layout:
     ep: int = 1
     etp: int = 1
     sp: bool = False
+    ulysses: int = 1  # Ulysses degree inside cp (cp_comm ulysses: cp; hybrid: parallel.ulysses; ring: 1)
 
     def __post_init__(self):
-        for name in ("world_size", "tp", "pp", "cp", "ep", "etp"):
+        for name in ("world_size", "tp", "pp", "cp", "ep", "etp", "ulysses"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise LayoutError(f"parallel.{name} must be a positive integer, got {v!r}")
@@ -39,6 +40,9 @@ class Layout:
                 f" = {model_parallel}; use a world size that is a multiple of {model_parallel}"
                 " or change parallel.tp/pp/cp"
             )
+        if self.cp % self.ulysses:
+            raise LayoutError(f"parallel.ulysses ({self.ulysses}) must divide cp ({self.cp}): the cp group is "
+                              f"ulysses x ring ranks")
         per_stage = self.world_size // self.pp
         if per_stage % (self.ep * self.etp):
             raise LayoutError(
@@ -85,7 +89,13 @@ class Layout:
             raise LayoutError(f"num_layers ({cfg.num_layers}) is smaller than pp ({self.pp})")
 
     def check_seq_len(self, seq_len: int) -> None:
-        """Sequence parallelism shards the sequence over tp ranks outside attention and MLP."""
+        """Sequence parallelism shards the sequence over tp ranks outside attention and MLP;
+        context parallelism cuts it into 2 x cp chunks (two per rank, for causal balance)."""
+        if self.cp > 1 and seq_len % (2 * self.cp * (self.tp if self.sp else 1)):
+            m = 2 * self.cp * (self.tp if self.sp else 1)
+            raise LayoutError(f"sequence length {seq_len} is not divisible by 2 x cp ({self.cp})"
+                              f"{f' x tp ({self.tp}) under sp' if self.sp and self.tp > 1 else ''} = {m}; "
+                              f"use a multiple of {m}")
         if self.sp and self.tp > 1 and seq_len % self.tp:
             raise LayoutError(
                 f"sequence length {seq_len} is not divisible by tp ({self.tp}), which"

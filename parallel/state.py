@@ -38,6 +38,8 @@ class ParallelState:
     pp_group: object = None
     dp_cp_group: object = None  # gradients of dense weights are reduced over dp x cp
     embedding_group: object = None  # first and last pp rank: tied embedding gradients are summed here
+    cp_ulysses_group: object = None  # inside cp: the ranks that trade sequence for heads (all-to-all)
+    cp_ring_group: object = None  # inside cp: the ranks that pass K/V blocks around a ring
     ep_group: object = None
     etp_group: object = None
     edp_group: object = None  # gradients of expert weights are reduced over expert-dp
@@ -113,6 +115,11 @@ class ParallelState:
         # Each list enumerates every slice along one named dimension of the grid.
         make("tp", [dense[i, j, k, :] for i in range(L.pp) for j in range(L.dp) for k in range(L.cp)])
         make("cp", [dense[i, j, :, k] for i in range(L.pp) for j in range(L.dp) for k in range(L.tp)])
+        if L.cp > 1:  # cp rank c = ring index * ulysses + ulysses index
+            cps = [dense[i, j, :, k].view(L.cp // L.ulysses, L.ulysses)
+                   for i in range(L.pp) for j in range(L.dp) for k in range(L.tp)]
+            make("cp_ulysses", [c[r, :] for c in cps for r in range(L.cp // L.ulysses)])
+            make("cp_ring", [c[:, u] for c in cps for u in range(L.ulysses)])
         make("dp", [dense[i, :, j, k] for i in range(L.pp) for j in range(L.cp) for k in range(L.tp)])
         make("pp", [dense[:, i, j, k] for i in range(L.dp) for j in range(L.cp) for k in range(L.tp)])
         if L.pp > 1:
