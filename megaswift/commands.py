@@ -24,10 +24,14 @@ def hf_model_config(hf_dir: str, cfg):
 def plan_layout(cfg, world_size: int, model_cfg=None) -> Layout:
     """Every check that needs no process group: run before torchrun starts anything."""
     p = cfg.parallel
-    layout = Layout(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp)
-    for name in ("cp", "ep"):
-        if getattr(p, name) > 1:
-            raise LayoutError(f"parallel.{name}={getattr(p, name)} is not supported by this command yet; use 1")
+    ulysses = {"ring": 1, "ulysses": p.cp, "hybrid": p.ulysses}[p.cp_comm]
+    if p.cp_comm == "hybrid" and p.cp > 1 and not 1 < p.ulysses < p.cp:
+        raise LayoutError(f"cp_comm hybrid runs parallel.ulysses ranks inside a ring: need 1 < ulysses < cp, got "
+                          f"ulysses={p.ulysses}, cp={p.cp} (use cp_comm ring or ulysses for the ends)")
+    layout = Layout(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp,
+                    ulysses=ulysses if p.cp > 1 else 1)
+    if p.ep > 1:
+        raise LayoutError(f"parallel.ep={p.ep} is not supported by this command yet; use 1")
     if p.pp == 1 and (p.vpp > 1 or p.pp_layers):
         raise LayoutError(f"parallel.vpp={p.vpp} / parallel.pp_layers={p.pp_layers} need parallel.pp > 1")
     stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1

@@ -85,6 +85,14 @@ class Layout:
             raise LayoutError(
                 f"ffn_hidden_size / intermediate_size ({cfg.ffn_hidden_size}) is not divisible by tp ({tp})"
             )
+        if self.ulysses > 1:  # Ulysses splits each tp rank's heads once more
+            q_local, kv_local = cfg.num_attention_heads // tp, max(1, kv // tp)
+            if q_local % self.ulysses:
+                raise LayoutError(f"Ulysses degree {self.ulysses} does not divide the {q_local} attention heads per "
+                                  f"tp rank ({cfg.num_attention_heads} heads / tp {tp})")
+            if kv_local % self.ulysses and self.ulysses % kv_local:
+                raise LayoutError(f"Ulysses degree {self.ulysses} and the {kv_local} KV heads per tp rank must "
+                                  f"divide one another")
         if cfg.num_layers < self.pp:
             raise LayoutError(f"num_layers ({cfg.num_layers}) is smaller than pp ({self.pp})")
 

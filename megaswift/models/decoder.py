@@ -41,12 +41,12 @@ class TransformerBlock(nn.Module):
         if final_norm and st.sp:
             mark_tp_partial_grad(self.final_layernorm.weight)
 
-    def forward(self, x, cos, sin, document_ids=None):
+    def forward(self, x, cos, sin, document_ids=None, cp_index=None):
         for layer in self.layers.values():
             if self.recompute_layers and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, document_ids, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, document_ids, cp_index, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, document_ids)
+                x = layer(x, cos, sin, document_ids, cp_index)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
 
 
@@ -76,7 +76,8 @@ class GPTModel(nn.Module):
                                                      sequence_parallel=st.sp, dtype=dtype, device=device)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids, position_ids=None, document_ids=None, labels=None, hidden_states=None):
+    def forward(self, input_ids, position_ids=None, document_ids=None, labels=None, hidden_states=None,
+                cp_index=None):
         """input_ids [b, s] -> vocab-parallel logits [b, s, padded_vocab/tp] (padded columns -inf),
         or, with labels [b, s] (-100 = ignore), the per-token loss [b, s] in fp32.
 
@@ -85,13 +86,17 @@ class GPTModel(nn.Module):
 
         A pipeline stage without `pre_process` takes the previous stage's `hidden_states`
         instead of embedding the tokens; one without `post_process` returns its hidden states.
+
+        Under context parallelism (parallel/context_parallel.py) the tensors hold this cp rank's
+        tokens, `cp_index` [b, cp, s_local] says where every cp rank's tokens sit in the padded
+        row, and `document_ids` is that whole padded row's [b, S'].
         """
         if position_ids is None:
             b, s = input_ids.shape
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         x = self.embedding(input_ids) if self.pre_process else hidden_states  # [b, s(/tp under SP), h]
         cos, sin = self.rotary(position_ids, x.dtype)
-        x = self.decoder(x, cos, sin, document_ids)
+        x = self.decoder(x, cos, sin, document_ids, cp_index)
         if not self.post_process:
             return x
         logits = self._output(x)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megaswift.kernels.attention import attention
+from megaswift.parallel.context_parallel import context_parallel_attention
 from megaswift.parallel.state import ParallelState
 from megaswift.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, mark_tp_partial_grad
 
@@ -44,6 +45,7 @@ class SelfAttention(nn.Module):
         self.window = cfg.window_for_layer(layer_idx)
         self.backend = "auto"
         self.recompute_core = False  # model.set_recompute("selective")
+        self.cp_groups = (st.cp_ulysses_group, st.cp_ring_group)
         qkv_rows = shard_layout("linear_qkv.weight", cfg, tp, st.tp_rank).local_shape[0]
         self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, qkv_rows, tp_group=st.tp_group, bias=cfg.add_qkv_bias,
                                                sequence_parallel=st.sp, dtype=dtype, device=device)
@@ -58,7 +60,7 @@ class SelfAttention(nn.Module):
         self.linear_proj = RowParallelLinear(self.n_q * self.hd, cfg.hidden_size, tp_group=st.tp_group,
                                              bias=cfg.add_proj_bias, sequence_parallel=st.sp, dtype=dtype, device=device)
 
-    def forward(self, x, cos, sin, document_ids=None):
+    def forward(self, x, cos, sin, document_ids=None, cp_index=None):
         qkv = self.linear_qkv(x)  # [b, s, n_kv * (q_per_kv + 2) * hd], full sequence
         b, s, _ = qkv.shape
         q_per_kv = self.n_q // self.n_kv
@@ -69,12 +71,17 @@ class SelfAttention(nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.recompute_core and torch.is_grad_enabled():
-            out = checkpoint(self._core, q, k, v, document_ids, use_reentrant=False)
+            out = checkpoint(self._core, q, k, v, document_ids, cp_index, use_reentrant=False)
         else:
-            out = self._core(q, k, v, document_ids)
+            out = self._core(q, k, v, document_ids, cp_index)
         return self.linear_proj(out.reshape(b, s, self.n_q * self.hd))
 
-    def _core(self, q, k, v, document_ids):
+    def _core(self, q, k, v, document_ids, cp_index=None):
+        if cp_index is not None:
+            ulysses, ring = self.cp_groups
+            return context_parallel_attention(q, k, v, cp_index=cp_index, document_ids=document_ids,
+                                              window=self.window, backend=self.backend, ulysses_group=ulysses,
+                                              ring_group=ring)
         out, _ = attention(q, k, v, causal=True, document_ids=document_ids, window=self.window, backend=self.backend)
         return out
 
@@ -106,6 +113,6 @@ class TransformerLayer(nn.Module):
             mark_tp_partial_grad(self.input_layernorm.weight)
             mark_tp_partial_grad(self.pre_mlp_layernorm.weight)
 
-    def forward(self, x, cos, sin, document_ids=None):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, document_ids)
+    def forward(self, x, cos, sin, document_ids=None, cp_index=None):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, document_ids, cp_index)
         return x + self.mlp(self.pre_mlp_layernorm(x))

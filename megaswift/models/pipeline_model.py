@@ -156,7 +156,8 @@ class StageModule(nn.Module):
         super().__init__()
         self.chunk = chunk
 
-    def forward(self, x, position_ids, document_ids=None, labels=None):
+    def forward(self, x, position_ids, document_ids=None, labels=None, cp_index=None):
+        kw = dict(position_ids=position_ids, document_ids=document_ids, labels=labels, cp_index=cp_index)
         if self.chunk.pre_process:
-            return self.chunk(x, position_ids=position_ids, document_ids=document_ids, labels=labels)
-        return self.chunk(None, position_ids=position_ids, document_ids=document_ids, labels=labels, hidden_states=x)
+            return self.chunk(x, **kw)
+        return self.chunk(None, hidden_states=x, **kw)

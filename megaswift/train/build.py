@@ -54,6 +54,9 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
     if gbs % (t.micro_batch_size * layout.dp):
         raise ConfigError(f"train.global_batch_size={gbs} must be a multiple of micro_batch_size x dp = "
                           f"{t.micro_batch_size} x {layout.dp} = {t.micro_batch_size * layout.dp}")
+    if layout.pp > 1 and layout.cp > 1 and cfg.data.packing:
+        raise ConfigError("data.packing with both pp > 1 and cp > 1 is not supported yet: the pipeline needs one "
+                          "shape per step, and cp pads each packed document; turn packing off or use pp or cp alone")
     if layout.pp > 1:
         from megaswift.parallel.pipeline import check_microbatches
 

@@ -113,11 +113,14 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         """Forward/backward over this rank's micro batches, gradient reduction, clipping, step."""
         st, dp = self.st, self.dp
+        local_tokens = sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro_batches)
+        if st.cp_size > 1:  # each cp rank keeps its zigzag share of every row
+            micro_batches = [self._cp_shard(mb) for mb in micro_batches]
         micro_batches = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
                          for mb in micro_batches]
-        local_units = sum(self.alg.count(mb) for mb in micro_batches)
-        local_tokens = sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro_batches)
+        local_units = sum(self.alg.count(mb) for mb in micro_batches)  # a cp shard counts its own tokens
         total_units, total_tokens = _all_reduce_sum([local_units, local_tokens], st.dp_cp_group, self.device)
+        total_tokens /= st.cp_size  # every cp rank counted the whole micro batches
         lr = optim.lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         optim.set_lr(self.optimizer, lr)
         dp.zero_grad()
@@ -142,10 +145,16 @@ class Trainer:
         if self.pipeline is not None:  # the losses live on the last stage; the others add zeros
             sums = _all_reduce_sum(sums, st.pp_group, self.device)
         out = {"loss": sums[0] / max(total_units, 1), "grad_norm": grad_norm, "lr": lr,
-               "tokens": int(total_tokens), "loss_tokens": int(total_units)}
+               "tokens": int(round(total_tokens)), "loss_tokens": int(total_units)}
         out.update({k: v / max(total_units, 1) for k, v in zip(keys, sums[1:])})
         out.update(timing)
         return out
+
+    def _cp_shard(self, mb: dict) -> dict:
+        from megaswift.parallel.context_parallel import shard_batch
+
+        st = self.st
+        return shard_batch(mb, st.cp_size, st.cp_rank, multiple=2 * st.cp_size * (st.tp_size if st.sp else 1))
 
     def _forward_backward(self, micro_batches, total_units):
         """Micro batches one after another; dp reduces during the last one's backward."""
