@@ -261,18 +261,10 @@ class _RingAttention(torch.autograd.Function):
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             mask = masks(t)
             if mask is not None:
-                qq, kk, vv = (x.detach().requires_grad_() for x in (q, kv[0], kv[1]))
-                with torch.enable_grad():
-                    o, l = attention(qq, kk, vv, causal=False, mask=mask, scale=ctx.scale, backend=ctx.backend)
-                    # out = sum_j w_j o_j with w_j = exp(lse_j - lse): dL/do_j = w_j dout and
-                    # dL/dlse_j = w_j (dout . (o_j - out))
-                    w = torch.exp(l.detach() - lse_safe)  # [b, h, s]
-                    w_rows = w.transpose(1, 2)[..., None]
-                    g_out = (w_rows * dout).to(o.dtype)
-                    g_lse = w * (dout * (o.detach().float() - out)).sum(-1).transpose(1, 2)
-                    torch.autograd.backward([o, l], [g_out, g_lse])
-                dq += qq.grad.float()
-                dkv = torch.stack([kk.grad.float(), vv.grad.float()])
+                dq_b, dk_b, dv_b = _block_backward(q, kv[0], kv[1], mask, out, lse_safe, dout, ctx.scale,
+                                                   ctx.backend)
+                dq += dq_b
+                dkv = torch.stack([dk_b, dv_b])
             if dkv_in is not None:
                 (incoming,) = dkv_in.wait()
                 dkv = dkv + incoming
@@ -283,6 +275,31 @@ class _RingAttention(torch.autograd.Function):
             (dkv_done,) = ring.shift([dkv_done], tag=2).wait()
         return (dq.to(q.dtype), dkv_done[0].to(k.dtype), dkv_done[1].to(v.dtype),
                 None, None, None, None, None, None, None)
+
+
+def _block_backward(q, k, v, mask, out, lse, dout, scale, backend):
+    """This block's share of dq and its dk, dv, in fp32.
+
+    With the softmax over all blocks P_ij = exp(s_ij - lse_i) (lse of the union), a block's
+    gradients are flash attention's backward run on that block with the union's out and lse:
+    dv_j = sum_i P_ij do_i, ds = P (do v^T - rowsum(do * out)), dq = scale ds k, dk = scale ds^T q.
+    On CPU with the sdpa backend that is one fused kernel call. Otherwise the block is recomputed
+    with autograd: out = sum_j w_j o_j with w_j = exp(lse_j - lse), so dL/do_j = w_j dout and
+    dL/dlse_j = w_j (dout . (o_j - out))."""
+    if q.device.type == "cpu" and backend in ("sdpa", "auto"):
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -math.inf)[:, None]
+        t = lambda x: x.transpose(1, 2)  # noqa: E731 - [b, s, h, d] <-> [b, h, s, d]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            t(dout.to(q.dtype)), t(q), t(k), t(v), t(out.to(q.dtype)), lse, 0.0, False, attn_mask=bias, scale=scale)
+        return t(dq).float(), t(dk).float(), t(dv).float()
+    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+    with torch.enable_grad():
+        o, l = attention(qq, kk, vv, causal=False, mask=mask, scale=scale, backend=backend)
+        w = torch.exp(l.detach() - lse)  # [b, h, s]
+        g_out = (w.transpose(1, 2)[..., None] * dout).to(o.dtype)
+        g_lse = w * (dout * (o.detach().float() - out)).sum(-1).transpose(1, 2)
+        torch.autograd.backward([o, l], [g_out, g_lse])
+    return qq.grad.float(), kk.grad.float(), vv.grad.float()
 
 
 class _MaskMaker:

@@ -44,3 +44,31 @@ def test_context_parallel_training_matches_single_process(name, data, tmp_path, 
     results = run_distributed(run_steps, world, hf, data, str(tmp_path / "cp"), **overrides)
     for got in results:
         _assert_same(got, want)
+
+
+def test_checkpoint_does_not_depend_on_cp(tiny_hf, data, tmp_path):
+    """Saved at cp=2 after 3 steps, resumed in one process: steps 4-6 equal the straight cp=2 run."""
+    from helpers_train import run_train
+
+    hf = tiny_hf["llama"]
+    straight = run_distributed(run_train, 2, hf, data, str(tmp_path / "a"), train__steps=6, checkpoint__every=3,
+                               parallel__cp=2)[0]
+    resumed = run_train(0, 1, hf, data, str(tmp_path / "b"), train__steps=6,
+                        checkpoint__load=str(tmp_path / "a" / "checkpoints" / "step_3"))
+    want = [(m["loss"], m["grad_norm"]) for m in straight if m["step"] > 3]
+    np.testing.assert_allclose([(m["loss"], m["grad_norm"]) for m in resumed], want, rtol=RTOL)
+
+
+def test_cp_layout_errors_name_the_numbers():
+    from megaswift.errors import LayoutError
+    from megaswift.models.config import ModelConfig
+    from megaswift.parallel.layout import Layout
+
+    with pytest.raises(LayoutError, match=r"ulysses \(3\) must divide cp \(4\)"):
+        Layout(world_size=4, cp=4, ulysses=3)
+    with pytest.raises(LayoutError, match=r"sequence length 60 is not divisible by 2 x cp \(4\) = 8"):
+        Layout(world_size=4, cp=4).check_seq_len(60)
+    cfg = ModelConfig(family="llama", hidden_size=64, ffn_hidden_size=128, num_layers=2, num_attention_heads=6,
+                      num_query_groups=2, kv_channels=8, vocab_size=100)
+    with pytest.raises(LayoutError, match=r"Ulysses degree 4 does not divide the 6 attention heads per tp rank"):
+        Layout(world_size=4, cp=4, ulysses=4).check_model(cfg)
