@@ -35,6 +35,7 @@ from megaswift.errors import LayoutError
 from megaswift.kernels.attention import attention, merge_attention_blocks
 
 from .tp_comm import group_rank, group_size
+from .watchdog import beat
 
 PAD_DOCUMENT = -1  # document id of the padding inserted after documents
 
@@ -338,4 +339,5 @@ class _Pending:
     def wait(self) -> list[Tensor]:
         for w in self.works:
             w.wait()
+        beat()
         return self.recv

@@ -14,18 +14,11 @@ What this module adds:
   batch, and torch's default would divide again by the micro-batch count;
 - the time each rank spends computing (forward, backward, weight-gradient passes), from which the
   engine reports the pipeline bubble: the share of the ranks' wall time spent waiting;
-- a watchdog. The schedules wait on point-to-point work without a timeout, and on gloo such a
-  wait never ends if the peer hangs (measured: a stage stuck in step 2 kept its neighbour waiting
-  past 90 s with a 30 s process-group timeout). NCCL has its own watchdog; gloo does not, and a
-  thread cannot interrupt a wait inside C++, so when no compute starts or ends on this rank for
-  `timeout_s` the watchdog prints what it was waiting for and ends the process. Under torchrun
-  the agent then stops the other ranks; without one their own watchdogs or broken connections do.
+- progress beats for the watchdog (parallel/watchdog.py): the schedules wait on point-to-point
+  work without a timeout, which on gloo never ends if the peer hangs.
 """
 from __future__ import annotations
 
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -34,6 +27,8 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
                                           ScheduleZBVZeroBubble)
 
 from megaswift.errors import LayoutError
+
+from .watchdog import beat, inject_test_fault
 
 SINGLE_STAGE = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
 MULTI_STAGE = {"interleaved": ScheduleInterleaved1F1B, "zbv": ScheduleZBVZeroBubble}
@@ -55,7 +50,7 @@ class PipelineRunner:
     """This rank's stages and the schedule that runs them, for a fixed number of micro batches."""
 
     def __init__(self, stage_modules: list[tuple[int, torch.nn.Module]], num_stages: int, schedule: str,
-                 n_microbatches: int, pp_group, device: torch.device, timeout_s: float = 600):
+                 n_microbatches: int, pp_group, device: torch.device):
         self.stages = [PipelineStage(module, index, num_stages, device, group=pp_group)
                        for index, module in stage_modules]
         self.n_microbatches = n_microbatches
@@ -68,10 +63,6 @@ class PipelineRunner:
         self.busy_s = 0.0
         self.steps_run = 0
         self.pp_rank = self.stages[0].group_rank
-        self._fault = _test_fault()
-        self.timeout_s = timeout_s
-        self._progress: float | None = None  # time of the last compute start/end while a step runs
-        threading.Thread(target=self._watchdog, daemon=True, name="megaswift-pp-watchdog").start()
         for stage in self.stages:
             for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
                 if hasattr(stage, name):
@@ -81,27 +72,20 @@ class PipelineRunner:
         from megaswift.device import synchronize
 
         def timed(*args, **kwargs):
-            if self._fault and self._fault[:2] == (stage_index, self.steps_run + 1):
-                _trigger(self._fault[2], stage_index)
+            inject_test_fault(f"stage{stage_index}", self.steps_run + 1)
             synchronize()
-            t0 = self._progress = time.perf_counter()
+            beat()
+            t0 = time.perf_counter()
             out = fn(*args, **kwargs)
             synchronize()
-            self._progress = time.perf_counter()
-            self.busy_s += self._progress - t0
+            beat()
+            self.busy_s += time.perf_counter() - t0
             return out
         return timed
 
-    def _watchdog(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.timeout_s / 10))
-            last = self._progress
-            if last is not None and time.perf_counter() - last > self.timeout_s:
-                stages = [s.stage_index for s in self.stages]
-                print(f"megaswift: error: pipeline step {self.steps_run + 1} on pp rank {self.pp_rank} (stages "
-                      f"{stages}) has waited more than parallel.timeout_s={self.timeout_s:g} s for a neighbouring "
-                      f"stage; ending this rank (its peer's log has the cause)", file=sys.stderr, flush=True)
-                os._exit(1)
+    def describe(self) -> str:
+        return (f"pipeline step {self.steps_run + 1} on pp rank {self.pp_rank} "
+                f"(stages {[s.stage_index for s in self.stages]})")
 
     def _loss(self, output, target):
         return self._loss_of(output, int(target.reshape(-1)[0]))
@@ -119,7 +103,7 @@ class PipelineRunner:
         device = whole[first].device
         target = torch.arange(self.n_microbatches, device=device)
         self._loss_of, self.busy_s = loss_of, 0.0
-        t0 = self._progress = time.perf_counter()
+        t0 = time.perf_counter()
         try:
             self.schedule.step(whole[first], target=target, return_outputs=False, **{k: whole[k] for k in rest})
         except Exception as e:
@@ -129,7 +113,7 @@ class PipelineRunner:
                 f"{type(e).__name__}: {e}\nIf a neighbouring stage failed or died first, its log has the cause; "
                 f"a peer that stops answering ends the job after parallel.timeout_s.") from e
         finally:
-            self._loss_of, self._progress = None, None
+            self._loss_of = None
         self.steps_run += 1
         return {"busy_s": self.busy_s, "wall_s": time.perf_counter() - t0}
 
@@ -137,21 +121,3 @@ class PipelineRunner:
 class PipelineFailure(RuntimeError):
     """A pipeline step did not complete on this rank: its own stage raised, or a peer stage
     failed, died or timed out (the cause chained below)."""
-
-
-def _test_fault() -> tuple[int, int, str] | None:
-    """MEGASWIFT_TEST_PP_FAULT=STAGE:STEP:raise|exit|hang makes that stage raise, exit at once (as
-    a crash would) or stop answering in its first compute of that step; the failure tests use it."""
-    spec = os.environ.get("MEGASWIFT_TEST_PP_FAULT")
-    if not spec:
-        return None
-    stage, step, mode = spec.split(":")
-    return int(stage), int(step), mode
-
-
-def _trigger(mode: str, stage_index: int) -> None:
-    if mode == "exit":
-        os._exit(13)
-    if mode == "hang":
-        time.sleep(10**6)
-    raise RuntimeError(f"injected fault in stage {stage_index} (MEGASWIFT_TEST_PP_FAULT)")

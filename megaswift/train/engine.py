@@ -24,6 +24,7 @@ from megaswift.checkpoint import train_state
 from megaswift.convert.hf_export import DTYPES
 from megaswift.parallel.data_parallel import DataParallel
 from megaswift.parallel.tp_comm import group_size
+from megaswift.parallel.watchdog import Watchdog, inject_test_fault
 
 from . import optim
 from .metrics import MetricsLogger, StepTimer, peak_flops, train_flops_per_token
@@ -81,6 +82,8 @@ class Trainer:
         self.optimizer = optim.build_optimizer(self.dp, cfg.optim, self.device.type == "cuda")
         self.norm_weights = model.grad_norm_weights()
         self.pipeline = self._build_pipeline() if st.pp_size > 1 else None
+        # point-to-point waits (pipeline, ring attention) never time out on gloo: see parallel/watchdog.py
+        self.watchdog = Watchdog(cfg.parallel.timeout_s) if st.pp_size > 1 or st.cp_size > 1 else None
         self.data = algorithm.build_data(self)
         if resume_dir is not None:
             self._resume(resume_dir)
@@ -99,7 +102,7 @@ class Trainer:
         t = self.cfg.train
         n_micro = t.global_batch(self.st.dp_size) // (t.micro_batch_size * self.st.dp_size)
         return PipelineRunner(self.model.stage_modules(), self.model.num_stages, self.model.schedule, n_micro,
-                              self.st.pp_group, self.device, timeout_s=self.cfg.parallel.timeout_s)
+                              self.st.pp_group, self.device)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _autocast(self):
@@ -124,13 +127,16 @@ class Trainer:
         lr = optim.lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         optim.set_lr(self.optimizer, lr)
         dp.zero_grad()
+        with self._watched():
+            inject_test_fault(f"rank{st.rank}", self.step + 1)
+            if self.pipeline is None:
+                loss_acc, extra_acc, timing = self._forward_backward(micro_batches, total_units)
+            else:
+                loss_acc, extra_acc, timing = self._forward_backward_pipeline(micro_batches, total_units)
         if self.pipeline is None:
-            loss_acc, extra_acc, timing = self._forward_backward(micro_batches, total_units)
             dp.finish_grad_sync()
             self.model.finalize_grads()
-        else:
-            loss_acc, extra_acc, timing = self._forward_backward_pipeline(micro_batches, total_units)
-            # PP: the fix-ups are sums, so they run on the local gradients first; then dp reduces
+        else:  # PP: the fix-ups are sums, so they run on the local gradients first; then dp reduces
             self.model.finalize_grads()
             dp.finish_grad_sync()
         grad_norm = dp.grad_norm(self.norm_weights, (st.tp_group, st.pp_group)).item()
@@ -149,6 +155,13 @@ class Trainer:
         out.update({k: v / max(total_units, 1) for k, v in zip(keys, sums[1:])})
         out.update(timing)
         return out
+
+    def _watched(self):
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        what = (self.pipeline.describe() if self.pipeline is not None
+                else f"step {self.step + 1} on rank {self.st.rank} (cp rank {self.st.cp_rank})")
+        return self.watchdog.armed(what)
 
     def _cp_shard(self, mb: dict) -> dict:
         from megaswift.parallel.context_parallel import shard_batch

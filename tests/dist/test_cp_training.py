@@ -32,6 +32,8 @@ LAYOUTS = {
                       "tiny_hf"),
     "cp2_tp2_sp": ("qwen3", 4, {"parallel__cp": 2, "parallel__tp": 2, "parallel__sp": True}, "tiny_hf"),
     "cp2_pp2": ("llama", 4, {"parallel__cp": 2, "parallel__pp": 2}, "deep_hf"),
+    "cp2_dp2_zero1": ("qwen3", 4, {"parallel__cp": 2, "optim__zero": 1, "parallel__ddp_bucket_size": 30000},
+                      "tiny_hf"),
 }
 
 

@@ -1,9 +1,10 @@
-"""A pipeline stage that raises or dies ends every rank with a clear message, never a silent hang.
+"""A pipeline stage (or a context-parallel rank) that raises, dies or hangs ends every rank with a
+clear message, never a silent hang.
 
 Under `megaswift launch` torchrun's agent stops the other ranks as soon as one fails. Without an
 agent (each rank started on its own, as `srun` does) the surviving rank finds out from the
 process group: the broken connection, or at the latest parallel.timeout_s. The stage fails in
-the middle of step 2 (MEGASWIFT_TEST_PP_FAULT), while its peer waits on it.
+the middle of step 2 (MEGASWIFT_TEST_FAULT), while its peer waits on it.
 """
 import os
 import signal
@@ -21,25 +22,23 @@ TIMEOUT_S = 30  # parallel.timeout_s of these runs
 SLACK_S = 60  # process start-up, tokenizing, step 1
 
 
-@pytest.fixture(scope="module")
-def config(tiny_hf, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppfail")
+def _config(hf, root, **parallel):
     data = write_chat_data(str(root / "train.jsonl"))
-    cfg = train_config(tiny_hf["llama"], data, str(root / "out"), parallel__pp=2, parallel__timeout_s=TIMEOUT_S,
-                       train__steps=4).to_dict()
+    overrides = {f"parallel__{k}": v for k, v in parallel.items()}
+    cfg = train_config(hf, data, str(root / "out"), parallel__timeout_s=TIMEOUT_S, train__steps=4,
+                       **overrides).to_dict()
     path = str(root / "sft.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return path
 
 
-def _env(fault):
-    return {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore", "MEGASWIFT_TEST_PP_FAULT": fault}
+@pytest.fixture(scope="module")
+def config(tiny_hf, tmp_path_factory):
+    return _config(tiny_hf["llama"], tmp_path_factory.mktemp("ppfail"), pp=2)
 
 
-@pytest.mark.parametrize("fault", ["1:2:raise", "1:2:exit", "0:2:exit", "1:2:hang"])
-def test_launch_ends_every_rank(config, fault):
-    start = time.monotonic()
+def _launch(config, fault):
     proc = subprocess.Popen([sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", "2", "--", "train",
                              "sft", "--config", config], env=_env(fault), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -50,11 +49,22 @@ def test_launch_ends_every_rank(config, fault):
             os.killpg(proc.pid, signal.SIGKILL)  # a hung rank would outlive a killed launcher
         except ProcessLookupError:
             pass  # everything has exited
+    return proc, log
+
+
+def _env(fault):
+    return {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore", "MEGASWIFT_TEST_FAULT": fault}
+
+
+@pytest.mark.parametrize("fault", ["stage1:2:raise", "stage1:2:exit", "stage0:2:exit", "stage1:2:hang"])
+def test_launch_ends_every_rank(config, fault):
+    start = time.monotonic()
+    proc, log = _launch(config, fault)
     assert proc.returncode != 0, log
     assert time.monotonic() - start < TIMEOUT_S + SLACK_S
     if fault.endswith("raise"):
         assert "PipelineFailure: pipeline step 2 failed on pp rank 1" in log, log
-        assert "injected fault in stage 1" in log, log
+        assert "injected fault in stage1" in log, log
     elif fault.endswith("hang"):  # the waiting rank's watchdog gives up after parallel.timeout_s
         assert f"pipeline step 2 on pp rank 0 (stages [0]) has waited more than parallel.timeout_s={TIMEOUT_S}" \
             in log, log
@@ -69,7 +79,7 @@ def test_without_an_agent_the_survivor_ends(config):
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = {**_env("0:2:exit"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+        env = {**_env("stage0:2:exit"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
         procs.append(subprocess.Popen([sys.executable, "-m", "megaswift", "train", "sft", "--config", config],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -83,3 +93,14 @@ def test_without_an_agent_the_survivor_ends(config):
     assert procs[1].returncode != 0, log
     assert time.monotonic() - start < TIMEOUT_S + SLACK_S
     assert "PipelineFailure: pipeline step 2 failed on pp rank 1 (stages [1])" in log, log
+
+
+def test_hung_context_parallel_rank_ends_the_job(tiny_hf, tmp_path):
+    """cp=2: rank 1 stops answering at step 2; rank 0 waits on ring attention's K/V and its
+    watchdog ends it after parallel.timeout_s, then torchrun stops rank 1."""
+    config = _config(tiny_hf["llama"], tmp_path, cp=2)
+    start = time.monotonic()
+    proc, log = _launch(config, "rank1:2:hang")
+    assert proc.returncode != 0, log
+    assert TIMEOUT_S < time.monotonic() - start < TIMEOUT_S + SLACK_S
+    assert f"step 2 on rank 0 (cp rank 0) has waited more than parallel.timeout_s={TIMEOUT_S}" in log, log

@@ -1,0 +1,70 @@
+"""A watchdog for point-to-point waits, which gloo never times out.
+
+Collectives on gloo honour the process-group timeout, but a point-to-point wait (the pipeline's
+activations, ring attention's K/V blocks) does not: measured, a stage stuck in step 2 kept its
+neighbour waiting past 90 s with a 30 s timeout. NCCL has its own watchdog; gloo does not, and a
+thread cannot interrupt a wait inside C++. So while a step that talks point to point runs, the
+code that makes progress (each pipeline compute, each ring hop) calls `beat()`, and if no beat
+comes for `timeout_s` the watchdog prints what this rank was doing and ends the process. Under
+torchrun the agent then stops the other ranks; without one, their own watchdogs or broken
+connections do.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+
+_active: "Watchdog | None" = None
+
+
+def beat() -> None:
+    """Progress: called by code that has just computed or received something."""
+    if _active is not None:
+        _active.last = time.monotonic()
+
+
+class Watchdog:
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.last: float | None = None
+        self.what = ""
+        threading.Thread(target=self._watch, daemon=True, name="megaswift-watchdog").start()
+
+    @contextlib.contextmanager
+    def armed(self, what: str):
+        """Watch the block: `what` names it in the message ("pipeline step 3 on pp rank 1 ...")."""
+        global _active
+        self.what, self.last, _active = what, time.monotonic(), self
+        try:
+            yield
+        finally:
+            self.last, _active = None, None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 10))
+            last = self.last
+            if last is not None and time.monotonic() - last > self.timeout_s:
+                print(f"megaswift: error: {self.what} has waited more than parallel.timeout_s={self.timeout_s:g} s "
+                      f"for a peer rank; ending this rank (the peer's log has the cause)", file=sys.stderr, flush=True)
+                os._exit(1)
+
+
+def inject_test_fault(where: str, step: int) -> None:
+    """MEGASWIFT_TEST_FAULT=WHERE:STEP:raise|exit|hang (WHERE e.g. stage1 or rank0) makes that
+    place raise, exit at once (as a crash would) or stop answering in that step; the failure
+    tests use it. Free when the variable is unset."""
+    spec = os.environ.get("MEGASWIFT_TEST_FAULT")
+    if not spec:
+        return
+    at, at_step, mode = spec.split(":")
+    if at != where or int(at_step) != step:
+        return
+    if mode == "exit":
+        os._exit(13)
+    if mode == "hang":
+        time.sleep(10**6)
+    raise RuntimeError(f"injected fault in {where} (MEGASWIFT_TEST_FAULT)")
