@@ -161,6 +161,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, cp_index: Ten
     """q [b, s_local, hq, d], k/v [b, s_local, hkv, d] of this cp rank's tokens -> out like q."""
     U, R = group_size(ulysses_group), group_size(ring_group)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if backend == "flash_attn":  # the blocks carry explicit masks, which flash-attn does not take
+        backend = "sdpa"
     b = q.shape[0]
     if U > 1:
         k, v = _replicate_kv(q.shape[2], k, v, U)

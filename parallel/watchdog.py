@@ -48,8 +48,9 @@ class Watchdog:
             time.sleep(min(1.0, self.timeout_s / 10))
             last = self.last
             if last is not None and time.monotonic() - last > self.timeout_s:
-                print(f"megaswift: error: {self.what} has waited more than parallel.timeout_s={self.timeout_s:g} s "
-                      f"for a peer rank; ending this rank (the peer's log has the cause)", file=sys.stderr, flush=True)
+                print(f"megaswift: error: {self.what} made no progress for parallel.timeout_s={self.timeout_s:g} s: "
+                      f"a peer stopped answering or this rank is stuck; ending this rank (the first rank to fail "
+                      f"has the cause in its log)", file=sys.stderr, flush=True)
                 os._exit(1)
 
 
