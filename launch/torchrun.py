@@ -21,8 +21,8 @@ def check_subcommand(sub_argv: list[str], world_size: int) -> None:
 
     if not sub_argv:
         raise MegaswiftError("megaswift launch needs a subcommand after --, e.g. -- verify HF_DIR --parallel.tp 2")
-    if sub_argv[0] in ("launch",):
-        raise MegaswiftError("megaswift launch cannot launch itself")
+    if sub_argv[0] in ("launch", "slurm"):
+        raise MegaswiftError(f"the subcommand after -- cannot be {sub_argv[0]}")
     ns, cfg = parse(sub_argv)
     if cfg is None:
         return

@@ -11,7 +11,8 @@ import sys
 
 from megaswift.errors import MegaswiftError
 
-COMMANDS = ("train", "import-hf", "export-hf", "verify", "launch", "tiny-hf", "quickstart")
+COMMANDS = ("train", "import-hf", "export-hf", "verify", "launch", "slurm", "tiny-hf", "quickstart")
+_WRAPPERS = ("launch", "slurm")  # commands that run another megaswift command given after --
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rdzv-endpoint", default=None, help="host:port of the first node (multi-node)")
     s.add_argument("--max-restarts", type=int, default=0)
 
+    s = sub.add_parser("slurm", help="render an sbatch script that runs a subcommand on N nodes, and submit it")
+    from megaswift.launch.slurm import add_arguments
+
+    add_arguments(s)
+
     s = sub.add_parser("tiny-hf", help="write a tiny random-weight HF checkpoint (tests, quickstart)")
     s.add_argument("family", choices=["llama", "qwen2", "qwen3", "mistral"])
     s.add_argument("out_dir")
@@ -67,9 +73,9 @@ def parse(argv: list[str]):
     """(namespace, Config). Everything argparse does not know must be a dotted config override."""
     from megaswift.config import load_config
 
-    if argv and argv[0] == "launch":
+    if argv and argv[0] in _WRAPPERS:
         if "--" not in argv:
-            raise MegaswiftError("usage: megaswift launch [--nproc-per-node N ...] -- <subcommand ...>")
+            raise MegaswiftError(f"usage: megaswift {argv[0]} [options] -- <subcommand ...>")
         cut = argv.index("--")
         ns = _parser().parse_args(argv[:cut])
         ns.sub_argv = argv[cut + 1:]
@@ -99,6 +105,10 @@ def _run(ns, cfg) -> int:
         from megaswift.launch.torchrun import launch
 
         return launch(ns, ns.sub_argv)
+    if ns.command == "slurm":
+        from megaswift.launch.slurm import slurm_command
+
+        return slurm_command(ns, ns.sub_argv)
     if ns.command == "tiny-hf":
         from megaswift.testing.tiny import make_tiny_hf
 

@@ -1,0 +1,107 @@
+"""`megaswift slurm`: render an sbatch script for a megaswift job and submit it.
+
+The script asks Slurm for `--nodes` nodes with one task each; `srun` starts one
+`megaswift launch` per node (torchrun's agent), which spawns `--nproc-per-node` ranks there and
+meets the other nodes at a c10d rendezvous on the first node (the node that runs the batch
+script: `hostname` there). The launcher checks the layout before anything spawns, as it does on
+one node, and torchrun's agents stop the whole job when one rank fails.
+
+`--dry-run` prints the script; otherwise it is written next to the log and submitted with
+`sbatch --parsable`, and the job id and log path are printed.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+from megaswift.errors import MegaswiftError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="0 for a CPU cluster")
+    p.add_argument("--nproc-per-node", type=int, help="ranks per node (default: the GPUs per node, or 1 on CPU)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--time", default="01:00:00", help="wall-clock limit, HH:MM:SS")
+    p.add_argument("--job-name", default="megaswift")
+    p.add_argument("--log-dir", default="slurm_logs", help="where the script and <job-name>-<jobid>.out go")
+    p.add_argument("--setup", help="shell line run before the job, e.g. 'source /path/venv/bin/activate' "
+                   "(default: activate the Python environment running this command)")
+    p.add_argument("--container-image", help="run each task in this container (pyxis: srun --container-image)")
+    p.add_argument("--rdzv-port", type=int, default=29500)
+    p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument("--sbatch", action="append", default=[], metavar="LINE",
+                   help="an extra #SBATCH option, e.g. --sbatch=--exclusive (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
+
+def _default_setup() -> str:
+    activate = os.path.join(sys.prefix, "bin", "activate")
+    if sys.prefix != sys.base_prefix and os.path.isfile(activate):
+        return f"source {shlex.quote(activate)}"
+    return f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH"
+
+
+def render(ns, sub_argv: list[str]) -> str:
+    if ns.nodes < 1 or ns.gpus_per_node < 0:
+        raise MegaswiftError(f"--nodes must be >= 1 and --gpus-per-node >= 0; got {ns.nodes} and {ns.gpus_per_node}")
+    nproc = ns.nproc_per_node or max(1, ns.gpus_per_node)
+    log_dir = os.path.abspath(ns.log_dir)
+    lines = ["#!/bin/bash",
+             f"#SBATCH --job-name={ns.job_name}",
+             f"#SBATCH --nodes={ns.nodes}",
+             "#SBATCH --ntasks-per-node=1",
+             f"#SBATCH --time={ns.time}",
+             f"#SBATCH --output={log_dir}/{ns.job_name}-%j.out"]
+    if ns.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={ns.gpus_per_node}")
+    for key in ("partition", "account"):
+        if getattr(ns, key):
+            lines.append(f"#SBATCH --{key}={getattr(ns, key)}")
+    lines += [f"#SBATCH {extra}" for extra in ns.sbatch]
+    launch = ["python", "-m", "megaswift", "launch", "--nnodes", "$SLURM_NNODES", "--node-rank", "$SLURM_NODEID",
+              "--nproc-per-node", str(nproc), "--rdzv-endpoint", "$MEGASWIFT_RDZV",
+              "--max-restarts", str(ns.max_restarts), "--"]
+    # $SLURM_* and $MEGASWIFT_RDZV must expand on each node, inside srun's task, not here
+    task = " ".join(a if a.startswith("$") else shlex.quote(a) for a in launch)
+    task += " " + " ".join(shlex.quote(a) for a in sub_argv)
+    srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if ns.container_image:
+        srun.append(f"--container-image={shlex.quote(ns.container_image)}")
+    lines += ["set -euo pipefail",
+              f"cd {shlex.quote(os.getcwd())}",
+              ns.setup or _default_setup(),
+              "# the rendezvous runs on the first node, the one running this script",
+              f'export MEGASWIFT_RDZV="$(hostname):{ns.rdzv_port}"',
+              'echo "megaswift: job $SLURM_JOB_ID on $SLURM_NNODES node(s): $SLURM_JOB_NODELIST, '
+              'rendezvous $MEGASWIFT_RDZV"',
+              " ".join(srun) + " bash -c " + shlex.quote(task)]
+    return "\n".join(lines) + "\n"
+
+
+def slurm_command(ns, sub_argv: list[str]) -> int:
+    from .torchrun import check_subcommand
+
+    nproc = ns.nproc_per_node or max(1, ns.gpus_per_node)
+    check_subcommand(sub_argv, nproc * ns.nodes)  # a bad layout fails here, not after queueing
+    script = render(ns, sub_argv)
+    if ns.dry_run:
+        print(script, end="")
+        return 0
+    os.makedirs(ns.log_dir, exist_ok=True)
+    path = os.path.join(ns.log_dir, f"{ns.job_name}.sbatch")
+    with open(path, "w") as f:
+        f.write(script)
+    try:
+        out = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise MegaswiftError("sbatch was not found: run this on a Slurm login node, or use --dry-run") from e
+    if out.returncode != 0:
+        raise MegaswiftError(f"sbatch refused {path}: {out.stderr.strip() or out.stdout.strip()}")
+    job_id = out.stdout.strip().split(";")[0]
+    log = os.path.join(os.path.abspath(ns.log_dir), f"{ns.job_name}-{job_id}.out")
+    print(f"submitted job {job_id}: script {path}, log {log}")
+    return 0
