@@ -51,12 +51,29 @@ def init_distributed(timeout_s: float | None = None) -> bool:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
     timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("MEGASWIFT_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    kwargs = {"timeout": timeout, **_restart_safe_store(timeout)}
     if cuda_available():
         torch.cuda.set_device(local_rank())
-        dist.init_process_group("nccl", timeout=timeout, device_id=get_device())
+        dist.init_process_group("nccl", device_id=get_device(), **kwargs)
     else:
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", **kwargs)
     return True
+
+
+def _restart_safe_store(timeout) -> dict:
+    """Under torchrun, the store of torchrun's agent with a prefix per restart attempt.
+
+    torch's env:// initialisation keeps no per-attempt prefix on the agent's store, so after a
+    `--max-restarts` restart the new ranks read the dead ranks' addresses and never connect
+    (measured with torch 2.13 and gloo: "connectFullMesh failed ... Connection refused" on a
+    two-line script). A prefix per attempt keeps each attempt's keys apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"megaswift/attempt_{attempt}", store), "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def rank() -> int:

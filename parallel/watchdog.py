@@ -55,14 +55,16 @@ class Watchdog:
 
 
 def inject_test_fault(where: str, step: int) -> None:
-    """MEGASWIFT_TEST_FAULT=WHERE:STEP:raise|exit|hang (WHERE e.g. stage1 or rank0) makes that
-    place raise, exit at once (as a crash would) or stop answering in that step; the failure
-    tests use it. Free when the variable is unset."""
+    """MEGASWIFT_TEST_FAULT=WHERE:STEP:raise|exit|hang[:ATTEMPT] (WHERE e.g. stage1 or rank0)
+    makes that place raise, exit at once (as a crash would) or stop answering in that step, in
+    torchrun's restart ATTEMPT only when given; the failure tests use it. Free when unset."""
     spec = os.environ.get("MEGASWIFT_TEST_FAULT")
     if not spec:
         return
-    at, at_step, mode = spec.split(":")
+    at, at_step, mode, *attempt = spec.split(":")
     if at != where or int(at_step) != step:
+        return
+    if attempt and int(attempt[0]) != int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")):
         return
     if mode == "exit":
         os._exit(13)

@@ -29,10 +29,18 @@ class Plan:
     export_dtype: str
 
 
+def restart_attempt() -> int:
+    """torchrun's restart count (`megaswift launch --max-restarts N`): 0 on the first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
     from megaswift.commands import _checkpoint_dtype, hf_model_config, plan_layout
 
-    load = train_state.resolve_load(cfg.checkpoint.load, cfg.train.output_dir)
+    load = cfg.checkpoint.load
+    if load is None and restart_attempt() > 0:  # an elastic restart goes on from where the job got to
+        load = "latest"
+    load = train_state.resolve_load(load, cfg.train.output_dir)
     resume_dir = weights_dir = hf_dir = None
     if load is not None:
         meta = read_meta(load)
@@ -78,6 +86,9 @@ def build_trainer(cfg, algorithm):
     from .engine import Trainer
 
     plan = plan_training(cfg, device.world_size_from_env(), algorithm.reads_data_path)
+    if restart_attempt() > 0 and os.environ.get("RANK", "0") == "0":  # before the process group exists
+        where = f"resuming from {plan.resume_dir}" if plan.resume_dir else "no checkpoint yet, starting over"
+        print(f"restart {restart_attempt()} (launch --max-restarts): {where}", flush=True)
     device.init_distributed(cfg.parallel.timeout_s)
     st = ParallelState.build(plan.layout, device.get_device())
     torch.manual_seed(cfg.train.seed)
