@@ -63,9 +63,18 @@ def launch(ns, sub_argv: list[str]) -> int:
 
 
 def _child_exit_code(err) -> int:
-    """Propagate a rank's own exit code (2 for a user error, 1 for a failed verify)."""
-    codes = [f.exitcode for f in getattr(err, "failures", {}).values() if f.exitcode and f.exitcode > 0]
+    """Name the rank that failed first, then propagate a rank's own exit code (2 for a user
+    error, 1 for a failed verify)."""
+    by_rank = getattr(err, "failures", {})  # global rank -> ProcessFailure
+    failures = list(by_rank.values())
+    if by_rank:
+        rank = min(by_rank, key=lambda r: by_rank[r].timestamp)
+        first = by_rank[rank]
+        how = f"was killed by signal {-first.exitcode}" if first.exitcode < 0 else f"exited with code {first.exitcode}"
+        print(f"megaswift: error: rank {rank} (local rank {first.local_rank}) {how} first; torchrun stopped "
+              f"the other ranks", file=sys.stderr, flush=True)
+    codes = [f.exitcode for f in failures if f.exitcode and f.exitcode > 0]
     if codes:
-        return max(set(codes), key=codes.count) if codes else 1
+        return max(set(codes), key=codes.count)
     print(str(err), file=sys.stderr)
     return 1

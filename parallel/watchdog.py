@@ -31,13 +31,15 @@ class Watchdog:
         self.timeout_s = timeout_s
         self.last: float | None = None
         self.what = ""
+        self.detail = None
         threading.Thread(target=self._watch, daemon=True, name="megaswift-watchdog").start()
 
     @contextlib.contextmanager
-    def armed(self, what: str):
-        """Watch the block: `what` names it in the message ("pipeline step 3 on pp rank 1 ...")."""
+    def armed(self, what: str, detail=None):
+        """Watch the block: `what` names it in the message ("pipeline step 3 on pp rank 1 ...");
+        `detail()`, if given, adds what is known about the peers when the watchdog fires."""
         global _active
-        self.what, self.last, _active = what, time.monotonic(), self
+        self.what, self.detail, self.last, _active = what, detail, time.monotonic(), self
         try:
             yield
         finally:
@@ -48,9 +50,14 @@ class Watchdog:
             time.sleep(min(1.0, self.timeout_s / 10))
             last = self.last
             if last is not None and time.monotonic() - last > self.timeout_s:
+                extra = ""
+                try:
+                    extra = self.detail() if self.detail else ""
+                except Exception:  # noqa: BLE001 - the message goes out either way
+                    pass
                 print(f"megaswift: error: {self.what} made no progress for parallel.timeout_s={self.timeout_s:g} s: "
                       f"a peer stopped answering or this rank is stuck; ending this rank (the first rank to fail "
-                      f"has the cause in its log)", file=sys.stderr, flush=True)
+                      f"has the cause in its log){extra}", file=sys.stderr, flush=True)
                 os._exit(1)
 
 

@@ -83,7 +83,7 @@ class Trainer:
         self.norm_weights = model.grad_norm_weights()
         self.pipeline = self._build_pipeline() if st.pp_size > 1 else None
         # point-to-point waits (pipeline, ring attention) never time out on gloo: see parallel/watchdog.py
-        self.watchdog = Watchdog(cfg.parallel.timeout_s) if st.pp_size > 1 or st.cp_size > 1 else None
+        self.watchdog = Watchdog(cfg.parallel.timeout_s) if st.layout.world_size > 1 else None
         self.data = algorithm.build_data(self)
         if resume_dir is not None:
             self._resume(resume_dir)
@@ -133,12 +133,16 @@ class Trainer:
                 loss_acc, extra_acc, timing = self._forward_backward(micro_batches, total_units)
             else:
                 loss_acc, extra_acc, timing = self._forward_backward_pipeline(micro_batches, total_units)
-        if self.pipeline is None:
-            dp.finish_grad_sync()
-            self.model.finalize_grads()
-        else:  # PP: the fix-ups are sums, so they run on the local gradients first; then dp reduces
-            self.model.finalize_grads()
-            dp.finish_grad_sync()
+        self._mark_computed()
+        # gloo's waits on asynchronous collectives do not time out either (measured: a rank hung
+        # in its step kept dp=4 peers in this wait past 80 s with a 20 s timeout)
+        with self._watched_sync():
+            if self.pipeline is None:
+                dp.finish_grad_sync()
+                self.model.finalize_grads()
+            else:  # PP: the fix-ups are sums, so they run on the local gradients first; then dp reduces
+                self.model.finalize_grads()
+                dp.finish_grad_sync()
         grad_norm = dp.grad_norm(self.norm_weights, (st.tp_group, st.pp_group)).item()
         clip = self.cfg.optim.clip_grad
         if clip > 0 and grad_norm > clip:
@@ -156,8 +160,48 @@ class Trainer:
         out.update(timing)
         return out
 
-    def _watched(self):
+    # -- which rank failed ------------------------------------------------------------------------
+    def _mark_computed(self) -> None:
+        """Record in the job's store that this rank finished the step's forward and backward, so
+        a rank whose collective fails can name the ranks that never got there."""
+        if self.st.layout.world_size > 1:
+            dist.distributed_c10d._get_default_store().set(f"megaswift/computed/{self.st.rank}", str(self.step + 1))
+
+    def _laggards(self) -> list[int]:
+        """Ranks that have not finished this step's forward and backward, from the job's store."""
+        store = dist.distributed_c10d._get_default_store()
+        behind = []
+        for r in range(self.st.layout.world_size):
+            key = f"megaswift/computed/{r}"
+            done = int(store.get(key)) if store.check([key]) else 0
+            if done < self.step + 1:
+                behind.append(r)
+        return behind
+
+    def _laggards_error(self, err: Exception) -> Exception:
+        if self.st.layout.world_size == 1:
+            return err
+        try:
+            behind = self._laggards()
+        except Exception:  # noqa: BLE001 - the store may be gone with the job; keep the first error
+            return err
+        if not behind:
+            return err
+        return RuntimeError(f"step {self.step + 1} failed on rank {self.st.rank}: rank(s) {behind} never finished "
+                            f"its forward and backward (dead, or hung past parallel.timeout_s="
+                            f"{self.cfg.parallel.timeout_s}); their logs have the cause. First error: {err}")
+
+    def _watched_sync(self):
         if self.watchdog is None:
+            return contextlib.nullcontext()
+
+        def detail():
+            behind = self._laggards()
+            return f"; rank(s) {behind} never finished its forward and backward" if behind else ""
+        return self.watchdog.armed(f"step {self.step + 1} on rank {self.st.rank} (gradient sync)", detail)
+
+    def _watched(self):
+        if self.watchdog is None or (self.st.pp_size == 1 and self.st.cp_size == 1):
             return contextlib.nullcontext()
         what = (self.pipeline.describe() if self.pipeline is not None
                 else f"step {self.step + 1} on rank {self.st.rank} (cp rank {self.st.cp_rank})")
@@ -223,7 +267,10 @@ class Trainer:
         padded_tokens = cfg.train.micro_batch_size * cfg.data.seq_len
         while self.step < cfg.train.steps:
             batches = self.data.next_global_batch()
-            m = self.train_step(batches)
+            try:
+                m = self.train_step(batches)
+            except RuntimeError as e:  # a collective failed or timed out: say which ranks fell behind
+                raise self._laggards_error(e) from e
             dt = timer.lap()
             self.tokens_seen += m["tokens"]
             m.update(step=self.step, tokens_per_s=m["tokens"] / dt, step_time_s=dt,
