@@ -72,7 +72,7 @@ def render(ns, sub_argv: list[str]) -> str:
     if ns.container_image:
         srun.append(f"--container-image={shlex.quote(ns.container_image)}")
     lines += ["set -euo pipefail",
-              f"cd {shlex.quote(os.getcwd())}",
+              'cd "$SLURM_SUBMIT_DIR"  # where megaswift slurm ran',
               ns.setup or _default_setup(),
               "# the rendezvous runs on the first node, the one running this script",
               f'export MEGASWIFT_RDZV="$(hostname):{ns.rdzv_port}"',

@@ -13,9 +13,13 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   pip_install "torch==$TORCH_VERSION"
 else
   # A bare `torch` from PyPI is the multi-GB CUDA build. Take a local CPU wheel if pip's
-  # find-links has one (CI machines do), else PyTorch's CPU index.
-  pip_install --no-index "torch==$TORCH_VERSION" 2>/dev/null ||
+  # find-links has one (CI machines do) and its dependencies from the configured indexes,
+  # else PyTorch's CPU index.
+  if pip_install --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+    pip_install "torch==$TORCH_VERSION"  # only the dependencies: the +cpu build already satisfies it
+  else
     pip_install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  fi
 fi
 pip_install -e ".[test]"
 .venv/bin/python -c "import torch, megaswift.parallel; print('megaswift ready: torch', torch.__version__)"
