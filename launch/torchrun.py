@@ -35,11 +35,23 @@ def check_subcommand(sub_argv: list[str], world_size: int) -> None:
     plan_layout(cfg, world_size, model_cfg)
 
 
+def fill_from_scheduler_env(ns, env=os.environ) -> None:
+    """Multi-node settings not given on the command line come from what Slurm (SLURM_NNODES,
+    SLURM_NODEID) or a generic scheduler (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT) set."""
+    if ns.nnodes is None:
+        ns.nnodes = int(env.get("SLURM_NNODES") or env.get("NNODES") or 1)
+    if ns.node_rank is None:
+        ns.node_rank = int(env.get("SLURM_NODEID") or env.get("NODE_RANK") or 0)
+    if ns.rdzv_endpoint is None and ns.nnodes > 1 and env.get("MASTER_ADDR"):
+        ns.rdzv_endpoint = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
+
+
 def torchrun_args(ns, sub_argv: list[str]) -> list[str]:
     args = [f"--nproc-per-node={ns.nproc_per_node}", f"--nnodes={ns.nnodes}", f"--max-restarts={ns.max_restarts}"]
     if ns.nnodes > 1:
         if not ns.rdzv_endpoint:
-            raise MegaswiftError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT of the first node")
+            raise MegaswiftError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT of the first node "
+                                 "(or MASTER_ADDR and MASTER_PORT in the environment)")
         args += [f"--node-rank={ns.node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={ns.rdzv_endpoint}"]
     else:
         args.append("--standalone")  # a free local port, no endpoint to configure
@@ -47,6 +59,7 @@ def torchrun_args(ns, sub_argv: list[str]) -> list[str]:
 
 
 def launch(ns, sub_argv: list[str]) -> int:
+    fill_from_scheduler_env(ns)
     check_subcommand(sub_argv, ns.nproc_per_node * ns.nnodes)
     # torchrun would force 1 thread per rank (and warn); share the node's cores out instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ns.nproc_per_node)))

@@ -52,9 +52,10 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("launch", help="run a subcommand under torchrun after checking the layout")
     s.add_argument("--nproc-per-node", type=int, default=1)
-    s.add_argument("--nnodes", type=int, default=1)
-    s.add_argument("--node-rank", type=int, default=0)
-    s.add_argument("--rdzv-endpoint", default=None, help="host:port of the first node (multi-node)")
+    s.add_argument("--nnodes", type=int, help="default: SLURM_NNODES, else NNODES, else 1")
+    s.add_argument("--node-rank", type=int, help="default: SLURM_NODEID, else NODE_RANK, else 0")
+    s.add_argument("--rdzv-endpoint", default=None,
+                   help="host:port of the first node (multi-node; default: MASTER_ADDR:MASTER_PORT when set)")
     s.add_argument("--max-restarts", type=int, default=0)
 
     s = sub.add_parser("slurm", help="render an sbatch script that runs a subcommand on N nodes, and submit it")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -72,8 +73,29 @@ def _restart_safe_store(timeout) -> dict:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": dist.PrefixStore(f"megaswift/attempt_{attempt}", store), "rank": int(os.environ["RANK"]),
-            "world_size": int(os.environ["WORLD_SIZE"])}
+    store = dist.PrefixStore(f"megaswift/attempt_{attempt}", store)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _all_ranks_started(store, rank, world, timeout.total_seconds())
+    return {"store": store, "rank": rank, "world_size": world}
+
+
+def _all_ranks_started(store, rank: int, world: int, timeout_s: float) -> None:
+    """Health check before the process group: every rank checks in, and a rank that has not
+    within the timeout is named (the process group's own start would only time out)."""
+    from megaswift.parallel.watchdog import inject_test_fault
+
+    inject_test_fault(f"rank{rank}", 0)
+    store.set(f"started/{rank}", "1")
+    deadline = time.monotonic() + timeout_s
+    missing = list(range(world))
+    while missing:
+        missing = [r for r in missing if not store.check([f"started/{r}"])]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"health check: rank(s) {missing} of {world} did not start within "
+                               f"parallel.timeout_s={timeout_s:g} s; their nodes' logs have the cause")
+        time.sleep(0.2)
 
 
 def rank() -> int:

@@ -54,3 +54,39 @@ def test_a_failed_rank_is_named_and_ends_the_job(config, mode):
     else:
         assert elapsed > TIMEOUT_S
         assert "rank(s) [2] never finished its forward and backward" in log, log
+
+
+def test_a_rank_that_never_starts_is_named(config):
+    """Health check: rank 3 hangs before joining; the others name it after parallel.timeout_s."""
+    env = {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore", "MEGASWIFT_TEST_FAULT": "rank3:0:hang"}
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", "4", "--", "train", "sft",
+                             "--config", config], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log = proc.communicate(timeout=TIMEOUT_S + SLACK_S)[0]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0, log
+    assert TIMEOUT_S < time.monotonic() - start < TIMEOUT_S + SLACK_S
+    assert f"health check: rank(s) [3] of 4 did not start within parallel.timeout_s={TIMEOUT_S}" in log, log
+
+
+def test_launch_reads_the_scheduler_environment():
+    from argparse import Namespace
+
+    from megaswift.launch.torchrun import fill_from_scheduler_env, torchrun_args
+
+    ns = Namespace(nnodes=None, node_rank=None, rdzv_endpoint=None, nproc_per_node=8, max_restarts=0)
+    fill_from_scheduler_env(ns, {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "6000"})
+    assert (ns.nnodes, ns.node_rank, ns.rdzv_endpoint) == (4, 2, "node0:6000")
+    assert "--rdzv-endpoint=node0:6000" in torchrun_args(ns, ["verify", "x"])
+    given = Namespace(nnodes=2, node_rank=1, rdzv_endpoint="h:1", nproc_per_node=1, max_restarts=0)
+    fill_from_scheduler_env(given, {"SLURM_NNODES": "4", "SLURM_NODEID": "3"})
+    assert (given.nnodes, given.node_rank, given.rdzv_endpoint) == (2, 1, "h:1")  # the command line wins
+    single = Namespace(nnodes=None, node_rank=None, rdzv_endpoint=None, nproc_per_node=1, max_restarts=0)
+    fill_from_scheduler_env(single, {})
+    assert (single.nnodes, single.node_rank) == (1, 0)
