@@ -8,7 +8,6 @@ the middle of step 2 (MEGASWIFT_TEST_FAULT), while its peer waits on it.
 """
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import time
 import pytest
 import yaml
 
+from helpers_launch import run_megaswift
 from helpers_train import train_config, write_chat_data
 from megaswift.testing.dist import free_port
 
@@ -40,17 +40,8 @@ def config(tiny_hf, tmp_path_factory):
 
 
 def _launch(config, fault):
-    proc = subprocess.Popen([sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", "2", "--", "train",
-                             "sft", "--config", config], env=_env(fault), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log = proc.communicate(timeout=TIMEOUT_S + SLACK_S)[0]
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # a hung rank would outlive a killed launcher
-        except ProcessLookupError:
-            pass  # everything has exited
-    return proc, log
+    return run_megaswift(["launch", "--nproc-per-node", "2", "--", "train", "sft", "--config", config], _env(fault),
+                         TIMEOUT_S + SLACK_S)
 
 
 def _env(fault):
