@@ -45,10 +45,15 @@ def _default_setup() -> str:
     return f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH"
 
 
+def ranks_per_node(ns) -> int:
+    """--nproc-per-node, else one rank per GPU, else (a CPU cluster) one."""
+    return ns.nproc_per_node or max(1, ns.gpus_per_node)
+
+
 def render(ns, sub_argv: list[str]) -> str:
     if ns.nodes < 1 or ns.gpus_per_node < 0:
         raise MegaswiftError(f"--nodes must be >= 1 and --gpus-per-node >= 0; got {ns.nodes} and {ns.gpus_per_node}")
-    nproc = ns.nproc_per_node or max(1, ns.gpus_per_node)
+    nproc = ranks_per_node(ns)
     log_dir = os.path.abspath(ns.log_dir)
     lines = ["#!/bin/bash",
              f"#SBATCH --job-name={ns.job_name}",
@@ -85,8 +90,7 @@ def render(ns, sub_argv: list[str]) -> str:
 def slurm_command(ns, sub_argv: list[str]) -> int:
     from .torchrun import check_subcommand
 
-    nproc = ns.nproc_per_node or max(1, ns.gpus_per_node)
-    check_subcommand(sub_argv, nproc * ns.nodes)  # a bad layout fails here, not after queueing
+    check_subcommand(sub_argv, ranks_per_node(ns) * ns.nodes)  # a bad layout fails here, not after queueing
     script = render(ns, sub_argv)
     if ns.dry_run:
         print(script, end="")

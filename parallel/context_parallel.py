@@ -73,8 +73,9 @@ def shard_batch(mb: dict, cp: int, cp_rank: int, *, multiple: int | None = None,
     index = torch.stack([torch.stack([_positions(segs, S_pad, multiple, cp, c) for c in range(cp)])
                          for segs in segments])  # [b, cp, S_pad / cp]
     local = index[:, cp_rank]  # [b, s_local] positions in the padded row
-    valid = src.gather(1, local) >= 0
-    from_row = src.gather(1, local).clamp_min(0)
+    from_row = src.gather(1, local)  # -1 where the padded row holds padding
+    valid = from_row >= 0
+    from_row = from_row.clamp_min(0)
     out = dict(mb)
     fill = {"input_ids": pad_id, "labels": -100, "position_ids": 0}
     for key, value in mb.items():
