@@ -22,31 +22,26 @@ class CanonicalShards:
     def __init__(self, local: torch.Tensor, layout: ShardLayout):
         self.layout = layout
         self.pieces = local_pieces(local, layout)
-        self._by_offset = {self._offsets(start): t for start, t in self.pieces}
+        self._by_offset = {torch.Size(offsets): t for offsets, t in self.pieces}
 
     def size(self) -> torch.Size:
         return torch.Size(self.layout.canonical_shape)
 
-    def _offsets(self, start: int) -> torch.Size:
-        off = [0] * len(self.layout.canonical_shape)
-        off[self.layout.dim] = start
-        return torch.Size(off)
-
     def __create_chunk_list__(self):
-        return [ChunkStorageMetadata(offsets=self._offsets(s), sizes=t.size()) for s, t in self.pieces]
+        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=t.size()) for o, t in self.pieces]
 
     def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
         return [
             WriteItem(
-                index=MetadataIndex(fqn, self._offsets(s)),
+                index=MetadataIndex(fqn, torch.Size(o)),
                 type=WriteItemType.SHARD,
                 tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(offsets=self._offsets(s), sizes=t.size()),
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(o), sizes=t.size()),
                     properties=TensorProperties.create_from_tensor(t),
                     size=self.size(),
                 ),
             )
-            for s, t in self.pieces
+            for o, t in self.pieces
         ]
 
     def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:

@@ -14,9 +14,11 @@ from megaswift.models.config import ModelConfig
 
 @dataclass(frozen=True)
 class HFKey:
-    """Read `key` from config.json, or use `default` when it is absent or null."""
+    """Read `key` (or the first of `aliases` present) from config.json, or use `default` when
+    it is absent or null. Export writes `key`."""
     key: str
     default: object = None
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -29,13 +31,35 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Derived:
+    """A ModelConfig field computed from several config.json keys; export writes those keys back
+    verbatim (they stay in extra_hf_config), not this field."""
+    fn: object
+
+
+@dataclass(frozen=True)
+class MoENames:
+    """Where an MoE layer's tensors live in HF checkpoints: `<block>gate.weight` is the router,
+    `<block>experts.<e>.<gate|up|down>.weight` the experts (the hub's per-expert layout)."""
+    block: str
+    gate: str
+    up: str
+    down: str
+
+    def expert(self, prefix: str, e: int, which: str) -> str:
+        return f"{prefix}{self.block}experts.{e}.{getattr(self, which)}.weight"
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str
     model_types: tuple[str, ...]
     architecture: str
     """The HF class written into an exported config.json."""
     flags: dict = field(default_factory=dict)
-    """ModelConfig fields that differ per family: a constant or an HFKey."""
+    """ModelConfig fields that differ per family: a constant, an HFKey or a Derived."""
+    moe: MoENames | None = None
+    """Tensor names of the MoE layers, for families with experts."""
 
     def model_config(self, hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
         heads = hf["num_attention_heads"]
@@ -43,9 +67,8 @@ class FamilySpec:
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         if rope.get("rope_type", rope.get("type", "default")) == "default":
             rope = {}
-        flags = {k: (hf.get(v.key) if hf.get(v.key) is not None else v.default) if isinstance(v, HFKey) else v
-                 for k, v in self.flags.items()}
-        unsupported = [k for k in ("mlp_bias",) if hf.get(k)]
+        flags = {k: _resolve_rule(v, hf) for k, v in self.flags.items()}
+        unsupported = [k for k in ("mlp_bias", "router_jitter_noise") if hf.get(k)]
         if hf.get("hidden_act", "silu") not in ("silu", "swish"):
             unsupported.append(f"hidden_act={hf['hidden_act']}")
         if unsupported:
@@ -106,12 +129,29 @@ class FamilySpec:
         prefix = f"model.layers.{i}."
         if local in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
             return _qkv_segments(cfg, prefix + "self_attn.", local.rsplit(".", 1)[1])
+        if local.startswith("mlp.router.") or local.startswith("mlp.experts."):
+            return self._moe_segments(local, prefix, cfg)
         if local == "mlp.linear_fc1.weight":
             f = cfg.ffn_hidden_size
             return [Segment(0, f, prefix + "mlp.gate_proj.weight", 0), Segment(f, f, prefix + "mlp.up_proj.weight", 0)]
         if local not in _LAYER_NAMES:
             raise KeyError(f"{self.name}: no HF source for {name!r}")
         return [Segment(0, _rows(name, cfg), prefix + _LAYER_NAMES[local], 0)]
+
+    def _moe_segments(self, local: str, prefix: str, cfg: ModelConfig) -> list[Segment]:
+        """Expert tensors are 3-D [experts, rows, cols]; segments index their rows flattened
+        to [experts x rows, cols], so expert e's rows start at e x rows."""
+        names, E, F, H = self.moe, cfg.num_moe_experts, cfg.moe_ffn_hidden_size, cfg.hidden_size
+        if names is None:
+            raise KeyError(f"{self.name}: family has no experts, but the model asks for {local!r}")
+        if local == "mlp.router.weight":
+            return [Segment(0, E, f"{prefix}{names.block}gate.weight", 0)]
+        if local == "mlp.experts.linear_fc1.weight":
+            return [Segment(e * 2 * F + half * F, F, names.expert(prefix, e, which), 0)
+                    for e in range(E) for half, which in enumerate(("gate", "up"))]
+        if local == "mlp.experts.linear_fc2.weight":
+            return [Segment(e * H, H, names.expert(prefix, e, "down"), 0) for e in range(E)]
+        raise KeyError(f"{self.name}: no HF source for {local!r}")
 
 
 _DERIVED_HF_KEYS = {
@@ -139,9 +179,27 @@ _LAYER_NAMES = {
 
 
 def _rows(name: str, cfg: ModelConfig) -> int:
-    from megaswift.models.sharding import shard_layout
+    from megaswift.models.sharding import flat_rows, shard_layout
 
-    return shard_layout(name, cfg, 1, 0).canonical_shape[0]
+    return flat_rows(shard_layout(name, cfg, 1, 0).canonical_shape)[0]
+
+
+def _resolve_rule(rule, hf: dict):
+    if isinstance(rule, HFKey):
+        for key in (rule.key, *rule.aliases):
+            if hf.get(key) is not None:
+                return hf[key]
+        return rule.default
+    if isinstance(rule, Derived):
+        return rule.fn(hf)
+    return rule
+
+
+def _qwen3_moe_layers(hf: dict) -> list[int]:
+    """transformers' rule: a layer has experts unless it is in mlp_only_layers, and only every
+    decoder_sparse_step-th layer (1-based) does."""
+    step, dense = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or [])
+    return [i for i in range(hf["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
 
 
 def _qkv_segments(cfg: ModelConfig, attn: str, kind: str) -> list[Segment]:
@@ -157,6 +215,8 @@ def _qkv_segments(cfg: ModelConfig, attn: str, kind: str) -> list[Segment]:
 
 
 _ATTN_BIAS = HFKey("attention_bias", False)
+_ROUTER_LOSS = {"moe_aux_loss_coef": HFKey("router_aux_loss_coef", 0.001),
+                "moe_output_router_logits": HFKey("output_router_logits", False)}
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec for spec in (
@@ -167,6 +227,16 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("qwen3", ("qwen3",), "Qwen3ForCausalLM",
                    {"add_qkv_bias": _ATTN_BIAS, "add_proj_bias": _ATTN_BIAS, "qk_layernorm": True}),
         FamilySpec("mistral", ("mistral",), "MistralForCausalLM"),
+        FamilySpec("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM",
+                   {"add_qkv_bias": _ATTN_BIAS, "add_proj_bias": _ATTN_BIAS, "qk_layernorm": True,
+                    "num_moe_experts": HFKey("num_experts", aliases=("num_local_experts",)), "moe_ffn_hidden_size": HFKey("moe_intermediate_size"),
+                    "moe_router_topk": HFKey("num_experts_per_tok"), "moe_norm_topk_prob": HFKey("norm_topk_prob", False),
+                    "moe_layer_ids": Derived(_qwen3_moe_layers), **_ROUTER_LOSS},
+                   moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj")),
+        FamilySpec("mixtral", ("mixtral",), "MixtralForCausalLM",
+                   {"num_moe_experts": HFKey("num_local_experts"), "moe_ffn_hidden_size": HFKey("intermediate_size"),
+                    "moe_router_topk": HFKey("num_experts_per_tok"), "moe_norm_topk_prob": True, **_ROUTER_LOSS},
+                   moe=MoENames("block_sparse_moe.", "w1", "w3", "w2")),
     )
 }
 

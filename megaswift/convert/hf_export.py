@@ -24,8 +24,9 @@ def split_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig, spec: FamilyS
     """Scatter the rows of one canonical tensor into the HF tensors `out` collects (hf name ->
     list of (hf_start, rows)). An HF tensor fed by several canonical segments (q_proj from every
     query group) is complete once all its pieces are in."""
+    rows = tensor.flatten(0, 1) if tensor.ndim == 3 else tensor  # experts: [E x rows, cols], as segments index
     for seg in spec.segments(name, cfg):
-        out.setdefault(seg.hf_name, []).append((seg.hf_start, tensor.narrow(0, seg.canon_start, seg.length)))
+        out.setdefault(seg.hf_name, []).append((seg.hf_start, rows.narrow(0, seg.canon_start, seg.length)))
 
 
 def default_export_dtype(meta: dict) -> str:

@@ -37,6 +37,21 @@ class ModelConfig:
     layer_types: list[str] | None = None
     """Per layer 'full_attention' or 'sliding_attention'; None means every layer uses
     sliding_window when it is set (Mistral) and full attention otherwise."""
+    num_moe_experts: int = 0
+    """Routed experts per MoE layer; 0 makes every layer a dense MLP."""
+    moe_ffn_hidden_size: int = 0
+    """Width of each expert's SwiGLU (HF moe_intermediate_size; Mixtral: intermediate_size)."""
+    moe_router_topk: int = 1
+    """Experts each token is sent to (HF num_experts_per_tok)."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise the top-k router probabilities to sum to one (Mixtral always does)."""
+    moe_layer_ids: list[int] | None = None
+    """Layers with experts; None means every layer when num_moe_experts > 0. Qwen3-MoE derives it
+    from decoder_sparse_step and mlp_only_layers."""
+    moe_aux_loss_coef: float = 0.0
+    """HF router_aux_loss_coef: weight of the load-balancing loss."""
+    moe_output_router_logits: bool = False
+    """HF output_router_logits: transformers adds the load-balancing loss only when it is set."""
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     extra_hf_config: dict = field(default_factory=dict)
@@ -51,6 +66,13 @@ class ModelConfig:
         slice is equal and GEMM-friendly. The padded rows are zero and never predicted."""
         multiple = self.make_vocab_size_divisible_by * tp
         return -(-self.vocab_size // multiple) * multiple
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Global indices of the layers whose MLP is a mixture of experts."""
+        if not self.num_moe_experts:
+            return []
+        return list(range(self.num_layers)) if self.moe_layer_ids is None else sorted(self.moe_layer_ids)
 
     def window_for_layer(self, i: int) -> int | None:
         if self.sliding_window is None:

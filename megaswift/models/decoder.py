@@ -17,8 +17,9 @@ from megaswift.parallel.tp_layers import (ColumnParallelLinear, VocabParallelEmb
 
 from .config import ModelConfig
 from .layers import RMSNorm, TransformerLayer
+from .moe import AttachAuxLoss, aux_loss_parts, stats_width
 from .rope import RotaryEmbedding
-from .sharding import ShardLayout, shard_layout
+from .sharding import ShardLayout, layout_on, shard_layout
 
 
 class Embedding(nn.Module):
@@ -41,13 +42,14 @@ class TransformerBlock(nn.Module):
         if final_norm and st.sp:
             mark_tp_partial_grad(self.final_layernorm.weight)
 
-    def forward(self, x, cos, sin, document_ids=None, cp_index=None):
+    def forward(self, x, cos, sin, document_ids=None, cp_index=None, moe_stats=None, token_mask=None):
         for layer in self.layers.values():
+            args = (x, cos, sin, document_ids, cp_index, moe_stats, token_mask)
             if self.recompute_layers and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, document_ids, cp_index, use_reentrant=False)
+                x, moe_stats = checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, document_ids, cp_index)
-        return self.final_layernorm(x) if self.final_layernorm is not None else x
+                x, moe_stats = layer(*args)
+        return (self.final_layernorm(x) if self.final_layernorm is not None else x), moe_stats
 
 
 class GPTModel(nn.Module):
@@ -77,7 +79,7 @@ class GPTModel(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, document_ids=None, labels=None, hidden_states=None,
-                cp_index=None):
+                cp_index=None, token_mask=None, moe_stats=None):
         """input_ids [b, s] -> vocab-parallel logits [b, s, padded_vocab/tp] (padded columns -inf),
         or, with labels [b, s] (-100 = ignore), the per-token loss [b, s] in fp32.
 
@@ -90,19 +92,57 @@ class GPTModel(nn.Module):
         Under context parallelism (parallel/context_parallel.py) the tensors hold this cp rank's
         tokens, `cp_index` [b, cp, s_local] says where every cp rank's tokens sit in the padded
         row, and `document_ids` is that whole padded row's [b, S'].
+
+        MoE models with labels also carry the router statistics (models/moe.py): `token_mask`
+        [b, s] marks the real (non-padding) tokens they count; a stage without `post_process`
+        returns (hidden_states, moe_stats) and the next one takes them back as `moe_stats`; the
+        last stage attaches the load-balancing and z-losses to the returned per-token loss.
         """
         if position_ids is None:
             b, s = input_ids.shape
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         x = self.embedding(input_ids) if self.pre_process else hidden_states  # [b, s(/tp under SP), h]
+        track = bool(self.cfg.moe_layers) and labels is not None
+        if track and moe_stats is None:
+            moe_stats = torch.zeros(len(self.cfg.moe_layers), stats_width(self.cfg.num_moe_experts), device=x.device)
         cos, sin = self.rotary(position_ids, x.dtype)
-        x = self.decoder(x, cos, sin, document_ids, cp_index)
+        x, moe_stats = self.decoder(x, cos, sin, document_ids, cp_index, moe_stats if track else None, token_mask)
         if not self.post_process:
-            return x
+            return (x, moe_stats) if track else x
         logits = self._output(x)
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels, self.st.tp_group)
+        loss = vocab_parallel_cross_entropy(logits, labels, self.st.tp_group)
+        return self._attach_moe_losses(loss, moe_stats) if track else loss
+
+    # -- mixture of experts ----------------------------------------------------------------------
+    def set_moe_options(self, *, aux_loss_coef: float | None = None, z_loss_coef: float = 0.0,
+                        capacity_factor: float | None = None, backend: str = "auto", grad_scale: float = 1.0):
+        """aux_loss_coef None takes transformers' rule: router_aux_loss_coef when the checkpoint's
+        output_router_logits is set, else no load-balancing loss. `grad_scale` weighs each micro
+        batch's auxiliary losses in the step (1 / micro batches per step: their mean)."""
+        cfg = self.cfg
+        if aux_loss_coef is None:
+            aux_loss_coef = cfg.moe_aux_loss_coef if cfg.moe_output_router_logits else 0.0
+        self.moe_options = {"aux": aux_loss_coef, "z": z_loss_coef, "scale": grad_scale}
+        for layer in self.decoder.layers.values():
+            if layer.moe_row is not None:
+                layer.mlp.capacity_factor, layer.mlp.backend = capacity_factor, backend
+
+    def _attach_moe_losses(self, loss, moe_stats):
+        opts = getattr(self, "moe_options", None) or {"aux": 0.0, "z": 0.0, "scale": 1.0}
+        aux, z, values = aux_loss_parts(moe_stats, self.cfg.num_moe_experts, (self.st.tp_group, self.st.dp_cp_group))
+        self.moe_last = values
+        extra = opts["aux"] * aux + opts["z"] * z
+        if not extra.requires_grad or (opts["aux"] == 0 and opts["z"] == 0):
+            return loss
+        return AttachAuxLoss.apply(loss, extra, opts["scale"])
+
+    def pop_moe_stats(self) -> dict | None:
+        """The router statistics of the last forward with labels (this stage's model must be the
+        last): {'aux', 'z', 'counts' [MoE layers, E]}, reduced over the micro batch's ranks."""
+        out, self.moe_last = getattr(self, "moe_last", None), None
+        return out
 
     def _output(self, x):
         if self.output_layer is not None:
@@ -185,6 +225,8 @@ class GPTModel(nn.Module):
         if st.tp_size == 1:
             return out
         for name, p in self.named_parameters():
+            if getattr(p, "expert", False):  # held once per (ep, etp) rank: see DataParallelSet.grad_norm
+                continue
             layouts = [shard_layout(name, cfg, st.tp_size, r) for r in range(st.tp_size)]
             mine = layouts[st.tp_rank]
             counts = [sum(rng in other.ranges for other in layouts) for rng in mine.ranges]
@@ -206,13 +248,12 @@ class GPTModel(nn.Module):
     # -- sharding metadata ---------------------------------------------------------------------
     def shard_layouts(self) -> dict[str, ShardLayout]:
         """Parameter name -> where its local slice sits in the canonical (tp=1) tensor."""
-        return {name: shard_layout(name, self.cfg, self.st.tp_size, self.st.tp_rank)
-                for name, _ in self.named_parameters()}
+        return {name: layout_on(name, self.cfg, self.st) for name, _ in self.named_parameters()}
 
     def reset_parameters(self, seed: int | None = None):
         """Random init (normal(0, std) for matrices, ones for norms, zeros for biases), drawn for the
         canonical tensor and sliced, so every layout starts from the same weights."""
-        from megaswift.convert.canonical import fill_from_canonical
+        from megaswift.convert.canonical import box_of, fill_from_canonical
 
         gen = torch.Generator().manual_seed(0 if seed is None else seed)
 
@@ -225,6 +266,6 @@ class GPTModel(nn.Module):
 
         with torch.no_grad():
             for name, p in self.named_parameters():
-                layout = shard_layout(name, self.cfg, self.st.tp_size, self.st.tp_rank)
+                layout = layout_on(name, self.cfg, self.st)
                 full = canonical(name, layout)
-                p.copy_(fill_from_canonical(lambda dim, start, n, full=full: full.narrow(dim, start, n), layout))
+                p.copy_(fill_from_canonical(lambda o, n, full=full: box_of(full, o, n), layout))

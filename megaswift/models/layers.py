@@ -17,6 +17,7 @@ from megaswift.parallel.state import ParallelState
 from megaswift.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, mark_tp_partial_grad
 
 from .config import ModelConfig
+from .moe import MoELayer
 from .rope import apply_rotary
 from .sharding import local_heads, shard_layout
 
@@ -108,11 +109,22 @@ class TransformerLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device)
         self.self_attention = SelfAttention(cfg, st, layer_idx, dtype, device)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device)
-        self.mlp = MLP(cfg, st, dtype, device)
+        moe_layers = cfg.moe_layers
+        self.moe_row = moe_layers.index(layer_idx) if layer_idx in moe_layers else None
+        self.mlp = MLP(cfg, st, dtype, device) if self.moe_row is None else MoELayer(cfg, st, layer_idx, dtype, device)
         if st.sp:  # each rank normalises only its sequence shard: these grads are partial sums
             mark_tp_partial_grad(self.input_layernorm.weight)
             mark_tp_partial_grad(self.pre_mlp_layernorm.weight)
 
-    def forward(self, x, cos, sin, document_ids=None, cp_index=None):
+    def forward(self, x, cos, sin, document_ids=None, cp_index=None, moe_stats=None, token_mask=None):
+        """-> (x, moe_stats): an MoE layer adds its router statistics to its row of moe_stats
+        (models/moe.py); other layers pass it on."""
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, document_ids, cp_index)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+        if self.moe_row is None:
+            return x + self.mlp(self.pre_mlp_layernorm(x)), moe_stats
+        out, row = self.mlp(self.pre_mlp_layernorm(x), token_mask)
+        if moe_stats is not None:
+            hot = torch.zeros(moe_stats.shape[0], 1, device=row.device)
+            hot[self.moe_row] = 1
+            moe_stats = moe_stats + hot * row
+        return x + out, moe_stats

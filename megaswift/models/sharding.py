@@ -8,6 +8,10 @@ neither depends on the layout a run used, and a checkpoint saved at tp=2 loads a
 A rank's local tensor is the concatenation, along one dimension, of ranges of the canonical
 tensor, followed by `pad` zero rows (vocab padding). With more TP ranks than KV heads, the
 ranges of a KV head are held by several ranks (replicas); everything else is held once.
+
+Experts are 3-D canonical tensors [experts, rows, cols] (Megatron's grouped `linear_fc1` /
+`linear_fc2`): a rank holds the experts of its ep rank (`outer`, along dim 0) and, under expert
+tensor parallelism, its etp slice of each of them (`ranges`, along dim 1 or 2).
 """
 from __future__ import annotations
 
@@ -24,12 +28,27 @@ class ShardLayout:
     """(start, length) along `dim`, in the order they are concatenated locally."""
     pad: int = 0
     """Zero rows appended after the ranges (padded vocabulary)."""
+    outer: tuple[int, int] | None = None
+    """Experts: (first, count) along dim 0, while `ranges` run along `dim` >= 1."""
 
     @property
     def local_shape(self) -> tuple[int, ...]:
         shape = list(self.canonical_shape)
         shape[self.dim] = sum(n for _, n in self.ranges) + self.pad
+        if self.outer is not None:
+            shape[0] = self.outer[1]
         return tuple(shape)
+
+    def boxes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(offsets, sizes) in the canonical tensor of each range, in local order."""
+        out = []
+        for start, n in self.ranges:
+            offsets, sizes = [0] * len(self.canonical_shape), list(self.canonical_shape)
+            offsets[self.dim], sizes[self.dim] = start, n
+            if self.outer is not None:
+                offsets[0], sizes[0] = self.outer
+            out.append((tuple(offsets), tuple(sizes)))
+        return out
 
     @classmethod
     def replicated(cls, shape) -> "ShardLayout":
@@ -64,10 +83,31 @@ def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
     return cfg.num_attention_heads // tp, max(1, cfg.num_query_groups // tp)
 
 
-def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int) -> ShardLayout:
-    """The layout of parameter `name` (a Megatron-style name) on TP rank `tp_rank`."""
+def flat_rows(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An expert tensor [experts, rows, cols] seen as [experts x rows, cols], the view in which
+    HF conversion lists its per-expert tensors; other shapes unchanged."""
+    return (shape[0] * shape[1], *shape[2:]) if len(shape) == 3 else tuple(shape)
+
+
+def _expert_layout(name: str, cfg: ModelConfig, ep: int, ep_rank: int, etp: int, etp_rank: int) -> ShardLayout:
+    E, F, H = cfg.num_moe_experts, cfg.moe_ffn_hidden_size, cfg.hidden_size
+    mine = (ep_rank * (E // ep), E // ep)
+    s, n = split_range(F, etp, etp_rank)
+    if name.endswith("experts.linear_fc1.weight"):  # [E, gate; up, H], column-parallel over etp
+        return ShardLayout((E, 2 * F, H), 1, ((s, n), (F + s, n)), outer=mine)
+    if name.endswith("experts.linear_fc2.weight"):  # [E, H, F], row-parallel over etp
+        return ShardLayout((E, H, F), 2, ((s, n),), outer=mine)
+    raise KeyError(f"no shard layout for expert parameter {name!r}")
+
+
+def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int, *, ep: int = 1, ep_rank: int = 0,
+                 etp: int = 1, etp_rank: int = 0) -> ShardLayout:
+    """The layout of parameter `name` (a Megatron-style name) on TP rank `tp_rank` (and, for
+    experts, on expert-parallel rank `ep_rank` and expert-TP rank `etp_rank`)."""
     H, F, hd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
     qkv_out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hd
+    if ".experts." in name:
+        return _expert_layout(name, cfg, ep, ep_rank, etp, etp_rank)
     leaf = ".".join(name.split(".")[-2:])
     if leaf in ("word_embeddings.weight", "output_layer.weight"):
         vp = cfg.padded_vocab_size(tp) // tp
@@ -87,6 +127,8 @@ def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int) -> ShardLay
         return ShardLayout((H, F), 1, (split_range(F, tp, tp_rank),))
     if leaf == "linear_proj.bias":
         return ShardLayout.replicated((H,))
+    if leaf == "router.weight":  # replicated: every rank routes its own tokens
+        return ShardLayout.replicated((cfg.num_moe_experts, H))
     if leaf.endswith("layernorm.weight"):
         size = hd if ("q_layernorm" in leaf or "k_layernorm" in leaf) else H
         return ShardLayout.replicated((size,))
@@ -103,8 +145,18 @@ def layer_param_names(cfg: ModelConfig, i: int) -> list[str]:
     names.append(p + "self_attention.linear_proj.weight")
     if cfg.add_proj_bias:
         names.append(p + "self_attention.linear_proj.bias")
-    names += [p + "pre_mlp_layernorm.weight", p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+    names.append(p + "pre_mlp_layernorm.weight")
+    if i in cfg.moe_layers:
+        names += [p + "mlp.router.weight", p + "mlp.experts.linear_fc1.weight", p + "mlp.experts.linear_fc2.weight"]
+    else:
+        names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
     return names
+
+
+def layout_on(name: str, cfg: ModelConfig, st) -> ShardLayout:
+    """`shard_layout` at the coordinates of a ParallelState."""
+    return shard_layout(name, cfg, st.tp_size, st.tp_rank, ep=st.ep_size, ep_rank=st.ep_rank, etp=st.etp_size,
+                        etp_rank=st.etp_rank)
 
 
 def canonical_names(cfg: ModelConfig) -> list[list[str]]:

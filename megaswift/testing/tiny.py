@@ -3,7 +3,8 @@
 Nothing is downloaded: configs are built in code, weights are random, the tokenizer is a small
 BPE trained on text generated here. Sizes are deliberately awkward, as real checkpoints are: a
 vocabulary no TP degree divides, fewer KV heads than TP ranks, head_dim apart from
-hidden/heads, llama3 rope scaling, tied embeddings, QKV bias, several safetensors shards.
+hidden/heads, llama3 rope scaling, tied embeddings, QKV bias, several safetensors shards; MoE
+families mix dense and expert layers.
 """
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ TINY_FAMILIES = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=4, head_dim=16, rope_theta=1000000.0)),
     "mistral": ("MistralConfig", dict(num_key_value_heads=1, sliding_window=16)),
+    # experts on layer 0 only (layer 1 is dense, as mlp_only_layers allows), unnormalised top-2,
+    # the load-balancing loss on (output_router_logits) with a coefficient large enough to matter
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=4, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=24, mlp_only_layers=[1], norm_topk_prob=False,
+                                         output_router_logits=True, router_aux_loss_coef=0.02)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0)),
 }
 
 

@@ -1,0 +1,171 @@
+"""Mixture-of-experts MLP: top-k router, SwiGLU experts, and the load-balancing loss.
+
+Routing follows transformers' Qwen3-MoE and Mixtral exactly (softmax in fp32 over a linear
+gate, top-k, optional renormalisation), so `megaswift verify` compares logits with theirs.
+
+The load-balancing loss is transformers' `load_balancing_loss_func`: with f_e the share of
+top-k assignments that go to expert e and P_e the mean router probability of e, both taken over
+every MoE layer and every (non-padding) token at once,
+
+    aux = E x sum_e f_e P_e,   added to the loss as router_aux_loss_coef x aux.
+
+Because f and P are taken over all layers together, the loss couples layers that may sit on
+different pipeline stages. Each layer therefore adds one row of statistics to a small tensor
+that travels with the hidden states (`[MoE layers, 2E + 2]`: probability sums, the z-loss sum,
+assignment counts, token count); the last stage turns it into the loss (`aux_loss_parts`), and
+the gradient flows back through the same tensor to every router. The counts are reduced over
+every rank that holds tokens of the micro batch (dp x cp x tp), so the loss is the one of the
+global micro batch, whatever the layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megaswift.parallel.experts import capacity_keep, dispatch_combine
+from megaswift.parallel.state import ParallelState
+from megaswift.parallel.tp_comm import gather_from_tp_region, group_size, scatter_to_sp_region
+from megaswift.parallel.tp_layers import mark_tp_partial_grad
+
+from .config import ModelConfig
+from .sharding import layout_on
+
+
+def route(logits: Tensor, topk: int, norm_topk_prob: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(probs [T, E] fp32, top-k weights [T, k] fp32, expert ids [T, k]) from router logits."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, topk, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return probs, weights, ids
+
+
+def stats_width(num_experts: int) -> int:
+    return 2 * num_experts + 2
+
+
+def layer_stats(logits: Tensor, probs: Tensor, ids: Tensor, mask: Tensor | None) -> Tensor:
+    """One layer's row [P sums (E) | z sum | counts (E) | tokens] over this rank's tokens; the
+    sums carry gradients, counts and tokens do not. `mask` [T] is 1 for real tokens."""
+    E = probs.shape[-1]
+    m = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.float()
+    p_sum = (probs * m.unsqueeze(1)).sum(0)
+    z_sum = (torch.logsumexp(logits.float(), dim=-1).square() * m).sum()
+    with torch.no_grad():
+        counts = torch.zeros(E, device=probs.device).index_add_(
+            0, ids.reshape(-1), m.repeat_interleave(ids.shape[1]))
+    return torch.cat([p_sum, z_sum.view(1), counts, m.sum().view(1)])
+
+
+def load_balancing_loss(counts: Tensor, p_sum: Tensor, tokens: Tensor, num_experts: int) -> Tensor:
+    """transformers' aux loss from summed statistics: counts and p_sum [E] summed over layers
+    and tokens, `tokens` the number of (layer, token) rows they sum over."""
+    return num_experts * torch.sum((counts / tokens) * (p_sum / tokens))
+
+
+def aux_loss_parts(stats: Tensor, num_experts: int, group_list) -> tuple[Tensor, Tensor, dict]:
+    """This rank's differentiable parts of the load-balancing loss and the z-loss, whose sums
+    over the token-holding ranks are the global micro batch's losses, and their reduced
+    values for the metrics.
+
+    stats [L, 2E + 2] (rows as `layer_stats`). The counts are global (all-reduced over
+    `group_list`); the probability sums are local, so the local part is linear in them and the
+    gradient of the sum over ranks reaches every rank's routers exactly."""
+    E, L = num_experts, stats.shape[0]
+    with torch.no_grad():
+        glob = stats.detach().clone()
+        for group in group_list:
+            if group_size(group) > 1:
+                dist.all_reduce(glob, group=group)
+    counts, tokens = glob[:, E + 1: 2 * E + 1].sum(0), glob[:, -1].sum().clamp_min(1)
+    aux_part = load_balancing_loss(counts, stats[:, :E].sum(0), tokens, E)
+    # z-loss (Zoph et al. 2022) per layer, mean over tokens, summed over layers as in Megatron
+    z_part = stats[:, E].sum() * L / tokens
+    values = {"aux": float(load_balancing_loss(counts, glob[:, :E].sum(0), tokens, E)),
+              "z": float(glob[:, E].sum() * L / tokens), "counts": glob[:, E + 1: 2 * E + 1]}
+    return aux_part, z_part, values
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Returns `output` unchanged; in backward the auxiliary loss gets gradient `scale`, as if
+    `scale x aux` had been added to the loss (Megatron's MoEAuxLossAutoScaler). The engine's
+    loss is a per-token sum normalised by the global batch; the aux loss is a per-micro-batch
+    mean, so it joins the gradient here rather than the per-token loss."""
+
+    @staticmethod
+    def forward(ctx, output, aux, scale):
+        ctx.save_for_backward(aux)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.full_like(aux, ctx.scale), None
+
+
+class GroupedLinear(nn.Module):
+    """One weight [local experts, out, in] for all of a rank's experts."""
+
+    def __init__(self, shape, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+        self.weight.expert = True  # reduced over expert-dp, not dp (parallel/data_parallel.py)
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig, st: ParallelState, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        p = f"decoder.layers.{layer_idx}.mlp.experts."
+        self.linear_fc1 = GroupedLinear(layout_on(p + "linear_fc1.weight", cfg, st).local_shape, dtype, device)
+        self.linear_fc2 = GroupedLinear(layout_on(p + "linear_fc2.weight", cfg, st).local_shape, dtype, device)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_moe_experts, cfg.hidden_size, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+class MoELayer(nn.Module):
+    """Router + experts for one layer. Takes [b, s, h] (or [b, s/tp, h] under sequence
+    parallelism) and returns the same shape and the layer's statistics row."""
+
+    def __init__(self, cfg: ModelConfig, st: ParallelState, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        self.cfg, self.st = cfg, st
+        self.router = Router(cfg, dtype, device)
+        self.experts = Experts(cfg, st, layer_idx, dtype, device)
+        self.capacity_factor: float | None = None  # set_moe_options
+        self.backend = "auto"
+        # Each tp rank routes its own share of the tokens (its sequence shard under SP, else a
+        # split of the replicated sequence), so the router's gradient is a partial sum over tp.
+        if st.tp_size > 1:
+            mark_tp_partial_grad(self.router.weight)
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        st, cfg = self.st, self.cfg
+        split = st.tp_size > 1 and not st.sp  # replicated over tp: each rank takes 1/tp of it
+        if split:
+            x = scatter_to_sp_region(x, st.tp_group, dim=1)
+        if token_mask is not None and st.tp_size > 1:
+            token_mask = token_mask.chunk(st.tp_size, dim=1)[st.tp_rank]
+        b, s, h = x.shape
+        flat = x.reshape(b * s, h)
+        logits = self.router(flat)
+        probs, weights, ids = route(logits, cfg.moe_router_topk, cfg.moe_norm_topk_prob)
+        keep = None
+        if self.capacity_factor is not None:
+            keep = capacity_keep(ids, weights, cfg.num_moe_experts, self.capacity_factor)
+        out = dispatch_combine(flat, ids, weights.to(x.dtype), cfg.num_moe_experts, self.experts.linear_fc1.weight,
+                               self.experts.linear_fc2.weight, keep=keep, ep_group=st.ep_group,
+                               etp_group=st.etp_group, backend=self.backend).view(b, s, h)
+        if split:
+            out = gather_from_tp_region(out, st.tp_group, dim=1)
+        mask = None if token_mask is None else token_mask.reshape(-1)
+        return out, layer_stats(logits, probs, ids, mask)
