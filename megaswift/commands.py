@@ -30,8 +30,6 @@ def plan_layout(cfg, world_size: int, model_cfg=None) -> Layout:
                           f"ulysses={p.ulysses}, cp={p.cp} (use cp_comm ring or ulysses for the ends)")
     layout = Layout(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp,
                     ulysses=ulysses if p.cp > 1 else 1)
-    if p.ep > 1:
-        raise LayoutError(f"parallel.ep={p.ep} is not supported by this command yet; use 1")
     if p.pp == 1 and (p.vpp > 1 or p.pp_layers):
         raise LayoutError(f"parallel.vpp={p.vpp} / parallel.pp_layers={p.pp_layers} need parallel.pp > 1")
     stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
@@ -110,7 +108,7 @@ def verify_command(ns, cfg) -> int:
 
     model_cfg = hf_model_config(ns.hf_dir, cfg)
     st = setup_parallel(cfg, model_cfg)
-    st.layout.check_seq_len(ns.seq_len)
+    st.layout.check_seq_len(ns.seq_len, moe=bool(model_cfg.moe_layers))
     tol = ns.tolerance if ns.tolerance is not None else (1e-4 if ns.dtype == "float32" else 5e-2)
     model = build_model(cfg, model_cfg, st, DTYPES[ns.dtype])
     result = verify(ns.hf_dir, model, DTYPES[ns.dtype], ns.seq_len, ns.batch_size, ns.seed,

@@ -246,6 +246,29 @@ class ParallelSection(_Checked):
 
 
 @dataclass(kw_only=True)
+class MoESection(_Checked):
+    _section: ClassVar[str] = "moe"
+
+    aux_loss_coef: float | None = _at_least(0.0, None)
+    """Load-balancing loss weight; None follows transformers: the checkpoint's
+    router_aux_loss_coef when its output_router_logits is true, else no load-balancing loss."""
+    z_loss_coef: float = _at_least(0.0, 0.0)
+    """Router z-loss weight (ST-MoE): mean squared log-sum-exp of the router logits per layer."""
+    capacity_factor: float | None = None
+    """None routes every token to its top-k experts (drop-less); a number caps each expert at
+    ceil(capacity_factor x tokens x top-k / experts) of a rank's assignments and drops the
+    lowest-probability rest."""
+    expert_backend: Literal["auto", "grouped", "loop"] = "auto"
+    """Expert compute: one grouped GEMM over a rank's experts (torch._grouped_mm), a loop over
+    experts (the reference), or auto (grouped where the kernel supports the shapes)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"moe.capacity_factor must be > 0 (or null for drop-less); got {self.capacity_factor}")
+
+
+@dataclass(kw_only=True)
 class DataSection(_Checked):
     _section: ClassVar[str] = "data"
 
@@ -341,6 +364,7 @@ class Config(_Checked):
 
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    moe: MoESection = field(default_factory=MoESection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)

@@ -14,6 +14,11 @@ every element of every bucket (the reduction is an all-reduce). With ZeRO-1 (Raj
 a reduce-scatter, a rank keeps AdamW state and takes the step for its own shard only, and an
 all-gather of the parameter shards follows the step. Both paths share all of this code; only the
 shard bounds and the two collectives differ, so ZeRO-1 equals plain DP by construction.
+
+Mixture-of-experts models have two kinds of weights with two data-parallel groups: dense weights
+are replicated over dp x cp, expert weights over expert-dp (the ranks that hold the same experts:
+tp x cp x dp / (ep x etp)). `DataParallelSet` keeps one DataParallel per kind and presents them
+as one to the engine and the optimizer.
 """
 from __future__ import annotations
 
@@ -144,6 +149,10 @@ class DataParallel:
         `weights[p]` is 1/(number of model-parallel ranks that hold the same element): a scalar,
         or a tensor shaped like p when only some rows are replicated. Pieces are disjoint across
         dp under ZeRO and identical without it, so the dp sum is taken only under ZeRO."""
+        return _sum_over(self.grad_sq(weights), model_parallel_groups).sqrt()
+
+    def grad_sq(self, weights: dict[nn.Parameter, float | torch.Tensor]) -> torch.Tensor:
+        """Weighted sum of squared gradients of this dp group's copy of the parameters."""
         sq = torch.zeros((), dtype=torch.float32, device=self.buckets[0].grad.device)
         for piece in self.pieces:
             w = weights.get(piece.param, 1.0)
@@ -155,10 +164,7 @@ class DataParallel:
             sq += g2.sum()
         if self.zero and self.dp > 1:
             dist.all_reduce(sq, group=self.group)
-        for group in model_parallel_groups:
-            if group_size(group) > 1:
-                dist.all_reduce(sq, group=group)
-        return sq.sqrt()
+        return sq
 
     def scale_grads(self, factor: float) -> None:
         for b in self.buckets:
@@ -189,3 +195,62 @@ class DataParallel:
         """Cut a whole-bucket flat tensor into tensors shaped like its parameters."""
         b = self.buckets[bucket_index]
         return {p: flat[off: off + p.numel()].view_as(p) for p, off in zip(b.params, b.offsets)}
+
+
+def _sum_over(x: torch.Tensor, groups) -> torch.Tensor:
+    for group in groups:
+        if group_size(group) > 1:
+            dist.all_reduce(x, group=group)
+    return x
+
+
+class DataParallelSet:
+    """Dense weights reduced over dp x cp, expert weights (marked `p.expert`) over expert-dp:
+    one DataParallel each, driven as one. Every rank of a pipeline stage holds the same layers,
+    so all of them have (or lack) the expert part and issue the same collectives."""
+
+    def __init__(self, params: list[nn.Parameter], st, *, zero: int = 0, bucket_numel: int = 40_000_000):
+        dense = [p for p in params if not getattr(p, "expert", False)]
+        expert = [p for p in params if getattr(p, "expert", False)]
+        self.parts: list[tuple[DataParallel, tuple]] = [
+            (DataParallel(dense, st.dp_cp_group, zero=zero, bucket_numel=bucket_numel), (st.tp_group,))]
+        if expert:
+            # each expert element sits once on the ep x etp ranks of an expert-dp replica
+            self.parts.append((DataParallel(expert, st.edp_group, zero=zero, bucket_numel=bucket_numel),
+                               (st.etp_group, st.ep_group)))
+        self.pp_group = st.pp_group
+
+    @property
+    def sync(self) -> bool:
+        return self.parts[0][0].sync
+
+    @sync.setter
+    def sync(self, value: bool) -> None:
+        for part, _ in self.parts:
+            part.sync = value
+
+    @property
+    def pieces(self) -> list[Piece]:
+        return [piece for part, _ in self.parts for piece in part.pieces]
+
+    def zero_grad(self) -> None:
+        for part, _ in self.parts:
+            part.zero_grad()
+
+    def finish_grad_sync(self) -> None:
+        for part, _ in self.parts:
+            part.finish_grad_sync()
+
+    def grad_norm(self, weights: dict[nn.Parameter, float | torch.Tensor]) -> torch.Tensor:
+        """Global L2 norm: each part's squares summed over the ranks that hold distinct pieces of
+        it, then the parts added and summed over the pipeline stages."""
+        total = sum(_sum_over(part.grad_sq(weights), groups) for part, groups in self.parts)
+        return _sum_over(total, (self.pp_group,)).sqrt()
+
+    def scale_grads(self, factor: float) -> None:
+        for part, _ in self.parts:
+            part.scale_grads(factor)
+
+    def gather_params(self) -> None:
+        for part, _ in self.parts:
+            part.gather_params()

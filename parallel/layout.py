@@ -45,10 +45,10 @@ class Layout:
                               f"ulysses x ring ranks")
         per_stage = self.world_size // self.pp
         if per_stage % (self.ep * self.etp):
-            raise LayoutError(
-                f"ranks per pipeline stage, tp({self.tp}) * cp({self.cp}) * dp({self.dp}) = {per_stage},"
-                f" is not divisible by ep({self.ep}) * etp({self.etp}) = {self.ep * self.etp}"
-            )
+            where = (f"world size {self.world_size}" if self.pp == 1 else
+                     f"ranks per pipeline stage, world size {self.world_size} / pp({self.pp}) = {per_stage},")
+            raise LayoutError(f"{where} is not divisible by ep({self.ep}) * etp({self.etp}) = {self.ep * self.etp};"
+                              f" choose ep * etp among {_divisors(per_stage)}")
 
     @property
     def dp(self) -> int:
@@ -95,20 +95,38 @@ class Layout:
                                   f"divide one another")
         if cfg.num_layers < self.pp:
             raise LayoutError(f"num_layers ({cfg.num_layers}) is smaller than pp ({self.pp})")
+        self._check_experts(cfg)
 
-    def check_seq_len(self, seq_len: int) -> None:
-        """Sequence parallelism shards the sequence over tp ranks outside attention and MLP;
-        context parallelism cuts it into 2 x cp chunks (two per rank, for causal balance)."""
-        if self.cp > 1 and seq_len % (2 * self.cp * (self.tp if self.sp else 1)):
-            m = 2 * self.cp * (self.tp if self.sp else 1)
-            raise LayoutError(f"sequence length {seq_len} is not divisible by 2 x cp ({self.cp})"
-                              f"{f' x tp ({self.tp}) under sp' if self.sp and self.tp > 1 else ''} = {m}; "
-                              f"use a multiple of {m}")
-        if self.sp and self.tp > 1 and seq_len % self.tp:
-            raise LayoutError(
-                f"sequence length {seq_len} is not divisible by tp ({self.tp}), which"
-                " parallel.sp requires; pad the sequence or turn sp off"
-            )
+    def _check_experts(self, cfg) -> None:
+        if not cfg.moe_layers:
+            if self.ep > 1 or self.etp > 1:
+                raise LayoutError(f"parallel.ep={self.ep} / parallel.etp={self.etp} split experts, but this "
+                                  f"{cfg.family} model has none; use 1")
+            return
+        if cfg.num_moe_experts % self.ep:
+            raise LayoutError(f"the number of experts ({cfg.num_moe_experts}) is not divisible by ep ({self.ep});"
+                              f" choose ep among {_divisors(cfg.num_moe_experts)}")
+        if cfg.moe_ffn_hidden_size % self.etp:
+            raise LayoutError(f"the expert width moe_intermediate_size ({cfg.moe_ffn_hidden_size}) is not divisible "
+                              f"by etp ({self.etp}); choose etp among {_divisors(cfg.moe_ffn_hidden_size)}")
+
+    def seq_multiple(self, moe: bool = False) -> int:
+        """What every sequence (every document under cp) is cut into: 2 x cp chunks for context
+        parallelism (two per rank, for causal balance), times tp when the tokens are split over
+        tp ranks too (sequence parallelism; MoE layers, which route 1/tp of them per tp rank)."""
+        split = self.tp if (self.sp or moe) else 1
+        return (2 * self.cp if self.cp > 1 else 1) * split
+
+    def check_seq_len(self, seq_len: int, moe: bool = False) -> None:
+        m = self.seq_multiple(moe)
+        if seq_len % m == 0:
+            return
+        parts, why = [f"2 x cp ({self.cp})"] if self.cp > 1 else [], ""
+        if self.tp > 1 and (self.sp or moe):
+            parts.append(f"tp ({self.tp})")
+            why = " (parallel.sp splits the sequence over tp)" if self.sp else " (MoE layers split tokens over tp)"
+        raise LayoutError(f"sequence length {seq_len} is not divisible by {' x '.join(parts)} = {m}{why}; "
+                          f"use a multiple of {m}")
 
 
 def _divisors(n: int) -> list[int]:

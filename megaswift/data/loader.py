@@ -101,7 +101,8 @@ class SFTLoader:
     def next_global_batch(self) -> list[dict]:
         """This rank's micro batches of the next global batch, in order; each a dict of [mb, seq_len]
         long tensors: input_ids, labels (-100 = no loss), position_ids, and document_ids (packing
-        only, else None); num_tokens counts the tokens that are not padding."""
+        only, else None), token_mask (1 for real tokens, 0 for padding); num_tokens counts the
+        tokens that are not padding."""
         gbs, share = self.global_batch_size, self.global_batch_size // self.dp_size
         every = self._items(self.consumed_items, gbs)
         self.last_loss_tokens = sum(self._loss_tokens[i] for item in every for i in item)
@@ -116,6 +117,7 @@ class SFTLoader:
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
         document_ids = torch.zeros(shape, dtype=torch.long)
+        token_mask = torch.zeros(shape, dtype=torch.long)
         real = 0
         for row, item in enumerate(items):
             off = 0
@@ -128,12 +130,14 @@ class SFTLoader:
                 document_ids[row, off: off + n] = d
                 off += n
             real += off
+            token_mask[row, :off] = 1
             # Padding is one more document: it attends only to itself, so real tokens never see it,
             # and ids stay non-decreasing, as varlen kernels expect.
             position_ids[row, off:] = torch.arange(self.seq_len - off)
             document_ids[row, off:] = len(item)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "document_ids": document_ids if self.packing else None, "num_tokens": real}
+                "document_ids": document_ids if self.packing else None, "token_mask": token_mask,
+                "num_tokens": real}
 
     # -- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -77,6 +77,14 @@ class PipelineModel:
         for chunk in self.chunks:
             chunk.set_recompute(mode)
 
+    def set_moe_options(self, **options) -> None:
+        for chunk in self.chunks:
+            chunk.set_moe_options(**options)
+
+    def pop_moe_stats(self) -> dict | None:
+        """The last stage's router statistics of its last micro batch; None on other ranks."""
+        return self.chunks[-1].pop_moe_stats() if self.has_last else None
+
     def train(self, mode: bool = True) -> "PipelineModel":
         for chunk in self.chunks:
             chunk.train(mode)
@@ -149,15 +157,18 @@ class PipelineModel:
 
 class StageModule(nn.Module):
     """What a PipelineStage runs: the first stage takes token ids, the others the hidden states
-    of the stage before; position/document ids and labels come to every stage as keyword
-    arguments (each stage's attention needs them; only the last uses the labels)."""
+    of the stage before (and, for MoE models, the router statistics, models/moe.py);
+    position/document ids, token mask and labels come to every stage as keyword arguments (each
+    stage's attention needs them; only the last uses the labels)."""
 
     def __init__(self, chunk: GPTModel):
         super().__init__()
         self.chunk = chunk
 
-    def forward(self, x, position_ids, document_ids=None, labels=None, cp_index=None):
-        kw = dict(position_ids=position_ids, document_ids=document_ids, labels=labels, cp_index=cp_index)
+    def forward(self, x, moe_stats=None, *, position_ids, document_ids=None, labels=None, cp_index=None,
+                token_mask=None):
+        kw = dict(position_ids=position_ids, document_ids=document_ids, labels=labels, cp_index=cp_index,
+                  token_mask=token_mask)
         if self.chunk.pre_process:
             return self.chunk(x, **kw)
-        return self.chunk(None, hidden_states=x, **kw)
+        return self.chunk(None, hidden_states=x, moe_stats=moe_stats, **kw)

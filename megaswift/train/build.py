@@ -56,7 +56,7 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
         raise ConfigError("nothing to train: set model.hf_path (an HF checkpoint) or checkpoint.load "
                           "(a megaswift checkpoint, or 'latest' to resume in train.output_dir)")
     layout = plan_layout(cfg, world_size, model_cfg)
-    layout.check_seq_len(cfg.data.seq_len)
+    layout.check_seq_len(cfg.data.seq_len, moe=bool(model_cfg.moe_layers))
     t = cfg.train
     gbs = t.global_batch(layout.dp)
     if gbs % (t.micro_batch_size * layout.dp):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megaswift import device
 from megaswift.checkpoint import train_state
 from megaswift.convert.hf_export import DTYPES
-from megaswift.parallel.data_parallel import DataParallel
+from megaswift.parallel.data_parallel import DataParallelSet
 from megaswift.parallel.tp_comm import group_size
 from megaswift.parallel.watchdog import Watchdog, inject_test_fault
 
@@ -77,10 +77,19 @@ class Trainer:
         self.resumed_elapsed_s = 0.0  # wall time of the run before the checkpoint it resumed
         model.set_attention_backend(cfg.model.attention_backend)
         model.set_recompute(cfg.train.recompute)
-        self.dp = DataParallel(list(model.parameters()), st.dp_cp_group, zero=cfg.optim.zero,
-                               bucket_numel=cfg.parallel.ddp_bucket_size)
+        self.dp = DataParallelSet(list(model.parameters()), st, zero=cfg.optim.zero,
+                                  bucket_numel=cfg.parallel.ddp_bucket_size)
         self.optimizer = optim.build_optimizer(self.dp, cfg.optim, self.device.type == "cuda")
         self.norm_weights = model.grad_norm_weights()
+        t = cfg.train
+        self.n_micro = t.global_batch(st.dp_size) // (t.micro_batch_size * st.dp_size)
+        self.moe_layers = model.cfg.moe_layers
+        if self.moe_layers:  # the auxiliary losses of the step are the mean over its micro batches
+            m = cfg.moe
+            model.set_moe_options(aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef,
+                                  capacity_factor=m.capacity_factor, backend=m.expert_backend,
+                                  grad_scale=1.0 / self.n_micro)
+        self._moe_step: dict[int, dict] = {}
         self.pipeline = self._build_pipeline() if st.pp_size > 1 else None
         # point-to-point waits (pipeline, ring attention) never time out on gloo: see parallel/watchdog.py
         self.watchdog = Watchdog(cfg.parallel.timeout_s) if st.layout.world_size > 1 else None
@@ -99,9 +108,7 @@ class Trainer:
     def _build_pipeline(self):
         from megaswift.parallel.pipeline import PipelineRunner
 
-        t = self.cfg.train
-        n_micro = t.global_batch(self.st.dp_size) // (t.micro_batch_size * self.st.dp_size)
-        return PipelineRunner(self.model.stage_modules(), self.model.num_stages, self.model.schedule, n_micro,
+        return PipelineRunner(self.model.stage_modules(), self.model.num_stages, self.model.schedule, self.n_micro,
                               self.st.pp_group, self.device)
 
     # -- one optimizer step ----------------------------------------------------------------------
@@ -143,7 +150,7 @@ class Trainer:
             else:  # PP: the fix-ups are sums, so they run on the local gradients first; then dp reduces
                 self.model.finalize_grads()
                 dp.finish_grad_sync()
-        grad_norm = dp.grad_norm(self.norm_weights, (st.tp_group, st.pp_group)).item()
+        grad_norm = dp.grad_norm(self.norm_weights).item()
         clip = self.cfg.optim.clip_grad
         if clip > 0 and grad_norm > clip:
             dp.scale_grads(clip / (grad_norm + 1e-6))
@@ -158,7 +165,37 @@ class Trainer:
                "tokens": int(round(total_tokens)), "loss_tokens": int(total_units)}
         out.update({k: v / max(total_units, 1) for k, v in zip(keys, sums[1:])})
         out.update(timing)
+        if self.moe_layers:
+            out.update(self._moe_metrics())
         return out
+
+    # -- mixture of experts ------------------------------------------------------------------------
+    def _keep_moe_stats(self, i: int) -> None:
+        if self.moe_layers:
+            self._moe_step[i] = self.model.pop_moe_stats()
+
+    def _moe_metrics(self) -> dict:
+        """Load-balancing and z-loss (means over the step's micro batches), tokens routed to each
+        expert of each MoE layer, and per layer the max/mean expert load (1 = perfect balance).
+        The statistics are the global micro batches' (models/moe.py); under PP only the last
+        stage has them, so they are summed over the pp group."""
+        n_layers, n_exp = len(self.moe_layers), self.model.cfg.num_moe_experts
+        t = torch.zeros(2 + n_layers * n_exp, dtype=torch.float64, device=self.device)
+        for stats in self._moe_step.values():
+            if stats:
+                t[0] += stats["aux"]
+                t[1] += stats["z"]
+                t[2:] += stats["counts"].reshape(-1).to(t)
+        self._moe_step = {}
+        if self.st.pp_size > 1:
+            dist.all_reduce(t, group=self.st.pp_group)
+        counts = t[2:].view(n_layers, n_exp)
+        load = (counts.max(1).values / counts.mean(1).clamp_min(1e-9)).tolist()
+        return {"moe_aux_loss": t[0].item() / self.n_micro, "moe_z_loss": t[1].item() / self.n_micro,
+                "moe_tokens_per_expert": {str(layer): [int(round(c)) for c in row]
+                                          for layer, row in zip(self.moe_layers, counts.tolist())},
+                "moe_load_max_mean": {str(layer): round(x, 4) for layer, x in zip(self.moe_layers, load)},
+                "moe_max_load_ratio": max(load)}
 
     # -- which rank failed ------------------------------------------------------------------------
     def _mark_computed(self) -> None:
@@ -211,7 +248,7 @@ class Trainer:
         from megaswift.parallel.context_parallel import shard_batch
 
         st = self.st
-        return shard_batch(mb, st.cp_size, st.cp_rank, multiple=2 * st.cp_size * (st.tp_size if st.sp else 1))
+        return shard_batch(mb, st.cp_size, st.cp_rank, multiple=st.layout.seq_multiple(bool(self.moe_layers)))
 
     def _forward_backward(self, micro_batches, total_units):
         """Micro batches one after another; dp reduces during the last one's backward."""
@@ -221,6 +258,7 @@ class Trainer:
             self.dp.sync = i == len(micro_batches) - 1
             with self._autocast():
                 loss_sum, extra = self.alg.loss_sum(self.model, mb)
+            self._keep_moe_stats(i)
             (loss_sum / max(total_units, 1)).backward()
             loss_acc += loss_sum.detach().double()
             for k, v in extra.items():
@@ -234,6 +272,7 @@ class Trainer:
 
         def loss_of(output, i):
             loss_sum, extra = self.alg.loss_from_output(output, micro_batches[i])
+            self._keep_moe_stats(i)
             # torch's shape inference calls this once more for micro batch 0: keyed, not added
             results[i] = (float(loss_sum.detach()), {k: float(v) for k, v in extra.items()})
             return loss_sum / max(total_units, 1)

@@ -34,11 +34,15 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 
 def matmul_params(cfg) -> int:
-    """Weights that take part in a matmul per token: every linear layer and the output layer."""
+    """Weights that take part in a matmul per token: every linear layer and the output layer; in
+    an MoE layer the router and the top-k experts a token goes to (active parameters)."""
     h, hd = cfg.hidden_size, cfg.kv_channels
     nq, ng = cfg.num_attention_heads, cfg.num_query_groups
-    per_layer = h * (nq + 2 * ng) * hd + nq * hd * h + 3 * h * cfg.ffn_hidden_size
-    return cfg.num_layers * per_layer + h * cfg.vocab_size
+    attention = h * (nq + 2 * ng) * hd + nq * hd * h
+    n_moe = len(cfg.moe_layers)
+    dense_mlp = (cfg.num_layers - n_moe) * 3 * h * cfg.ffn_hidden_size
+    moe_mlp = n_moe * (h * cfg.num_moe_experts + cfg.moe_router_topk * 3 * h * cfg.moe_ffn_hidden_size)
+    return cfg.num_layers * attention + dense_mlp + moe_mlp + h * cfg.vocab_size
 
 
 class MetricsLogger:

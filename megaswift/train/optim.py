@@ -10,12 +10,12 @@ import math
 import torch
 from torch import nn
 
-from megaswift.parallel.data_parallel import DataParallel
+from megaswift.parallel.data_parallel import DataParallel, DataParallelSet
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def build_optimizer(dp: DataParallel, optim_cfg, on_cuda: bool) -> torch.optim.AdamW:
+def build_optimizer(dp: DataParallel | DataParallelSet, optim_cfg, on_cuda: bool) -> torch.optim.AdamW:
     """Weight decay on matrices only: norms and biases (1-D) are left alone, as in Megatron."""
     decay, no_decay = [], []
     for piece in dp.pieces:
@@ -49,19 +49,25 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def full_state(dp: DataParallel, optimizer: torch.optim.Optimizer) -> dict[str, dict[nn.Parameter, torch.Tensor]]:
+def full_state(dp: DataParallel | DataParallelSet, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
     """{'exp_avg': {param: tensor shaped like the param}, ...} for the checkpoint.
 
     Without ZeRO every rank holds the whole state and DCP writes each tensor once. Under ZeRO-1
     the buckets are all-gathered one at a time and each dp rank keeps only every dp-th parameter,
     so a save costs one bucket of extra memory, not the whole unsharded state."""
     out: dict[str, dict[nn.Parameter, torch.Tensor]] = {key: {} for key in STATE_KEYS}
+    for part in [p for p, _ in dp.parts] if isinstance(dp, DataParallelSet) else [dp]:
+        _part_state(part, optimizer, out)
+    return out
+
+
+def _part_state(dp: DataParallel, optimizer, out: dict) -> None:
     if not dp.zero or dp.dp == 1:
         for piece in dp.pieces:  # a piece is a whole parameter here
             state = optimizer.state.get(piece.data)
             for key in STATE_KEYS if state else ():
                 out[key][piece.param] = state[key].view_as(piece.param)
-        return out
+        return
     index = 0
     for i, b in enumerate(dp.buckets):
         lo, hi = b.shard
@@ -77,10 +83,9 @@ def full_state(dp: DataParallel, optimizer: torch.optim.Optimizer) -> dict[str, 
                 if (index + j) % dp.dp == dp.dp_rank:
                     out[key][p] = view.clone()
         index += len(b.params)
-    return out
 
 
-def load_full_state(dp: DataParallel, optimizer: torch.optim.Optimizer, state: dict, step: int) -> None:
+def load_full_state(dp: DataParallel | DataParallelSet, optimizer: torch.optim.Optimizer, state: dict, step: int) -> None:
     """Inverse of full_state: keep this rank's pieces of each parameter's state."""
     fused = bool(optimizer.defaults.get("fused"))
     for piece in dp.pieces:

@@ -34,7 +34,8 @@ class SFT(Algorithm):
 
     def forward_inputs(self, mb: dict) -> dict:
         return {"input_ids": mb["input_ids"], "position_ids": mb["position_ids"],
-                "document_ids": mb.get("document_ids"), "labels": mb["labels"], "cp_index": mb.get("cp_index")}
+                "document_ids": mb.get("document_ids"), "labels": mb["labels"], "cp_index": mb.get("cp_index"),
+                "token_mask": mb.get("token_mask")}
 
     def loss_from_output(self, per_token_loss, mb: dict):
         return per_token_loss.sum(), {}
