@@ -47,3 +47,16 @@ def deep_hf(tmp_path_factory):
     root = tmp_path_factory.mktemp("deep_hf")
     return {f: make_tiny_hf(f, str(root / f), seed=10 + i, num_hidden_layers=8)
             for i, f in enumerate(("llama", "qwen2"))}
+
+
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+
+
+@pytest.fixture(scope="session")
+def moe_hf(tmp_path_factory):
+    """family -> tiny MoE checkpoint: qwen3_moe (8 experts, top-2 unnormalised, layer 1 dense,
+    load-balancing loss on) and mixtral (4 experts, top-2 normalised, every layer MoE)."""
+    from megaswift.testing.tiny import make_tiny_hf
+
+    root = tmp_path_factory.mktemp("moe_hf")
+    return {f: make_tiny_hf(f, str(root / f), seed=20 + i) for i, f in enumerate(MOE_FAMILIES)}
