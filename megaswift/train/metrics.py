@@ -92,6 +92,8 @@ class MetricsLogger:
             parts.append(f"MFU {100 * m['mfu']:.1f}%")
         if m.get("pp_bubble") is not None:
             parts.append(f"bubble {100 * m['pp_bubble']:.0f}%")
+        if m.get("moe_max_load_ratio") is not None:
+            parts.append(f"aux {m['moe_aux_loss']:.3f} load {m['moe_max_load_ratio']:.2f}")
         parts.append(f"mem {m['peak_mem_gb']:.2f} GB")
         return "  ".join(parts)
 
@@ -109,6 +111,8 @@ class MetricsLogger:
                 "tokens": sum(m["tokens"] for m in h), "tokens_per_s": tok_s,
                 "mfu": sum(mfus) / len(mfus) if mfus else None,
                 "pp_bubble": sum(bubbles) / len(bubbles) if bubbles else None, "elapsed_s": h[-1]["elapsed_s"],
+                "moe": ({k: (h[0][k], h[-1][k]) for k in ("moe_aux_loss", "moe_max_load_ratio")}
+                        if "moe_aux_loss" in h[0] else None),
                 "peak_mem_gb": max(m["peak_mem_gb"] for m in h)}
 
     def close(self) -> None:
@@ -155,12 +159,16 @@ def format_summary(algorithm: str, s: dict, cfg) -> str:
     lines = [
         f"megaswift {algorithm}: {s['steps']} steps in {s['elapsed_s']:.1f} s",
         f"  layout      tp={p.tp} pp={p.pp} cp={p.cp} sp={p.sp} zero={cfg.optim.zero} recompute={cfg.train.recompute}"
-        + (f" pp_schedule={p.pp_schedule} vpp={p.vpp}" if p.pp > 1 else ""),
+        + (f" pp_schedule={p.pp_schedule} vpp={p.vpp}" if p.pp > 1 else "")
+        + (f" ep={p.ep} etp={p.etp}" if s.get("moe") else ""),
         f"  loss        {s['first_loss']:.4f} -> {s['last_loss']:.4f} (min {s['min_loss']:.4f})",
         f"  tokens      {s['tokens']:,} at {s['tokens_per_s']:,.0f} tokens/s (steps after the first)",
         f"  MFU         {mfu}",
         *([f"  pp bubble   {100 * s['pp_bubble']:.1f}% of the pp ranks' time spent waiting"]
           if s.get("pp_bubble") is not None else []),
+        *([f"  experts     load-balancing loss {s['moe']['moe_aux_loss'][0]:.4f} -> {s['moe']['moe_aux_loss'][1]:.4f}, "
+           f"max/mean expert load {s['moe']['moe_max_load_ratio'][0]:.2f} -> {s['moe']['moe_max_load_ratio'][1]:.2f}"]
+          if s.get("moe") else []),
         f"  peak memory {s['peak_mem_gb']:.2f} GB (rank 0)",
         f"  metrics     {os.path.join(cfg.train.output_dir, 'metrics.jsonl')}",
     ]
