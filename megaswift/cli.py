@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(s)
 
     s = sub.add_parser("tiny-hf", help="write a tiny random-weight HF checkpoint (tests, quickstart)")
-    s.add_argument("family", choices=["llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral"])
+    s.add_argument("family", choices=["llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "qwen2_moe", "mixtral"])
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     return p

@@ -49,13 +49,14 @@ def deep_hf(tmp_path_factory):
             for i, f in enumerate(("llama", "qwen2"))}
 
 
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 
 
 @pytest.fixture(scope="session")
 def moe_hf(tmp_path_factory):
     """family -> tiny MoE checkpoint: qwen3_moe (8 experts, top-2 unnormalised, layer 1 dense,
-    load-balancing loss on) and mixtral (4 experts, top-2 normalised, every layer MoE)."""
+    load-balancing loss on), mixtral (4 experts, top-2 normalised, every layer MoE) and qwen2_moe
+    (4 experts beside a gated shared expert, QKV bias)."""
     from megaswift.testing.tiny import make_tiny_hf
 
     root = tmp_path_factory.mktemp("moe_hf")

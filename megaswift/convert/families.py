@@ -129,7 +129,7 @@ class FamilySpec:
         prefix = f"model.layers.{i}."
         if local in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
             return _qkv_segments(cfg, prefix + "self_attn.", local.rsplit(".", 1)[1])
-        if local.startswith("mlp.router.") or local.startswith("mlp.experts."):
+        if local.startswith(("mlp.router.", "mlp.experts.", "mlp.shared_expert")):
             return self._moe_segments(local, prefix, cfg)
         if local == "mlp.linear_fc1.weight":
             f = cfg.ffn_hidden_size
@@ -151,6 +151,13 @@ class FamilySpec:
                     for e in range(E) for half, which in enumerate(("gate", "up"))]
         if local == "mlp.experts.linear_fc2.weight":
             return [Segment(e * H, H, names.expert(prefix, e, "down"), 0) for e in range(E)]
+        shared, S = f"{prefix}{names.block}shared_expert.", cfg.moe_shared_expert_ffn_hidden_size
+        if local == "mlp.shared_expert.linear_fc1.weight":
+            return [Segment(0, S, shared + "gate_proj.weight", 0), Segment(S, S, shared + "up_proj.weight", 0)]
+        if local == "mlp.shared_expert.linear_fc2.weight":
+            return [Segment(0, H, shared + "down_proj.weight", 0)]
+        if local == "mlp.shared_expert_gate.weight":
+            return [Segment(0, 1, f"{prefix}{names.block}shared_expert_gate.weight", 0)]
         raise KeyError(f"{self.name}: no HF source for {local!r}")
 
 
@@ -195,7 +202,7 @@ def _resolve_rule(rule, hf: dict):
     return rule
 
 
-def _qwen3_moe_layers(hf: dict) -> list[int]:
+def _qwen3_moe_layers(hf: dict) -> list[int]:  # Qwen2-MoE's rule too
     """transformers' rule: a layer has experts unless it is in mlp_only_layers, and only every
     decoder_sparse_step-th layer (1-based) does."""
     step, dense = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or [])
@@ -231,6 +238,13 @@ FAMILIES: dict[str, FamilySpec] = {
                    {"add_qkv_bias": _ATTN_BIAS, "add_proj_bias": _ATTN_BIAS, "qk_layernorm": True,
                     "num_moe_experts": HFKey("num_experts", aliases=("num_local_experts",)), "moe_ffn_hidden_size": HFKey("moe_intermediate_size"),
                     "moe_router_topk": HFKey("num_experts_per_tok"), "moe_norm_topk_prob": HFKey("norm_topk_prob", False),
+                    "moe_layer_ids": Derived(_qwen3_moe_layers), **_ROUTER_LOSS},
+                   moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj")),
+        FamilySpec("qwen2_moe", ("qwen2_moe",), "Qwen2MoeForCausalLM",
+                   {"add_qkv_bias": HFKey("qkv_bias", True), "num_moe_experts": HFKey("num_experts", aliases=(
+                       "num_local_experts",)), "moe_ffn_hidden_size": HFKey("moe_intermediate_size"),
+                    "moe_router_topk": HFKey("num_experts_per_tok"), "moe_norm_topk_prob": HFKey("norm_topk_prob", False),
+                    "moe_shared_expert_ffn_hidden_size": HFKey("shared_expert_intermediate_size", 0),
                     "moe_layer_ids": Derived(_qwen3_moe_layers), **_ROUTER_LOSS},
                    moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj")),
         FamilySpec("mixtral", ("mixtral",), "MixtralForCausalLM",

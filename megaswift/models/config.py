@@ -45,6 +45,9 @@ class ModelConfig:
     """Experts each token is sent to (HF num_experts_per_tok)."""
     moe_norm_topk_prob: bool = True
     """Renormalise the top-k router probabilities to sum to one (Mixtral always does)."""
+    moe_shared_expert_ffn_hidden_size: int = 0
+    """Width of the shared expert every token also goes through, gated by a sigmoid (Qwen2-MoE
+    shared_expert_intermediate_size); 0 means none."""
     moe_layer_ids: list[int] | None = None
     """Layers with experts; None means every layer when num_moe_experts > 0. Qwen3-MoE derives it
     from decoder_sparse_step and mlp_only_layers."""

@@ -90,9 +90,9 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU; linear_fc1 holds this rank's [gate; up] rows, so the split is local."""
 
-    def __init__(self, cfg: ModelConfig, st: ParallelState, dtype=None, device=None):
+    def __init__(self, cfg: ModelConfig, st: ParallelState, dtype=None, device=None, width: int | None = None):
         super().__init__()
-        f_local = cfg.ffn_hidden_size // st.tp_size
+        f_local = (width or cfg.ffn_hidden_size) // st.tp_size
         self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * f_local, tp_group=st.tp_group,
                                                sequence_parallel=st.sp, dtype=dtype, device=device)
         self.linear_fc2 = RowParallelLinear(f_local, cfg.hidden_size, tp_group=st.tp_group,

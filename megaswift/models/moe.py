@@ -147,8 +147,22 @@ class MoELayer(nn.Module):
         # split of the replicated sequence), so the router's gradient is a partial sum over tp.
         if st.tp_size > 1:
             mark_tp_partial_grad(self.router.weight)
+        self.shared_expert = self.shared_expert_gate = None
+        if cfg.moe_shared_expert_ffn_hidden_size:  # Qwen2-MoE: every token also takes a gated dense MLP
+            from .layers import MLP
+
+            self.shared_expert = MLP(cfg, st, dtype, device, width=cfg.moe_shared_expert_ffn_hidden_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, device=device)
+            if st.sp:  # the gate sees only this rank's sequence shard
+                mark_tp_partial_grad(self.shared_expert_gate.weight)
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        out, row = self._routed(x, token_mask)
+        if self.shared_expert is not None:  # on the layer's input as it comes (tp-split like any MLP)
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out, row
+
+    def _routed(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         st, cfg = self.st, self.cfg
         split = st.tp_size > 1 and not st.sp  # replicated over tp: each rank takes 1/tp of it
         if split:

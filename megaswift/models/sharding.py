@@ -108,6 +108,8 @@ def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int, *, ep: int 
     qkv_out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hd
     if ".experts." in name:
         return _expert_layout(name, cfg, ep, ep_rank, etp, etp_rank)
+    if ".shared_expert." in name:  # a dense SwiGLU MLP of its own width, split over tp
+        F = cfg.moe_shared_expert_ffn_hidden_size
     leaf = ".".join(name.split(".")[-2:])
     if leaf in ("word_embeddings.weight", "output_layer.weight"):
         vp = cfg.padded_vocab_size(tp) // tp
@@ -129,6 +131,8 @@ def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int, *, ep: int 
         return ShardLayout.replicated((H,))
     if leaf == "router.weight":  # replicated: every rank routes its own tokens
         return ShardLayout.replicated((cfg.num_moe_experts, H))
+    if leaf == "shared_expert_gate.weight":
+        return ShardLayout.replicated((1, H))
     if leaf.endswith("layernorm.weight"):
         size = hd if ("q_layernorm" in leaf or "k_layernorm" in leaf) else H
         return ShardLayout.replicated((size,))
@@ -148,6 +152,9 @@ def layer_param_names(cfg: ModelConfig, i: int) -> list[str]:
     names.append(p + "pre_mlp_layernorm.weight")
     if i in cfg.moe_layers:
         names += [p + "mlp.router.weight", p + "mlp.experts.linear_fc1.weight", p + "mlp.experts.linear_fc2.weight"]
+        if cfg.moe_shared_expert_ffn_hidden_size:
+            names += [p + "mlp.shared_expert.linear_fc1.weight", p + "mlp.shared_expert.linear_fc2.weight",
+                      p + "mlp.shared_expert_gate.weight"]
     else:
         names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
     return names

@@ -30,6 +30,9 @@ TINY_FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=4, head_dim=16, num_experts=8, num_experts_per_tok=2,
                                          moe_intermediate_size=24, mlp_only_layers=[1], norm_topk_prob=False,
                                          output_router_logits=True, router_aux_loss_coef=0.02)),
+    # a shared expert beside 4 routed ones, QKV bias, top-2
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                         shared_expert_intermediate_size=32, rope_theta=1000000.0)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0)),
 }
 

@@ -149,7 +149,7 @@ def test_import_refuses_to_overwrite(tiny_hf, tmp_path):
     assert (ckpt / "keep.txt").read_text() == "precious"
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_moe_import_ep_etp_export_is_bitwise_and_loads_in_transformers(moe_hf, tmp_path, family):
     """Imported at (ep=2, etp=2): each rank holds half the experts, half of each expert's width."""
     from transformers import AutoModelForCausalLM
