@@ -128,13 +128,21 @@ def _expert_major(block_counts: Tensor) -> Tensor:
 
 
 # -- expert compute --------------------------------------------------------------------------------
-def _grouped_ok(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's on CUDA (torch._grouped_mm is not an autocast
+    op, so the grouped path casts by hand), else the input's."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
+
+
+def _grouped_ok(x: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> bool:
     """torch._grouped_mm needs 16-byte aligned rows (and bf16 on CUDA)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.is_cuda and x.dtype != torch.bfloat16:
+    if x.is_cuda and dtype != torch.bfloat16:
         return False
-    size = x.element_size()
+    size = torch.empty((), dtype=dtype).element_size()
     return all((d * size) % 16 == 0 for d in (w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2]))
 
 
@@ -143,10 +151,12 @@ def expert_swiglu(x: Tensor, counts: list[int], w1: Tensor, w2: Tensor, backend:
 
     w1 [E_local, 2f, H] holds each expert's [gate; up] rows, w2 [E_local, H, f]. `grouped` runs all
     experts as two grouped GEMMs; `loop` runs them one by one (the reference: plain matmuls)."""
+    dtype = _compute_dtype(x)
     if backend == "auto":
-        backend = "grouped" if _grouped_ok(x, w1, w2) else "loop"
+        backend = "grouped" if _grouped_ok(x, w1, w2, dtype) else "loop"
     if backend == "grouped":
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)  # casts are differentiable: fp32 master grads
         h = torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2.transpose(1, 2), offs=offs)
@@ -179,7 +189,8 @@ def dispatch_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, num_experts
     order = torch.argsort(flat_e, stable=True)
     token_of, weight_of = flat_t[order], flat_w[order]
     counts = torch.bincount(flat_e, minlength=num_experts).view(ep, e_local)  # [dest ep rank, local expert]
-    rows = x.index_select(0, token_of)  # grouped by expert, hence by destination
+    # grouped by expert, hence by destination; in the compute dtype, so bf16 travels under autocast
+    rows = x.index_select(0, token_of).to(_compute_dtype(x))
     if ep > 1:
         recv = _exchange_counts(counts, ep_group)
         send_sizes, recv_sizes = counts.sum(1).tolist(), recv.sum(1).tolist()
@@ -198,7 +209,7 @@ def dispatch_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, num_experts
         y = _ReduceScatterRows.apply(y, etp_sizes, etp_group, dist.get_rank(etp_group))
     if ep > 1:
         y = all_to_all(y, send_sizes, recv_sizes, ep_group)
-    out = torch.zeros_like(x)
+    out = x.new_zeros(x.shape, dtype=y.dtype)  # the experts' dtype (bf16 under CUDA autocast)
     return out.index_add(0, token_of, y * weight_of.unsqueeze(1).to(y.dtype))
 
 

@@ -41,7 +41,8 @@ def _verify(rank, world, hf_dir, overrides):
 
 
 VERIFY = {"ep2": (2, {"parallel.ep": 2}), "tp2_ep2": (2, {"parallel.tp": 2, "parallel.ep": 2}),
-          "ep2_etp2": (4, {"parallel.ep": 2, "parallel.etp": 2})}
+          "ep2_etp2": (4, {"parallel.ep": 2, "parallel.etp": 2}),
+          "pp2_ep2": (4, {"parallel.pp": 2, "parallel.ep": 2})}
 
 
 @pytest.mark.parametrize("layout", list(VERIFY))
@@ -51,6 +52,36 @@ def test_logits_match_transformers(moe_hf, family, layout):
     results = run_distributed(_verify, world, moe_hf[family], overrides)
     assert all(r == results[0] for r in results)
     assert results[0]["max_abs_diff"] < 1e-4, results[0]
+
+
+def _capacity_logits(rank, world, hf_dir, capacity_factor):
+    import torch
+
+    from megaswift.commands import build_model, hf_model_config, plan_layout
+    from megaswift.config import load_config
+    from megaswift.convert.hf_import import load_hf_into_model
+    from megaswift.convert.verify import megaswift_logits
+    from megaswift.parallel.state import ParallelState
+
+    cfg = load_config(None, [f"--parallel.ep={world}"])
+    mc = hf_model_config(hf_dir, cfg)
+    model = build_model(cfg, mc, ParallelState.build(plan_layout(cfg, world, mc)), torch.float32)
+    load_hf_into_model(model, hf_dir)
+    model.set_moe_options(capacity_factor=capacity_factor)
+    tokens = torch.randint(0, mc.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    return megaswift_logits(model, tokens)
+
+
+def test_capacity_factor_drops_the_same_tokens_at_any_ep(moe_hf):
+    """Every rank routes the same tokens here, so ep=2 with capacity 0.5 drops exactly what one
+    process drops; and dropping changes the logits (it happened)."""
+    import torch
+
+    hf = moe_hf["mixtral"]
+    one = _capacity_logits(0, 1, hf, 0.5)
+    two = run_distributed(_capacity_logits, 2, hf, 0.5)
+    torch.testing.assert_close(two[0], one, rtol=1e-5, atol=1e-6)
+    assert (one - _capacity_logits(0, 1, hf, None)).abs().max() > 1e-3
 
 
 def _reads(rank, world, hf_dir):
@@ -108,6 +139,8 @@ LAYOUTS = {
     "ep2_etp2": ("mixtral", 4, 8, {"parallel__ep": 2, "parallel__etp": 2}),
     "pp2_tp2_ep2": ("qwen3_moe", 4, 2, {"parallel__pp": 2, "parallel__tp": 2, "parallel__ep": 2}),
     "cp2_ep2": ("mixtral", 2, 2, {"parallel__cp": 2, "parallel__ep": 2}),
+    "ep2_recompute_full": ("qwen3_moe", 2, 8, {"parallel__ep": 2, "train__micro_batch_size": 4,
+                                               "train__recompute": "full"}),
     "shared_tp2_sp_ep2": ("qwen2_moe", 2, 2, {"parallel__tp": 2, "parallel__sp": True, "parallel__ep": 2}),
 }
 

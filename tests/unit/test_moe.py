@@ -143,3 +143,25 @@ def test_layout_errors_name_the_numbers():
     with pytest.raises(LayoutError, match=r"sequence length 30 is not divisible by tp \(4\) = 4 \(MoE"):
         Layout(world_size=4, tp=4).check_seq_len(30, moe=True)
     Layout(world_size=4, ep=2, etp=2).check_model(_cfg())
+
+
+@pytest.mark.gpu
+def test_grouped_gemm_on_cuda_under_bf16_autocast():
+    """On CUDA the grouped path casts to the autocast dtype by hand (torch._grouped_mm is not an
+    autocast op); it must agree with the loop (which autocasts through F.linear) to bf16
+    precision, and the fp32 master weights must receive gradients."""
+    w1, w2 = (t.detach().cuda().requires_grad_() for t in _experts(E=4, f=64, H=128))
+    x = torch.randn(50, 128, device="cuda", requires_grad=True)
+    counts = [20, 0, 25, 5]
+    outs = {}
+    for backend in ("loop", "grouped"):
+        for t in (x, w1, w2):
+            t.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = expert_swiglu(x, counts, w1, w2, backend)
+        assert y.dtype == torch.bfloat16
+        y.float().pow(2).sum().backward()
+        outs[backend] = [y.float(), x.grad.clone(), w1.grad.clone(), w2.grad.clone()]
+    assert w1.grad.dtype == torch.float32
+    for a, b in zip(outs["loop"], outs["grouped"]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
