@@ -25,18 +25,25 @@ RTOL = 1e-5
 MOE = {"moe__z_loss_coef": 1e-3}  # the checkpoint turns the load-balancing loss on; add the z-loss too
 
 
-def _verify(rank, world, hf_dir, overrides):
+def _model(world, hf_dir, overrides):
+    """An empty model for this rank at the layout the `--key=value` overrides give."""
     import torch
 
     from megaswift.commands import build_model, hf_model_config, plan_layout
     from megaswift.config import load_config
-    from megaswift.convert.verify import verify
     from megaswift.parallel.state import ParallelState
 
     cfg = load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
     mc = hf_model_config(hf_dir, cfg)
-    st = ParallelState.build(plan_layout(cfg, world, mc))
-    model = build_model(cfg, mc, st, torch.float32)
+    return build_model(cfg, mc, ParallelState.build(plan_layout(cfg, world, mc)), torch.float32)
+
+
+def _verify(rank, world, hf_dir, overrides):
+    import torch
+
+    from megaswift.convert.verify import verify
+
+    model = _model(world, hf_dir, overrides)
     return verify(hf_dir, model, torch.float32, seq_len=64, batch_size=2, attention_backend="reference")
 
 
@@ -57,18 +64,13 @@ def test_logits_match_transformers(moe_hf, family, layout):
 def _capacity_logits(rank, world, hf_dir, capacity_factor):
     import torch
 
-    from megaswift.commands import build_model, hf_model_config, plan_layout
-    from megaswift.config import load_config
     from megaswift.convert.hf_import import load_hf_into_model
     from megaswift.convert.verify import megaswift_logits
-    from megaswift.parallel.state import ParallelState
 
-    cfg = load_config(None, [f"--parallel.ep={world}"])
-    mc = hf_model_config(hf_dir, cfg)
-    model = build_model(cfg, mc, ParallelState.build(plan_layout(cfg, world, mc)), torch.float32)
+    model = _model(world, hf_dir, {"parallel.ep": world})
     load_hf_into_model(model, hf_dir)
     model.set_moe_options(capacity_factor=capacity_factor)
-    tokens = torch.randint(0, mc.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     return megaswift_logits(model, tokens)
 
 
@@ -86,23 +88,16 @@ def test_capacity_factor_drops_the_same_tokens_at_any_ep(moe_hf):
 
 def _reads(rank, world, hf_dir):
     """Import at (ep=2, etp=2) with the reader recording every tensor it opens."""
-    import torch
-
-    from megaswift.commands import build_model, hf_model_config, plan_layout
-    from megaswift.config import load_config
     from megaswift.convert.hf_import import load_hf_into_model
     from megaswift.convert.hf_io import HFReader
-    from megaswift.parallel.state import ParallelState
 
-    cfg = load_config(None, ["--parallel.ep=2", "--parallel.etp=2"])
-    mc = hf_model_config(hf_dir, cfg)
-    st = ParallelState.build(plan_layout(cfg, world, mc))
+    model = _model(world, hf_dir, {"parallel.ep": 2, "parallel.etp": 2})
     reader = HFReader(hf_dir)
     seen = set()
     read = reader.read
     reader.read = lambda name, *a: (seen.add(name), read(name, *a))[1]
-    load_hf_into_model(build_model(cfg, mc, st, torch.float32), hf_dir, reader)
-    return st.ep_rank, sorted(seen)
+    load_hf_into_model(model, hf_dir, reader)
+    return model.st.ep_rank, sorted(seen)
 
 
 def test_import_reads_only_own_experts(moe_hf):
