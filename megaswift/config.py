@@ -269,6 +269,37 @@ class MoESection(_Checked):
 
 
 @dataclass(kw_only=True)
+class DPOSection(_Checked):
+    _section: ClassVar[str] = "dpo"
+
+    beta: float = _at_least(0.0, 0.1)
+    """Strength of the KL anchor to the reference model (TRL's beta)."""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    """DPO (sigmoid), SLiC (hinge), IPO, or robust DPO with label smoothing."""
+    label_smoothing: float = _at_least(0.0, 0.0)
+    """Probability that a pair's preference is flipped (robust); must be below 0.5."""
+    rpo_alpha: float = _at_least(0.0, 0.0)
+    """Weight of an NLL term on the chosen response (RPO): its mean token negative log-likelihood."""
+    reference: Literal["auto", "copy", "adapters"] = "auto"
+    """Where reference log-probabilities come from when not precomputed: a frozen copy of the
+    starting model sharded like the policy, or the policy with its LoRA adapters switched off
+    (auto: adapters under LoRA, else a copy)."""
+    precompute_ref: bool = False
+    """Compute every pair's reference log-probabilities once before training (with the starting
+    weights) and keep them with the run, so no reference model is held during training."""
+    ref_path: str | None = None
+    """Reference weights (an HF directory or a megaswift checkpoint); default: the weights the
+    run starts from (model.hf_path, or a weights-only checkpoint.load)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type == "robust" and not self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be below 0.5 for the robust loss; got {self.label_smoothing}")
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be > 0; got {self.beta}")
+
+
+@dataclass(kw_only=True)
 class DataSection(_Checked):
     _section: ClassVar[str] = "data"
 
@@ -365,6 +396,7 @@ class Config(_Checked):
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     moe: MoESection = field(default_factory=MoESection)
+    dpo: DPOSection = field(default_factory=DPOSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)

@@ -62,3 +62,40 @@ def run_train(rank, world, hf_dir, data, output_dir, **overrides) -> list[dict]:
         return []
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def write_preference_data(path: str, n: int = 32, seed: int = 0) -> str:
+    """Preference rows in every supported format, in turn: TRL explicit prompt (message lists),
+    explicit string prompt, implicit prompt (shared leading messages), messages + rejected_response."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def text(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    with open(path, "w") as f:
+        for i in range(n):
+            q, good, bad = text(rng.randint(2, 6)), text(rng.randint(1, 6)), text(rng.randint(1, 6))
+            user = [{"role": "user", "content": q}]
+            if i % 4 == 0:
+                row = {"prompt": user, "chosen": [{"role": "assistant", "content": good}],
+                       "rejected": [{"role": "assistant", "content": bad}]}
+            elif i % 4 == 1:
+                row = {"prompt": q, "chosen": " " + good, "rejected": " " + bad}
+            elif i % 4 == 2:
+                row = {"chosen": user + [{"role": "assistant", "content": good}],
+                       "rejected": user + [{"role": "assistant", "content": bad}]}
+            else:
+                row = {"messages": user + [{"role": "assistant", "content": good}], "rejected_response": bad}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def run_dpo_steps(rank, world, hf_dir, data, output_dir, steps=None, **overrides) -> list[dict]:
+    """Build a DPO Trainer and run `steps` optimizer steps; per-step metrics."""
+    from megaswift.train.build import build_trainer
+    from megaswift.train.dpo import DPO
+
+    cfg = train_config(hf_dir, data, output_dir, **overrides)
+    trainer = build_trainer(cfg, DPO())
+    return [trainer.train_step(trainer.data.next_global_batch()) for _ in range(steps or cfg.train.steps)]

@@ -33,19 +33,25 @@ class SFTLoader:
         self.micro_batch_size, self.global_batch_size = mb, gbs
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.dropped = getattr(dataset, "dropped", 0)
-        self.lengths = [len(dataset[i][0]) for i in range(len(dataset))]
+        self.lengths = [self._item_length(i) for i in range(len(dataset))]
         if not self.lengths:
             raise DataError("the dataset has no samples to load")
         if max(self.lengths) > seq_len:
             raise ConfigError(f"the dataset holds samples of up to {max(self.lengths)} tokens but the loader's seq_len "
                               f"is {seq_len}: build the dataset with the same seq_len")
-        self._loss_tokens = [sum(lab != IGNORE_INDEX for lab in dataset[i][1]) for i in range(len(dataset))]
+        self._loss_tokens = [self._item_loss_tokens(i) for i in range(len(dataset))]
         self.consumed_items = 0
         self.last_loss_tokens = 0
         """Label tokens in the whole global batch last returned (every dp rank's share), for
         normalising the loss without a collective."""
         self._ends: list[int] = []  # _ends[e]: global index one past the last item of epoch e
         self._cache: dict[int, list[list[int]]] = {}
+
+    def _item_length(self, i: int) -> int:
+        return len(self.dataset[i][0])
+
+    def _item_loss_tokens(self, i: int) -> int:
+        return sum(lab != IGNORE_INDEX for lab in self.dataset[i][1])
 
     # -- the item stream -----------------------------------------------------------------------
     def _epoch(self, e: int) -> list[list[int]]:
@@ -112,17 +118,20 @@ class SFTLoader:
         return [self._collate(mine[j: j + mb]) for j in range(0, share, mb)]
 
     def _collate(self, items: list[list[int]]) -> dict:
-        shape = (len(items), self.seq_len)
+        return self._collate_rows([[self.dataset[i] for i in item] for item in items])
+
+    def _collate_rows(self, rows: list[list[tuple[list[int], list[int]]]]) -> dict:
+        """One tensor row per entry of `rows`, each the concatenation of its (ids, labels) samples."""
+        shape = (len(rows), self.seq_len)
         input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
         document_ids = torch.zeros(shape, dtype=torch.long)
         token_mask = torch.zeros(shape, dtype=torch.long)
         real = 0
-        for row, item in enumerate(items):
+        for row, samples in enumerate(rows):
             off = 0
-            for d, i in enumerate(item):
-                ids, labs = self.dataset[i]
+            for d, (ids, labs) in enumerate(samples):
                 n = len(ids)
                 input_ids[row, off: off + n] = torch.tensor(ids, dtype=torch.long)
                 labels[row, off: off + n] = torch.tensor(labs, dtype=torch.long)
@@ -134,7 +143,7 @@ class SFTLoader:
             # Padding is one more document: it attends only to itself, so real tokens never see it,
             # and ids stay non-decreasing, as varlen kernels expect.
             position_ids[row, off:] = torch.arange(self.seq_len - off)
-            document_ids[row, off:] = len(item)
+            document_ids[row, off:] = len(samples)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                 "document_ids": document_ids if self.packing else None, "token_mask": token_mask,
                 "num_tokens": real}

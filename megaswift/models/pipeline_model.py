@@ -126,17 +126,18 @@ class PipelineModel:
         raise ValueError(stage)
 
     @torch.no_grad()
-    def forward_logits(self, input_ids: torch.Tensor, position_ids=None) -> torch.Tensor | None:
+    def forward_stages(self, input_ids: torch.Tensor, position_ids=None, **kwargs) -> torch.Tensor | None:
         """Inference without a schedule: the stages run one after another, hidden states sent
-        point to point over the pp group. Full-vocab logits [b, s, vocab] on the ranks of the
-        last stage, None elsewhere. For `megaswift verify` and evaluation, not for training."""
+        point to point over the pp group. The last stage's output (vocab-parallel logits, or the
+        per-token loss when `labels` is given) on the ranks holding it, None elsewhere. For
+        `megaswift verify`, reference models and evaluation, not for training."""
         st, cfg = self.st, self.cfg
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         local = dict(zip(self.stage_ids, self.chunks))
         ranks = st.group_ranks.get("pp", [st.rank])
-        seq = s // st.tp_size if st.sp else s
+        seq = s // st.tp_size if st.sp else s  # input_ids are already this cp rank's shard
         h = None
         for stage in range(self.num_stages):
             me, prev = self.owner(stage), self.owner(stage - 1) if stage else None
@@ -146,10 +147,18 @@ class PipelineModel:
             elif stage and prev == st.pp_rank and me != st.pp_rank:
                 dist.send(h.contiguous(), dst=ranks[me], group=st.pp_group)
             if me == st.pp_rank:
-                h = local[stage](input_ids, position_ids=position_ids, hidden_states=h)
-        if not self.has_last:
+                h = local[stage](input_ids, position_ids=position_ids, hidden_states=h, **kwargs)
+                if isinstance(h, tuple):  # MoE router statistics: not needed without a loss to train
+                    h = h[0]
+        return h if self.has_last else None
+
+    @torch.no_grad()
+    def forward_logits(self, input_ids: torch.Tensor, position_ids=None) -> torch.Tensor | None:
+        """Full-vocab logits [b, s, vocab] on the ranks of the last stage, None elsewhere."""
+        h = self.forward_stages(input_ids, position_ids)
+        if h is None:
             return None
-        return gather_from_tp_region(h, st.tp_group, dim=-1)[..., : cfg.vocab_size]
+        return gather_from_tp_region(h, self.st.tp_group, dim=-1)[..., : self.cfg.vocab_size]
 
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

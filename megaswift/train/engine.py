@@ -53,6 +53,18 @@ class Algorithm:
         (under PP: the last stage's)."""
         raise NotImplementedError
 
+    metrics: tuple[str, ...] = ()
+    """Names of the extra metrics `loss_from_output` returns (every rank must know them under
+    pipeline parallelism, where only the last stage computes them)."""
+    loss_replicated_over_cp = False
+    """True when each micro batch's loss is whole on every cp rank (a per-sequence loss such as
+    DPO's, computed from all-reduced sums) instead of split by tokens: the gradient is then
+    normalised by the units of one cp rank, and the reported sums by cp."""
+
+    def before_step(self, micro_batches: list[dict]) -> None:
+        """Called with the step's micro batches (sharded, on the device) before any forward:
+        e.g. to attach reference log-probabilities."""
+
     def loss_sum(self, model, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         inputs = self.forward_inputs(micro_batch)
         return self.loss_from_output(model(**inputs), micro_batch)
@@ -72,6 +84,7 @@ class Trainer:
         self.device = device.get_device()
         self.source_dir, self.export_dtype = source_dir, export_dtype
         self.output_dir = cfg.train.output_dir
+        self.resume_dir = resume_dir
         self.step = 0
         self.tokens_seen = 0
         self.resumed_elapsed_s = 0.0  # wall time of the run before the checkpoint it resumed
@@ -124,22 +137,24 @@ class Trainer:
         """Forward/backward over this rank's micro batches, gradient reduction, clipping, step."""
         st, dp = self.st, self.dp
         local_tokens = sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro_batches)
-        if st.cp_size > 1:  # each cp rank keeps its zigzag share of every row
-            micro_batches = [self._cp_shard(mb) for mb in micro_batches]
-        micro_batches = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-                         for mb in micro_batches]
+        micro_batches = [self.prepare_micro_batch(mb) for mb in micro_batches]
         local_units = sum(self.alg.count(mb) for mb in micro_batches)  # a cp shard counts its own tokens
         total_units, total_tokens = _all_reduce_sum([local_units, local_tokens], st.dp_cp_group, self.device)
         total_tokens /= st.cp_size  # every cp rank counted the whole micro batches
+        # a loss whole on every cp rank: each rank back-propagates it through its own tokens only,
+        # so the gradient is normalised by one cp rank's units (the sums over cp reach the reports)
+        grad_units = total_units / st.cp_size if self.alg.loss_replicated_over_cp else total_units
+        with self._autocast():
+            self.alg.before_step(micro_batches)
         lr = optim.lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         optim.set_lr(self.optimizer, lr)
         dp.zero_grad()
         with self._watched():
             inject_test_fault(f"rank{st.rank}", self.step + 1)
             if self.pipeline is None:
-                loss_acc, extra_acc, timing = self._forward_backward(micro_batches, total_units)
+                loss_acc, extra_acc, timing = self._forward_backward(micro_batches, grad_units)
             else:
-                loss_acc, extra_acc, timing = self._forward_backward_pipeline(micro_batches, total_units)
+                loss_acc, extra_acc, timing = self._forward_backward_pipeline(micro_batches, grad_units)
         self._mark_computed()
         # gloo's waits on asynchronous collectives do not time out either (measured: a rank hung
         # in its step kept dp=4 peers in this wait past 80 s with a 20 s timeout)
@@ -157,12 +172,13 @@ class Trainer:
         self.optimizer.step()
         dp.gather_params()
         self.step += 1
-        keys = sorted(extra_acc)
-        sums = _all_reduce_sum([loss_acc] + [extra_acc[k] for k in keys], st.dp_cp_group, self.device)
+        # declared, not read off extra_acc: under PP only the last stage computes them
+        keys = sorted(set(self.alg.metrics) | set(extra_acc))
+        sums = _all_reduce_sum([loss_acc] + [extra_acc.get(k, 0.0) for k in keys], st.dp_cp_group, self.device)
         if self.pipeline is not None:  # the losses live on the last stage; the others add zeros
             sums = _all_reduce_sum(sums, st.pp_group, self.device)
         out = {"loss": sums[0] / max(total_units, 1), "grad_norm": grad_norm, "lr": lr,
-               "tokens": int(round(total_tokens)), "loss_tokens": int(total_units)}
+               "tokens": int(round(total_tokens)), "loss_tokens": int(round(grad_units))}
         out.update({k: v / max(total_units, 1) for k, v in zip(keys, sums[1:])})
         out.update(timing)
         if self.moe_layers:
@@ -243,6 +259,12 @@ class Trainer:
         what = (self.pipeline.describe() if self.pipeline is not None
                 else f"step {self.step + 1} on rank {self.st.rank} (cp rank {self.st.cp_rank})")
         return self.watchdog.armed(what)
+
+    def prepare_micro_batch(self, mb: dict) -> dict:
+        """This rank's part of a micro batch (its cp shard), on the device."""
+        if self.st.cp_size > 1:  # each cp rank keeps its zigzag share of every row
+            mb = self._cp_shard(mb)
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
 
     def _cp_shard(self, mb: dict) -> dict:
         from megaswift.parallel.context_parallel import shard_batch
