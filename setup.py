@@ -47,7 +47,7 @@ setup(
         "wandb": ["wandb"],
         "ray": ["ray>=2.9"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest>=8", "pytest-timeout", "tensorboard"],
+        "test": ["pytest>=8", "pytest-timeout", "tensorboard", "trl>=1.0", "peft>=0.15"],
     },
     entry_points={"console_scripts": ["megaswift=megaswift.cli:main"]},
 )

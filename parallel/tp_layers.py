@@ -33,13 +33,14 @@ def mark_tp_partial_grad(param: nn.Parameter) -> nn.Parameter:
     return param
 
 
-def allreduce_tp_partial_grads(module: nn.Module, tp_group) -> None:
-    """Sum the gradients of every marked parameter over tp, one all-reduce per dtype."""
+def allreduce_tp_partial_grads(module: nn.Module, tp_group, marker: str = "tp_partial_grad") -> None:
+    """Sum the gradients of every marked parameter over tp (or, with marker `etp_partial_grad`,
+    over expert tp), one all-reduce per dtype."""
     if group_size(tp_group) == 1:
         return
     buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for p in module.parameters():
-        if getattr(p, "tp_partial_grad", False) and p.grad is not None:
+        if getattr(p, marker, False) and p.grad is not None:
             buckets[(p.grad.dtype, p.grad.device)].append(p.grad)
     for grads in buckets.values():
         flat = torch.cat([g.reshape(-1) for g in grads])  # one buffer, one collective
@@ -69,6 +70,7 @@ class ColumnParallelLinear(nn.Module):
         self.gather_output = gather_output
         self.weight = nn.Parameter(torch.empty(out_features_per_rank, in_features, dtype=dtype, device=device))
         self.bias = _bias(out_features_per_rank, bias, dtype, device)
+        self.lora = None  # parallel/lora.py
 
     def reset_parameters(self, init_std: float) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=init_std)
@@ -82,6 +84,8 @@ class ColumnParallelLinear(nn.Module):
         else:
             x = copy_to_tp_region(x, self.tp_group)
         y = F.linear(x, self.weight, self.bias)  # [b, s, out/tp]
+        if self.lora is not None and self.lora.enabled:
+            y = y + self.lora.column(x)
         if self.gather_output:
             y = gather_from_tp_region(y, self.tp_group, dim=-1)  # [b, s, out]
         return y
@@ -104,6 +108,7 @@ class RowParallelLinear(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, in_features_per_rank, dtype=dtype, device=device))
         self.bias = _bias(out_features, bias, dtype, device)
+        self.lora = None  # parallel/lora.py
         if self.bias is not None and sequence_parallel:
             mark_tp_partial_grad(self.bias)
 
@@ -118,6 +123,8 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sp_region(y, self.tp_group, dim=1)  # [b, s/tp, out]
         else:
             y = reduce_from_tp_region(y, self.tp_group)
+        if self.lora is not None and self.lora.enabled:
+            y = y + self.lora.row(x)
         if self.bias is not None:
             y = y + self.bias
         return y

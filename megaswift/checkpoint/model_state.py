@@ -47,8 +47,12 @@ def _quiet_single_process():
 
 
 def dcp_state(model) -> dict[str, CanonicalShards]:
+    """The checkpointed tensors: every parameter, or under LoRA the adapters only (the frozen
+    base stays where the run read it from)."""
     layouts = model.shard_layouts()
-    return {name: CanonicalShards(p.detach(), layouts[name]) for name, p in model.named_parameters()}
+    adapters_only = getattr(model, "lora_rank", 0) > 0
+    return {name: CanonicalShards(p.detach(), layouts[name]) for name, p in model.named_parameters()
+            if p.requires_grad or not adapters_only}
 
 
 @contextlib.contextmanager

@@ -92,7 +92,7 @@ def load_training(ckpt_dir: str, model, state_keys: tuple[str, ...]) -> tuple[di
     if "train" not in meta:
         raise CheckpointError(f"{ckpt_dir} holds weights only (no training state) and cannot be resumed")
     load_model(model, ckpt_dir)
-    opt_state = {key: {p: torch.zeros_like(p) for p in model.parameters()} for key in state_keys}
+    opt_state = {key: {p: torch.zeros_like(p) for p in model.parameters() if p.requires_grad} for key in state_keys}
     load_dcp(_optim_state(model, opt_state), os.path.join(ckpt_dir, "optim"))
     rng_file = os.path.join(ckpt_dir, "rng", f"rank_{device.rank()}.pt")
     if os.path.isfile(rng_file):  # absent when resuming on more ranks than saved: keep the seeded state

@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .layers import RMSNorm, TransformerLayer
 from .moe import AttachAuxLoss, aux_loss_parts, stats_width
 from .rope import RotaryEmbedding
-from .sharding import ShardLayout, layout_on, shard_layout
+from .sharding import ShardLayout, layout_on, lora_layout, shard_layout
 
 
 class Embedding(nn.Module):
@@ -64,6 +64,7 @@ class GPTModel(nn.Module):
         super().__init__()
         st = st or ParallelState.single()
         self.cfg, self.st = cfg, st
+        self.lora_rank = 0  # models/lora.py sets it when adapters are attached
         self.pre_process, self.post_process = pre_process, post_process
         tied_output = post_process and cfg.tie_word_embeddings
         self.embedding = Embedding(cfg, st, dtype, device) if pre_process or tied_output else None
@@ -166,6 +167,16 @@ class GPTModel(nn.Module):
         mask = torch.arange(self.vocab_local, device=logits.device) >= n_real
         return logits.masked_fill(mask, float("-inf"))
 
+    def add_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int = 0) -> int:
+        from .lora import apply_lora
+
+        return apply_lora(self, rank, alpha, dropout, targets, seed)
+
+    def adapters_disabled(self):
+        from .lora import adapters_disabled
+
+        return adapters_disabled(self)
+
     def set_attention_backend(self, backend: str) -> None:
         """kernels.attention backend for every layer: auto, reference, sdpa or flash_attn."""
         for layer in self.decoder.layers.values():
@@ -189,6 +200,7 @@ class GPTModel(nn.Module):
         hold partial sums, as do the KV rows of linear_qkv when several ranks replicate a KV head
         (each replica back-propagates only its own query heads)."""
         allreduce_tp_partial_grads(self, self.st.tp_group)
+        allreduce_tp_partial_grads(self, self.st.etp_group, marker="etp_partial_grad")
         self._sum_replicated_kv_grads()
 
     def _sum_replicated_kv_grads(self) -> None:
@@ -201,8 +213,11 @@ class GPTModel(nn.Module):
         # replicas of each head (and keeps the heads apart) without extra process groups.
         g = st.tp_rank // (st.tp_size // ng)
         kv_rows = 2 * cfg.kv_channels
-        grads = [p.grad for layer in self.decoder.layers.values() for p in layer.self_attention.linear_qkv.parameters()
-                 if p.grad is not None]
+        grads = []
+        for layer in self.decoder.layers.values():  # the tensors with qkv output rows (not lora.A)
+            qkv = layer.self_attention.linear_qkv
+            rows = [qkv.weight, qkv.bias] + ([qkv.lora.B] if qkv.lora is not None else [])
+            grads += [p.grad for p in rows if p is not None and p.grad is not None]
         if not grads:
             return
         kv = [gr.narrow(0, gr.shape[0] - kv_rows, kv_rows) for gr in grads]
@@ -222,12 +237,17 @@ class GPTModel(nn.Module):
         held once are left out (weight 1)."""
         st, cfg = self.st, self.cfg
         out: dict[nn.Parameter, float | torch.Tensor] = {}
-        if st.tp_size == 1:
-            return out
         for name, p in self.named_parameters():
             if getattr(p, "expert", False):  # held once per (ep, etp) rank: see DataParallelSet.grad_norm
+                if getattr(p, "etp_partial_grad", False):  # an expert adapter replicated over etp
+                    out[p] = 1.0 / st.etp_size
                 continue
-            layouts = [shard_layout(name, cfg, st.tp_size, r) for r in range(st.tp_size)]
+            if st.tp_size == 1:
+                continue
+            if ".lora." in name:
+                layouts = [lora_layout(name, cfg, self.lora_rank, st.tp_size, r) for r in range(st.tp_size)]
+            else:
+                layouts = [shard_layout(name, cfg, st.tp_size, r) for r in range(st.tp_size)]
             mine = layouts[st.tp_rank]
             counts = [sum(rng in other.ranges for other in layouts) for rng in mine.ranges]
             if all(c == 1 for c in counts):
@@ -248,7 +268,7 @@ class GPTModel(nn.Module):
     # -- sharding metadata ---------------------------------------------------------------------
     def shard_layouts(self) -> dict[str, ShardLayout]:
         """Parameter name -> where its local slice sits in the canonical (tp=1) tensor."""
-        return {name: layout_on(name, self.cfg, self.st) for name, _ in self.named_parameters()}
+        return {name: layout_on(name, self.cfg, self.st, self.lora_rank) for name, _ in self.named_parameters()}
 
     def reset_parameters(self, seed: int | None = None):
         """Random init (normal(0, std) for matrices, ones for norms, zeros for biases), drawn for the

@@ -113,6 +113,12 @@ class GroupedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
         self.weight.expert = True  # reduced over expert-dp, not dp (parallel/data_parallel.py)
+        self.lora = None  # parallel/lora.py: merged into the weight at each forward
+
+    def effective_weight(self) -> Tensor:
+        if self.lora is not None and self.lora.enabled:
+            return self.lora.merged(self.weight)
+        return self.weight
 
 
 class Experts(nn.Module):
@@ -176,8 +182,9 @@ class MoELayer(nn.Module):
         keep = None
         if self.capacity_factor is not None:
             keep = capacity_keep(ids, weights, cfg.num_moe_experts, self.capacity_factor)
-        out = dispatch_combine(flat, ids, weights.to(x.dtype), cfg.num_moe_experts, self.experts.linear_fc1.weight,
-                               self.experts.linear_fc2.weight, keep=keep, ep_group=st.ep_group,
+        out = dispatch_combine(flat, ids, weights.to(x.dtype), cfg.num_moe_experts,
+                               self.experts.linear_fc1.effective_weight(), self.experts.linear_fc2.effective_weight(),
+                               keep=keep, ep_group=st.ep_group,
                                etp_group=st.etp_group, backend=self.backend).view(b, s, h)
         if split:
             out = gather_from_tp_region(out, st.tp_group, dim=1)

@@ -77,6 +77,21 @@ class PipelineModel:
         for chunk in self.chunks:
             chunk.set_recompute(mode)
 
+    @property
+    def lora_rank(self) -> int:
+        return self.chunks[0].lora_rank
+
+    def add_lora(self, *args, **kwargs) -> int:
+        return sum(chunk.add_lora(*args, **kwargs) for chunk in self.chunks)
+
+    def adapters_disabled(self):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        for chunk in self.chunks:
+            stack.enter_context(chunk.adapters_disabled())
+        return stack
+
     def set_moe_options(self, **options) -> None:
         for chunk in self.chunks:
             chunk.set_moe_options(**options)
@@ -101,8 +116,9 @@ class PipelineModel:
         for chunk in self.chunks:
             chunk.finalize_grads()
         if self.cfg.tie_word_embeddings and self.st.pp_size > 1 and (self.has_first or self.has_last):
-            if not (self.has_first and self.has_last):
-                dist.all_reduce(self.get_parameter(TIED).grad, group=self.st.embedding_group)
+            tied = self.get_parameter(TIED)
+            if not (self.has_first and self.has_last) and tied.requires_grad:  # frozen under LoRA
+                dist.all_reduce(tied.grad, group=self.st.embedding_group)
 
     def grad_norm_weights(self) -> dict[nn.Parameter, float | torch.Tensor]:
         """As GPTModel's; the last stage's copy of a tied embedding counts 0, so the norm summed

@@ -160,10 +160,31 @@ def layer_param_names(cfg: ModelConfig, i: int) -> list[str]:
     return names
 
 
-def layout_on(name: str, cfg: ModelConfig, st) -> ShardLayout:
-    """`shard_layout` at the coordinates of a ParallelState."""
-    return shard_layout(name, cfg, st.tp_size, st.tp_rank, ep=st.ep_size, ep_rank=st.ep_rank, etp=st.etp_size,
-                        etp_rank=st.etp_rank)
+def lora_layout(name: str, cfg: ModelConfig, rank: int, tp: int, tp_rank: int, **expert) -> ShardLayout:
+    """Layout of an adapter `<layer>.lora.A` [r, in] or `<layer>.lora.B` [out, r] (experts:
+    [experts, r, in], [experts, out, r]): each follows its layer's split (parallel/lora.py) and
+    is replicated where the layer's other side is split."""
+    layer, which = name.rsplit(".lora.", 1)
+    base = shard_layout(layer + ".weight", cfg, tp, tp_rank, **expert)
+    shape, outer = base.canonical_shape, base.outer
+    out_dim, in_dim = len(shape) - 2, len(shape) - 1
+    lead = shape[:-2]
+    canonical = (*lead, rank, shape[-1]) if which == "A" else (*lead, shape[-2], rank)
+    if base.dim == out_dim:  # column-parallel: B split like the weight's rows, A whole
+        if which == "B":
+            return ShardLayout(canonical, out_dim, base.ranges, base.pad, outer)
+        return ShardLayout(canonical, out_dim, ((0, rank),), 0, outer)
+    if which == "A":  # row-parallel (base.dim == in_dim): A split like the weight's columns, B whole
+        return ShardLayout(canonical, in_dim, base.ranges, 0, outer)
+    return ShardLayout(canonical, out_dim, ((0, shape[-2]),), 0, outer)
+
+
+def layout_on(name: str, cfg: ModelConfig, st, lora_rank: int = 0) -> ShardLayout:
+    """`shard_layout` (or `lora_layout`) at the coordinates of a ParallelState."""
+    expert = dict(ep=st.ep_size, ep_rank=st.ep_rank, etp=st.etp_size, etp_rank=st.etp_rank)
+    if ".lora." in name:
+        return lora_layout(name, cfg, lora_rank, st.tp_size, st.tp_rank, **expert)
+    return shard_layout(name, cfg, st.tp_size, st.tp_rank, **expert)
 
 
 def canonical_names(cfg: ModelConfig) -> list[list[str]]:

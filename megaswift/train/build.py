@@ -27,6 +27,7 @@ class Plan:
     hf_dir: str | None         # an HF checkpoint to start from
     side_files: str | None     # tokenizer and generation files
     export_dtype: str
+    lora_base: str | None = None  # a resumed LoRA run: where its frozen base weights come from
 
 
 def restart_attempt() -> int:
@@ -41,11 +42,24 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
     if load is None and restart_attempt() > 0:  # an elastic restart goes on from where the job got to
         load = "latest"
     load = train_state.resolve_load(load, cfg.train.output_dir)
-    resume_dir = weights_dir = hf_dir = None
+    resume_dir = weights_dir = hf_dir = lora_base = None
     if load is not None:
         meta = read_meta(load)
         model_cfg = ModelConfig.from_dict(meta["model_config"])
         resume_dir, weights_dir = (load, None) if "train" in meta else (None, load)
+        saved_lora = meta.get("lora")
+        if saved_lora and not cfg.model.lora.rank:
+            raise ConfigError(f"{load} holds LoRA adapters (rank {saved_lora['rank']}); resume it with the same "
+                              f"model.lora settings, or export it (export-hf --merge-lora) to train the merged weights")
+        if resume_dir and cfg.model.lora.rank and not saved_lora:
+            raise ConfigError(f"{load} is a full-weight training checkpoint; a LoRA run starts from weights: "
+                              f"export it, or pass its model/ as a weights checkpoint")
+        if saved_lora:
+            for key in ("rank", "alpha", "targets"):
+                if saved_lora[key] != getattr(cfg.model.lora, key):
+                    raise ConfigError(f"{load} was trained with model.lora.{key}={saved_lora[key]!r}; this run "
+                                      f"has {getattr(cfg.model.lora, key)!r}: resume with the same adapters")
+            lora_base = saved_lora["base"]
         side = os.path.join(load, "hf")
         export_dtype = default_export_dtype(meta)
     elif cfg.model.hf_path:
@@ -74,7 +88,26 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
     if reads_data_path and not os.path.exists(cfg.data.path):
         raise DataError(f"data.path {cfg.data.path} does not exist")
     return Plan(layout, model_cfg, resume_dir, weights_dir, hf_dir, side if os.path.isdir(side) else None,
-                export_dtype)
+                export_dtype, lora_base)
+
+
+def attach_lora(cfg, model, plan: Plan) -> None:
+    """Adapters on the model, base frozen. A resumed LoRA run first loads its base weights from
+    where the run started (its checkpoint holds the adapters only)."""
+    from megaswift.convert.hf_import import load_hf_into_model
+
+    lora = cfg.model.lora
+    if plan.resume_dir is not None:
+        base = plan.lora_base
+        if os.path.isfile(os.path.join(base, "megaswift.json")):
+            load_model(model, base)
+        else:
+            load_hf_into_model(model, base)
+    else:
+        base = os.path.abspath(plan.hf_dir or plan.weights_dir)
+    model.add_lora(lora.rank, lora.alpha, lora.dropout, lora.targets, seed=cfg.train.seed)
+    model.lora_meta = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": lora.targets,
+                       "base": base}
 
 
 def build_trainer(cfg, algorithm):
@@ -98,6 +131,8 @@ def build_trainer(cfg, algorithm):
         load_hf_into_model(model, plan.hf_dir)
     elif plan.weights_dir:
         load_model(model, plan.weights_dir)
+    if cfg.model.lora.rank or plan.lora_base:
+        attach_lora(cfg, model, plan)
     # a resumed run loads its weights inside the Trainer, after the dp buffers exist
     trainer = Trainer(cfg, algorithm, model, st, source_dir=plan.side_files, export_dtype=plan.export_dtype,
                       resume_dir=plan.resume_dir)

@@ -362,6 +362,8 @@ class Trainer:
                 "source": self.source_dir,
                 "train": {"algorithm": self.alg.name, "step": self.step, "data": self.data.state_dict(),
                           "tokens": self.tokens_seen, "elapsed_s": elapsed_s, "config": self.cfg.to_dict()}}
+        if getattr(self.model, "lora_meta", None):  # adapters only: where the frozen base comes from
+            meta["lora"] = self.model.lora_meta
         # source_dir is a directory or None (plan_training checks)
         train_state.save_training(path, self.model, optim.full_state(self.dp, self.optimizer), meta, self.source_dir)
         train_state.prune(self.output_dir, self.cfg.checkpoint.keep)
