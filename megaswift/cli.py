@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("hf_dir")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the dtype it was imported in")
     s.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB, 2GB")
+    s.add_argument("--merge-lora", action="store_true",
+                   help="LoRA checkpoints: write the base weights with the adapters merged in (default: a PEFT adapter)")
 
     s = with_config(sub.add_parser("verify", help="compare megaswift logits with transformers on the same tokens"))
     s.add_argument("hf_dir")

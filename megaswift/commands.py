@@ -98,8 +98,9 @@ def export_command(ns) -> int:
 
     if device.rank() != 0:  # export reads the checkpoint in one process; other ranks have nothing to do
         return 0
-    info = export_hf(ns.ckpt_dir, ns.hf_dir, ns.dtype, _parse_size(ns.max_shard_size))
-    print(f"exported {ns.ckpt_dir} to {ns.hf_dir} ({info['tensors'] / 1e6:.1f} MB in {info['files']} file(s))")
+    info = export_hf(ns.ckpt_dir, ns.hf_dir, ns.dtype, _parse_size(ns.max_shard_size), merge_lora=ns.merge_lora)
+    what = "a PEFT adapter" if info.get("adapter") else "an HF checkpoint"
+    print(f"exported {ns.ckpt_dir} to {ns.hf_dir} as {what} ({info['tensors'] / 1e6:.1f} MB in {info['files']} file(s))")
     return 0
 
 

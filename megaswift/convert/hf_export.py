@@ -34,17 +34,29 @@ def default_export_dtype(meta: dict) -> str:
     return meta.get("export_dtype") or meta.get("dtype", "float32")
 
 
-def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3) -> dict:
+def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3,
+              merge_lora: bool = False) -> dict:
+    """The whole model as an HF checkpoint. A LoRA checkpoint (adapters only) becomes a PEFT
+    adapter directory, or with `merge_lora` the base weights with the adapters merged in."""
     meta = read_meta(ckpt_dir)
     cfg = ModelConfig.from_dict(meta["model_config"])
     spec = FAMILIES[cfg.family]
     dtype = dtype or default_export_dtype(meta)
     torch_dtype = DTYPES[dtype]
     stored = DTYPES[meta.get("dtype", "float32")]
+    if "lora" in meta:
+        from .lora_export import merged_reader, write_peft_adapter
+
+        if not merge_lora:
+            return write_peft_adapter(ckpt_dir, hf_dir, meta, cfg, spec, torch_dtype)
+        read_group = merged_reader(ckpt_dir, meta, cfg, stored)
+    else:
+        def read_group(shapes):
+            return read_canonical(ckpt_dir, shapes, stored)
     writer = ShardedSafetensorsWriter(hf_dir, max_shard_bytes)
     for group in canonical_names(cfg):
         shapes = {n: shard_layout(n, cfg, 1, 0).canonical_shape for n in group}
-        tensors = read_canonical(ckpt_dir, shapes, stored)
+        tensors = read_group(shapes)
         pieces: dict[str, list] = {}
         for name in group:
             split_to_hf(name, tensors[name], cfg, spec, pieces)
@@ -53,12 +65,17 @@ def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_by
             full = torch.cat([t for _, t in parts]) if len(parts) > 1 else parts[0][1]
             writer.add(hf_name, full.to(torch_dtype))
     writer.close()
+    copy_side(ckpt_dir, hf_dir)
+    config = spec.hf_config(cfg, dtype)
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return {"tensors": writer.total, "files": len(writer.written)}
+
+
+def copy_side(ckpt_dir: str, hf_dir: str) -> None:
+    """The tokenizer and generation files kept with the checkpoint."""
     side = os.path.join(ckpt_dir, "hf")
     if os.path.isdir(side):
         from megaswift.checkpoint.model_state import copy_side_files
 
         copy_side_files(side, hf_dir)
-    config = spec.hf_config(cfg, dtype)
-    with open(os.path.join(hf_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return {"tensors": writer.total, "files": len(writer.written)}
