@@ -152,3 +152,50 @@ def evaluate(hf_dir: str | None, test_path: str, n: int | None = None, max_new_t
     correct = score(expected, answers)
     return dict(accuracy=correct / max(len(rows), 1), correct=correct, total=len(rows),
                 examples=[(p[-1]["content"], e, a) for p, e, a in zip(prompts, expected, answers)])
+
+
+def write_preference_data(out_dir: str, n_train: int, n_test: int, seed: int = 0,
+                          operands: tuple[int, int] = OPERANDS) -> tuple[str, str]:
+    """Preference pairs for DPO on the same questions: the correct sum is chosen, a sum off by
+    1 to 10 rejected (TRL's explicit-prompt format, message lists). Train and test questions
+    are disjoint, so the test pairs measure whether the preference generalises."""
+    lo, hi = operands
+    width = hi - lo + 1
+    rng = random.Random(seed)
+    picks = rng.sample(range(width ** 2), n_train + n_test)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = os.path.join(out_dir, "pref_train.jsonl"), os.path.join(out_dir, "pref_test.jsonl")
+    for path, chunk in zip(paths, (picks[:n_train], picks[n_train:])):
+        with open(path, "w") as f:
+            for p in chunk:
+                a, b = (lo + x for x in divmod(p, width))
+                wrong = a + b + rng.choice([d for d in range(-10, 11) if d and a + b + d >= 0])
+                row = {"prompt": [{"role": "user", "content": question(a, b)}],
+                       "chosen": [{"role": "assistant", "content": str(a + b)}],
+                       "rejected": [{"role": "assistant", "content": str(wrong)}]}
+                f.write(json.dumps(row) + "\n")
+    return paths
+
+
+def preference_accuracy(hf_dir: str, path: str, seq_len: int = 32) -> float:
+    """Share of the pairs in `path` whose chosen response the model at hf_dir finds more likely
+    than the rejected one (summed log-probabilities of the response tokens), with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megaswift.data.preference import PreferenceDataset
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    pairs = PreferenceDataset(path, tok, seq_len)
+    wins = 0
+    with torch.no_grad():
+        for chosen, rejected in pairs.pairs:
+            logps = []
+            for ids, labels in (chosen, rejected):
+                logits = model(torch.tensor([ids])).logits[0]
+                lab = torch.tensor(labels)
+                keep = lab != -100
+                logps.append(torch.log_softmax(logits[keep], -1).gather(1, lab[keep, None]).sum().item())
+            wins += logps[0] > logps[1]
+    return wins / len(pairs)
