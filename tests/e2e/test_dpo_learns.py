@@ -1,0 +1,56 @@
+"""DPO learns a preference that generalises: a tiny model briefly SFT-trained on addition, then
+DPO at tp=2 through the CLI (`megaswift launch -- train dpo`) on pairs whose rejected answer is off
+by 1-10, ends with rewards/accuracies above 0.9 on its training batches and prefers the correct
+sum on more held-out pairs than before (measured with transformers on the export).
+
+Measured on the 2-core machine (77 s in all): rewards/accuracies 0.519 over the first 10 DPO
+steps, 0.981 over the last 10; held-out preference 0.865 after SFT, 0.940 after DPO."""
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from megaswift.config import load_config
+from megaswift.quickstart import build_inputs
+from megaswift.recipes import arithmetic
+
+
+def test_dpo_lifts_rewards_and_held_out_preference(tmp_path):
+    from megaswift.train.build import build_trainer
+    from megaswift.train.sft import SFT
+
+    out = str(tmp_path)
+    paths = build_inputs(out)
+    sft = {"model": {"hf_path": paths["model"], "attention_backend": "sdpa"},
+           "data": {"path": paths["train"], "seq_len": 24},
+           "train": {"steps": 1000, "micro_batch_size": 16, "global_batch_size": 16, "seed": 0,
+                     "output_dir": os.path.join(out, "sft")},
+           "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 50, "weight_decay": 0.1, "clip_grad": 1.0},
+           "checkpoint": {"export_hf": True}, "log": {"every": 1000}}
+    build_trainer(load_config(None, [], base=sft), SFT()).train()
+    sft_hf = os.path.join(out, "sft", "hf")
+    train, test = arithmetic.write_preference_data(os.path.join(out, "pairs"), 400, 200, seed=1)
+    before = arithmetic.preference_accuracy(sft_hf, test)
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "dpo_arithmetic.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["model"]["hf_path"], cfg["data"]["path"] = sft_hf, train
+    cfg["train"]["output_dir"] = os.path.join(out, "dpo")
+    cfg["log"] = {"every": 100}
+    config = os.path.join(out, "dpo.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump(cfg, f)
+    env = {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", "2", "--", "train", "dpo",
+                           "--config", config], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(os.path.join(out, "dpo", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    last = sum(r["rewards/accuracies"] for r in rows[-10:]) / 10
+    after = arithmetic.preference_accuracy(os.path.join(out, "dpo", "hf"), test)
+    print(f"rewards/accuracies first 10 steps {sum(r['rewards/accuracies'] for r in rows[:10]) / 10:.3f}, "
+          f"last 10 {last:.3f}; held-out preference {before:.3f} -> {after:.3f}")
+    assert last > 0.9
+    assert after > before and after > 0.85
