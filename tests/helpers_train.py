@@ -8,13 +8,16 @@ from megaswift.config import load_config
 WORDS = ["kalo", "mine", "ruza", "tovi", "zequ", "anel", "sato", "vimi", "loka", "neru"]
 
 
-def write_chat_data(path: str, n: int = 48, seed: int = 0) -> str:
-    """Chat rows of varied length (some multi-turn, some with a system message)."""
+def _words(path: str, seed: int):
+    """A seeded generator and a k-word text maker; creates path's directory."""
     rng = random.Random(seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    return rng, lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
 
-    def text(k):
-        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+def write_chat_data(path: str, n: int = 48, seed: int = 0) -> str:
+    """Chat rows of varied length (some multi-turn, some with a system message)."""
+    rng, text = _words(path, seed)
 
     with open(path, "w") as f:
         for i in range(n):
@@ -67,11 +70,7 @@ def run_train(rank, world, hf_dir, data, output_dir, **overrides) -> list[dict]:
 def write_preference_data(path: str, n: int = 32, seed: int = 0) -> str:
     """Preference rows in every supported format, in turn: TRL explicit prompt (message lists),
     explicit string prompt, implicit prompt (shared leading messages), messages + rejected_response."""
-    rng = random.Random(seed)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-
-    def text(k):
-        return " ".join(rng.choice(WORDS) for _ in range(k))
+    rng, text = _words(path, seed)
 
     with open(path, "w") as f:
         for i in range(n):

@@ -33,11 +33,18 @@ def question(a: int, b: int) -> str:
 
 def write_arithmetic_data(out_dir: str, n_train: int, n_test: int, seed: int = 0,
                           operands: tuple[int, int] = OPERANDS) -> tuple[str, str]:
-    """Write train.jsonl and test.jsonl of addition questions; no test question appears in train.
+    """Write train.jsonl and test.jsonl of addition questions; no test question appears in train."""
+    def row(a, b, rng):
+        return {"messages": [{"role": "user", "content": question(a, b)},
+                             {"role": "assistant", "content": str(a + b)}]}
+    return _write_splits(out_dir, ("train.jsonl", "test.jsonl"), n_train, n_test, seed, operands, row)
 
-    Pairs are drawn without replacement from all (a, b) with lo <= a, b <= hi, so the split is
-    disjoint by construction and the test set measures generalisation, not recall.
-    """
+
+def _write_splits(out_dir: str, names: tuple[str, str], n_train: int, n_test: int, seed: int,
+                  operands: tuple[int, int], make_row) -> tuple[str, str]:
+    """Draw (a, b) pairs without replacement from all lo <= a, b <= hi and write make_row(a, b,
+    rng) for each to a train and a test file: the split is disjoint by construction, so the test
+    set measures generalisation, not recall."""
     lo, hi = operands
     width = hi - lo + 1
     if n_train + n_test > width ** 2:
@@ -46,14 +53,12 @@ def write_arithmetic_data(out_dir: str, n_train: int, n_test: int, seed: int = 0
     rng = random.Random(seed)
     picks = rng.sample(range(width ** 2), n_train + n_test)
     os.makedirs(out_dir, exist_ok=True)
-    paths = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "test.jsonl")
+    paths = tuple(os.path.join(out_dir, n) for n in names)
     for path, chunk in zip(paths, (picks[:n_train], picks[n_train:])):
         with open(path, "w") as f:
             for p in chunk:
                 a, b = (lo + x for x in divmod(p, width))
-                row = {"messages": [{"role": "user", "content": question(a, b)},
-                                    {"role": "assistant", "content": str(a + b)}]}
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(make_row(a, b, rng)) + "\n")
     return paths
 
 
@@ -157,24 +162,13 @@ def evaluate(hf_dir: str | None, test_path: str, n: int | None = None, max_new_t
 def write_preference_data(out_dir: str, n_train: int, n_test: int, seed: int = 0,
                           operands: tuple[int, int] = OPERANDS) -> tuple[str, str]:
     """Preference pairs for DPO on the same questions: the correct sum is chosen, a sum off by
-    1 to 10 rejected (TRL's explicit-prompt format, message lists). Train and test questions
-    are disjoint, so the test pairs measure whether the preference generalises."""
-    lo, hi = operands
-    width = hi - lo + 1
-    rng = random.Random(seed)
-    picks = rng.sample(range(width ** 2), n_train + n_test)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = os.path.join(out_dir, "pref_train.jsonl"), os.path.join(out_dir, "pref_test.jsonl")
-    for path, chunk in zip(paths, (picks[:n_train], picks[n_train:])):
-        with open(path, "w") as f:
-            for p in chunk:
-                a, b = (lo + x for x in divmod(p, width))
-                wrong = a + b + rng.choice([d for d in range(-10, 11) if d and a + b + d >= 0])
-                row = {"prompt": [{"role": "user", "content": question(a, b)}],
-                       "chosen": [{"role": "assistant", "content": str(a + b)}],
-                       "rejected": [{"role": "assistant", "content": str(wrong)}]}
-                f.write(json.dumps(row) + "\n")
-    return paths
+    1 to 10 rejected (TRL's explicit-prompt format, message lists); train and test disjoint."""
+    def row(a, b, rng):
+        wrong = a + b + rng.choice([d for d in range(-10, 11) if d and a + b + d >= 0])
+        return {"prompt": [{"role": "user", "content": question(a, b)}],
+                "chosen": [{"role": "assistant", "content": str(a + b)}],
+                "rejected": [{"role": "assistant", "content": str(wrong)}]}
+    return _write_splits(out_dir, ("pref_train.jsonl", "pref_test.jsonl"), n_train, n_test, seed, operands, row)
 
 
 def preference_accuracy(hf_dir: str, path: str, seq_len: int = 32) -> float:

@@ -27,6 +27,7 @@ LAYOUTS = {
     "tp2_precomputed_ref": ("llama", {"parallel__tp": 2}, {"dpo__precompute_ref": True}),
     "tp2_lora_adapters_ref": ("qwen2", {"parallel__tp": 2}, {"model__lora__rank": 4, "optim__lr": 0.02}),
     "ipo_rpo_dp2": ("llama", {}, {"dpo__loss_type": "ipo", "dpo__rpo_alpha": 0.5}),
+    "cp2_lora": ("llama", {"parallel__cp": 2}, {"model__lora__rank": 4, "optim__lr": 0.02}),
 }
 
 
@@ -44,3 +45,14 @@ def test_dpo_matches_single_process(name, tiny_hf, data, tmp_path):
                                        err_msg=key)
     assert [m["rewards/accuracies"] for m in got[0]] == [m["rewards/accuracies"] for m in want]
     assert want[0]["loss"] == pytest.approx(0.6931, abs=1e-4) or common.get("dpo__loss_type") == "ipo"
+
+
+def test_dpo_on_experts_matches_single_process(moe_hf, data, tmp_path):
+    """qwen3_moe at ep=2 (dp=2, one micro batch each) against one process with both halves in
+    one micro batch, so the load-balancing loss sees the same global micro batch."""
+    hf = moe_hf["qwen3_moe"]
+    want = run_dpo_steps(0, 1, hf, data, str(tmp_path / "one"), train__micro_batch_size=8)
+    got = run_distributed(run_dpo_steps, 2, hf, data, str(tmp_path / "two"), parallel__ep=2,
+                          train__micro_batch_size=4)[0]
+    for key in KEYS + ("moe_aux_loss",):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=RTOL, err_msg=key)
