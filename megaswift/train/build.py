@@ -35,7 +35,7 @@ def restart_attempt() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
+def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm: str = "sft") -> Plan:
     from megaswift.commands import _checkpoint_dtype, hf_model_config, plan_layout
 
     load = cfg.checkpoint.load
@@ -76,6 +76,9 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True) -> Plan:
     if gbs % (t.micro_batch_size * layout.dp):
         raise ConfigError(f"train.global_batch_size={gbs} must be a multiple of micro_batch_size x dp = "
                           f"{t.micro_batch_size} x {layout.dp} = {t.micro_batch_size * layout.dp}")
+    if algorithm == "dpo" and cfg.data.packing:
+        raise ConfigError("data.packing is not supported by dpo: a micro batch holds whole pairs, one per row; "
+                          "set data.packing false (pairs are padded to data.seq_len)")
     if layout.pp > 1 and layout.cp > 1 and cfg.data.packing:
         raise ConfigError("data.packing with both pp > 1 and cp > 1 is not supported yet: the pipeline needs one "
                           "shape per step, and cp pads each packed document; turn packing off or use pp or cp alone")
@@ -118,7 +121,7 @@ def build_trainer(cfg, algorithm):
 
     from .engine import Trainer
 
-    plan = plan_training(cfg, device.world_size_from_env(), algorithm.reads_data_path)
+    plan = plan_training(cfg, device.world_size_from_env(), algorithm.reads_data_path, algorithm.name)
     if restart_attempt() > 0 and os.environ.get("RANK", "0") == "0":  # before the process group exists
         where = f"resuming from {plan.resume_dir}" if plan.resume_dir else "no checkpoint yet, starting over"
         print(f"restart {restart_attempt()} (launch --max-restarts): {where}", flush=True)

@@ -161,3 +161,19 @@ def test_reference_modes_agree(tmp_path, tiny_hf):
         tables[name] = torch.cat([mb["ref_logps"] for mb in mbs])
     torch.testing.assert_close(tables["precompute"], tables["copy"], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(tables["adapters"], tables["copy"], rtol=1e-6, atol=1e-6)
+
+
+def test_dpo_refuses_packing_before_any_process_starts(tmp_path, tiny_hf):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from helpers_train import train_config, write_preference_data
+
+    from megaswift.errors import ConfigError
+    from megaswift.train.build import plan_training
+
+    cfg = train_config(tiny_hf["llama"], write_preference_data(str(tmp_path / "p.jsonl"), n=4), str(tmp_path),
+                       data__packing=True)
+    plan_training(cfg, 1, algorithm="sft")
+    with pytest.raises(ConfigError, match="data.packing is not supported by dpo"):
+        plan_training(cfg, 1, algorithm="dpo")
