@@ -27,10 +27,10 @@ from .tp_layers import mark_tp_partial_grad
 
 
 class LoRA(nn.Module):
-    def __init__(self, kind: str, a_shape, b_shape, *, rank: int, alpha: float, dropout: float, tp_group=None,
+    def __init__(self, a_shape, b_shape, *, rank: int, alpha: float, dropout: float, tp_group=None,
                  sequence_parallel: bool = False, dtype=None, device=None):
         super().__init__()
-        self.kind, self.scale, self.enabled = kind, alpha / rank, True
+        self.scale, self.enabled = alpha / rank, True
         self.A = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -63,7 +63,7 @@ def kaiming_a(shape, generator: torch.Generator) -> torch.Tensor:
 def attach(layer: nn.Module, kind: str, a_shape, b_shape, **kwargs) -> LoRA:
     """Give a column- or row-parallel layer (or a grouped expert weight) an adapter; its
     gradient bookkeeping follows the split described above."""
-    lora = LoRA(kind, a_shape, b_shape, dtype=layer.weight.dtype, device=layer.weight.device, **kwargs)
+    lora = LoRA(a_shape, b_shape, dtype=layer.weight.dtype, device=layer.weight.device, **kwargs)
     if kind == "column" and kwargs.get("tp_group") is not None:
         mark_tp_partial_grad(lora.A)
     if kind == "row" and kwargs.get("sequence_parallel"):

@@ -25,7 +25,7 @@ import torch
 from megaswift.errors import DataError
 
 from .chat import _render, check_messages
-from .dataset import IGNORE_INDEX
+from .dataset import IGNORE_INDEX, make_sample
 from .loader import SFTLoader
 from .reader import read_rows
 
@@ -85,7 +85,6 @@ def tokenize_pair(row, tokenizer, where: str) -> tuple[list[int], list[int], lis
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         ids = [_ids(tokenizer, t) for t in (prompt, chosen, rejected)]
         return ids[0], ids[1] + eos, ids[2] + eos
-    check_messages({"messages": list(prompt) + [{"role": "assistant", "content": ""}]}, where)
     prompt_text = _render(tokenizer, prompt, True, where)
     responses = []
     for reply in (chosen, rejected):
@@ -108,17 +107,9 @@ def pair_samples(prompt: list[int], chosen: list[int], rejected: list[int], seq_
     has no token within seq_len after truncation."""
     if max_prompt_len is not None:
         prompt = prompt[-max_prompt_len:]
-    out = []
-    for response in (chosen, rejected):
-        tokens = (prompt + response)[: seq_len + 1]
-        labels = [IGNORE_INDEX] * max(0, len(prompt) - 1) + tokens[len(prompt):]
-        labels = labels[: len(tokens) - 1]
-        if not prompt:  # the first token has no prediction before it
-            labels = tokens[1:]
-        if all(lab == IGNORE_INDEX for lab in labels):
-            return None
-        out.append((tokens[:-1], labels))
-    return out[0], out[1]
+    out = [make_sample(prompt + response, [False] * len(prompt) + [True] * len(response), seq_len)
+           for response in (chosen, rejected)]
+    return None if None in out else (out[0], out[1])
 
 
 class PreferenceDataset:

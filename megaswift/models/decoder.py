@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .layers import RMSNorm, TransformerLayer
 from .moe import AttachAuxLoss, aux_loss_parts, stats_width
 from .rope import RotaryEmbedding
-from .sharding import ShardLayout, layout_on, lora_layout, shard_layout
+from .sharding import ShardLayout, layout_on
 
 
 class Embedding(nn.Module):
@@ -244,10 +244,7 @@ class GPTModel(nn.Module):
                 continue
             if st.tp_size == 1:
                 continue
-            if ".lora." in name:
-                layouts = [lora_layout(name, cfg, self.lora_rank, st.tp_size, r) for r in range(st.tp_size)]
-            else:
-                layouts = [shard_layout(name, cfg, st.tp_size, r) for r in range(st.tp_size)]
+            layouts = [layout_on(name, cfg, st, self.lora_rank, tp_rank=r) for r in range(st.tp_size)]
             mine = layouts[st.tp_rank]
             counts = [sum(rng in other.ranges for other in layouts) for rng in mine.ranges]
             if all(c == 1 for c in counts):
@@ -286,6 +283,6 @@ class GPTModel(nn.Module):
 
         with torch.no_grad():
             for name, p in self.named_parameters():
-                layout = layout_on(name, self.cfg, self.st)
+                layout = layout_on(name, self.cfg, self.st, self.lora_rank)
                 full = canonical(name, layout)
                 p.copy_(fill_from_canonical(lambda o, n, full=full: box_of(full, o, n), layout))

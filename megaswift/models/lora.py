@@ -69,10 +69,6 @@ def apply_lora(model, rank: int, alpha: float, dropout: float, targets: list[str
     return adapted
 
 
-def lora_parameters(model) -> list[str]:
-    return [n for n, _ in model.named_parameters() if ".lora." in n]
-
-
 @contextlib.contextmanager
 def adapters_disabled(model):
     """The base model: every adapter switched off (DPO's reference without a second copy)."""

@@ -179,12 +179,14 @@ def lora_layout(name: str, cfg: ModelConfig, rank: int, tp: int, tp_rank: int, *
     return ShardLayout(canonical, out_dim, ((0, shape[-2]),), 0, outer)
 
 
-def layout_on(name: str, cfg: ModelConfig, st, lora_rank: int = 0) -> ShardLayout:
-    """`shard_layout` (or `lora_layout`) at the coordinates of a ParallelState."""
+def layout_on(name: str, cfg: ModelConfig, st, lora_rank: int = 0, tp_rank: int | None = None) -> ShardLayout:
+    """`shard_layout` (or `lora_layout`) at the coordinates of a ParallelState, or of another tp
+    rank of its grid."""
+    tp_rank = st.tp_rank if tp_rank is None else tp_rank
     expert = dict(ep=st.ep_size, ep_rank=st.ep_rank, etp=st.etp_size, etp_rank=st.etp_rank)
     if ".lora." in name:
-        return lora_layout(name, cfg, lora_rank, st.tp_size, st.tp_rank, **expert)
-    return shard_layout(name, cfg, st.tp_size, st.tp_rank, **expert)
+        return lora_layout(name, cfg, lora_rank, st.tp_size, tp_rank, **expert)
+    return shard_layout(name, cfg, st.tp_size, tp_rank, **expert)
 
 
 def canonical_names(cfg: ModelConfig) -> list[list[str]]:

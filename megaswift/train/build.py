@@ -94,18 +94,24 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm:
                 export_dtype, lora_base)
 
 
+def load_weights(model, path: str) -> None:
+    """Fill the model from a megaswift checkpoint or, failing that, an HF checkpoint directory."""
+    from megaswift.checkpoint.model_state import META_FILE
+    from megaswift.convert.hf_import import load_hf_into_model
+
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        load_model(model, path)
+    else:
+        load_hf_into_model(model, path)
+
+
 def attach_lora(cfg, model, plan: Plan) -> None:
     """Adapters on the model, base frozen. A resumed LoRA run first loads its base weights from
     where the run started (its checkpoint holds the adapters only)."""
-    from megaswift.convert.hf_import import load_hf_into_model
-
     lora = cfg.model.lora
     if plan.resume_dir is not None:
         base = plan.lora_base
-        if os.path.isfile(os.path.join(base, "megaswift.json")):
-            load_model(model, base)
-        else:
-            load_hf_into_model(model, base)
+        load_weights(model, base)
     else:
         base = os.path.abspath(plan.hf_dir or plan.weights_dir)
     model.add_lora(lora.rank, lora.alpha, lora.dropout, lora.targets, seed=cfg.train.seed)

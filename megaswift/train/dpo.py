@@ -50,19 +50,15 @@ class DPO(Algorithm):
                "logps/rejected")
 
     def build_data(self, trainer):
-        from transformers import AutoTokenizer
-
         from megaswift.data.preference import PreferenceDataset, PreferenceLoader
 
-        cfg, st = trainer.cfg, trainer.st
+        from .sft import loader_setup
+
+        cfg = trainer.cfg
         self.trainer, self.cfg = trainer, cfg.dpo
-        tokenizer = AutoTokenizer.from_pretrained(trainer.source_dir)
+        tokenizer, loader_args = loader_setup(trainer)
         dataset = PreferenceDataset(cfg.data.path, tokenizer, cfg.data.seq_len, cfg.data.max_prompt_len)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        t = cfg.train
-        loader = PreferenceLoader(dataset, seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size,
-                                  global_batch_size=t.global_batch(st.dp_size), dp_rank=st.dp_rank,
-                                  dp_size=st.dp_size, seed=t.seed, pad_id=pad or 0)
+        loader = PreferenceLoader(dataset, **loader_args)
         self.mode = self._reference_mode(cfg)
         if device.rank() == 0:
             dropped = f", {dataset.dropped} dropped (no response token within data.seq_len)" if dataset.dropped else ""
@@ -90,17 +86,13 @@ class DPO(Algorithm):
     # -- reference log-probabilities -------------------------------------------------------------
     def _load_reference(self):
         """A frozen model sharded like the policy, from dpo.ref_path or the starting weights."""
-        from megaswift.checkpoint.model_state import META_FILE, load_model
         from megaswift.commands import build_model
-        from megaswift.convert.hf_import import load_hf_into_model
+
+        from .build import load_weights
 
         tr, cfg = self.trainer, self.trainer.cfg
-        source = reference_source(cfg)
         ref = build_model(cfg, tr.model.cfg, tr.st, torch.float32)
-        if os.path.isfile(os.path.join(source, META_FILE)):
-            load_model(ref, source)
-        else:
-            load_hf_into_model(ref, source)
+        load_weights(ref, reference_source(cfg))
         for p in ref.parameters():
             p.requires_grad_(False)
         ref.set_attention_backend(cfg.model.attention_backend)
@@ -157,11 +149,6 @@ class DPO(Algorithm):
     def count(self, mb: dict) -> int:
         return int(mb["pair_index"].numel())
 
-    def forward_inputs(self, mb: dict) -> dict:
-        return {"input_ids": mb["input_ids"], "position_ids": mb["position_ids"],
-                "document_ids": mb.get("document_ids"), "labels": mb["labels"], "cp_index": mb.get("cp_index"),
-                "token_mask": mb.get("token_mask")}
-
     def loss_from_output(self, per_token_loss, mb: dict):
         c = self.cfg
         logps, tokens = sequence_logps(per_token_loss, mb["labels"], self.trainer.st.cp_group)
@@ -215,20 +202,15 @@ def compute_table(alg: DPO, loader, n: int) -> torch.Tensor:
 
 def reference_source(cfg) -> str:
     """dpo.ref_path, else the weights the run starts from."""
-    from megaswift.checkpoint.model_state import META_FILE
+    from megaswift.checkpoint.model_state import META_FILE, read_meta
 
     if cfg.dpo.ref_path:
         return cfg.dpo.ref_path
     if cfg.model.hf_path:
         return cfg.model.hf_path
     load = cfg.checkpoint.load
-    if load and load != "latest" and os.path.isfile(os.path.join(load, META_FILE)):
-        import json
-
-        with open(os.path.join(load, META_FILE)) as f:
-            meta = json.load(f)
-        if "train" not in meta:
-            return load
+    if load and load != "latest" and os.path.isfile(os.path.join(load, META_FILE)) and "train" not in read_meta(load):
+        return load
     raise ConfigError("DPO needs the reference weights: set dpo.ref_path (an HF directory or a megaswift "
                       "checkpoint), or model.hf_path to the model the run started from")
 

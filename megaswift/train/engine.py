@@ -43,10 +43,13 @@ class Algorithm:
         """Units (e.g. loss tokens) the loss of this micro batch sums over."""
         raise NotImplementedError
 
-    def forward_inputs(self, micro_batch: dict) -> dict:
+    def forward_inputs(self, mb: dict) -> dict:
         """The model's arguments, token ids first (under PP the first stage's positional input;
-        the others go to every stage as keyword arguments)."""
-        raise NotImplementedError
+        the others go to every stage as keyword arguments): by default the token rows of a
+        language-model batch."""
+        return {"input_ids": mb["input_ids"], "position_ids": mb["position_ids"],
+                "document_ids": mb.get("document_ids"), "labels": mb["labels"], "cp_index": mb.get("cp_index"),
+                "token_mask": mb.get("token_mask")}
 
     def loss_from_output(self, output, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         """(sum of the per-unit losses, extra metrics as sums over units) from the model's output
