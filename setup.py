@@ -22,6 +22,7 @@ setup(
         "megaswift.data",
         "megaswift.recipes",
         "megaswift.train",
+        "megaswift.rollout",
         "megaswift.testing",
         "megaswift.parallel",
         "megaswift.kernels",

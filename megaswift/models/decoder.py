@@ -6,6 +6,8 @@ index, so names stay the same when a pipeline stage holds only some of the layer
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -42,8 +44,12 @@ class TransformerBlock(nn.Module):
         if final_norm and st.sp:
             mark_tp_partial_grad(self.final_layernorm.weight)
 
-    def forward(self, x, cos, sin, document_ids=None, cp_index=None, moe_stats=None, token_mask=None):
+    def forward(self, x, cos, sin, document_ids=None, cp_index=None, moe_stats=None, token_mask=None,
+                kv_cache=None):
         for layer in self.layers.values():
+            if kv_cache is not None:
+                x, moe_stats = layer(x, cos, sin, moe_stats=moe_stats, kv_cache=kv_cache)
+                continue
             args = (x, cos, sin, document_ids, cp_index, moe_stats, token_mask)
             if self.recompute_layers and torch.is_grad_enabled():
                 x, moe_stats = checkpoint(layer, *args, use_reentrant=False)
@@ -65,6 +71,8 @@ class GPTModel(nn.Module):
         st = st or ParallelState.single()
         self.cfg, self.st = cfg, st
         self.lora_rank = 0  # models/lora.py sets it when adapters are attached
+        self.logits_temperature = 1.0
+        self.generating = False  # generation_mode()
         self.pre_process, self.post_process = pre_process, post_process
         tied_output = post_process and cfg.tie_word_embeddings
         self.embedding = Embedding(cfg, st, dtype, device) if pre_process or tied_output else None
@@ -80,7 +88,7 @@ class GPTModel(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, document_ids=None, labels=None, hidden_states=None,
-                cp_index=None, token_mask=None, moe_stats=None):
+                cp_index=None, token_mask=None, moe_stats=None, kv_cache=None):
         """input_ids [b, s] -> vocab-parallel logits [b, s, padded_vocab/tp] (padded columns -inf),
         or, with labels [b, s] (-100 = ignore), the per-token loss [b, s] in fp32.
 
@@ -107,10 +115,13 @@ class GPTModel(nn.Module):
         if track and moe_stats is None:
             moe_stats = torch.zeros(len(self.cfg.moe_layers), stats_width(self.cfg.num_moe_experts), device=x.device)
         cos, sin = self.rotary(position_ids, x.dtype)
-        x, moe_stats = self.decoder(x, cos, sin, document_ids, cp_index, moe_stats if track else None, token_mask)
+        x, moe_stats = self.decoder(x, cos, sin, document_ids, cp_index, moe_stats if track else None, token_mask,
+                                    kv_cache)
         if not self.post_process:
             return (x, moe_stats) if track else x
         logits = self._output(x)
+        if self.logits_temperature != 1.0:
+            logits = logits / self.logits_temperature
         if labels is None:
             return logits
         loss = vocab_parallel_cross_entropy(logits, labels, self.st.tp_group)
@@ -155,7 +166,8 @@ class GPTModel(nn.Module):
     def _tied_output(self, x):
         from megaswift.parallel.tp_comm import copy_to_tp_region, gather_from_sp_region
 
-        x = gather_from_sp_region(x, self.st.tp_group, dim=1) if self.st.sp else copy_to_tp_region(x, self.st.tp_group)
+        sp = self.embedding.word_embeddings.sequence_parallel  # off while generating (rollout/)
+        x = gather_from_sp_region(x, self.st.tp_group, dim=1) if sp else copy_to_tp_region(x, self.st.tp_group)
         return torch.nn.functional.linear(x, self.embedding.word_embeddings.weight)
 
     def _mask_vocab_padding(self, logits):
@@ -176,6 +188,28 @@ class GPTModel(nn.Module):
         from .lora import adapters_disabled
 
         return adapters_disabled(self)
+
+    @contextlib.contextmanager
+    def generation_mode(self):
+        """Token-by-token decoding (rollout/): sequence parallelism off (a decode step has one
+        token per row, which does not split over tp; the column/row layers all-reduce instead,
+        the same sums) and MoE layers route every token on every tp rank (no 1/tp split of a
+        sequence of one). No gradients flow here, so the partial-gradient marks do not matter."""
+        saved = [(m, m.sequence_parallel) for m in self.modules() if hasattr(m, "sequence_parallel")]
+        moe = [m for m in self.modules() if hasattr(m, "whole_sequence")]
+        for m, _ in saved:
+            m.sequence_parallel = False
+        for m in moe:
+            m.whole_sequence = True
+        self.generating = True
+        try:
+            yield self
+        finally:
+            for m, sp in saved:
+                m.sequence_parallel = sp
+            for m in moe:
+                m.whole_sequence = False
+            self.generating = False
 
     def set_attention_backend(self, backend: str) -> None:
         """kernels.attention backend for every layer: auto, reference, sdpa or flash_attn."""

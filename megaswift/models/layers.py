@@ -44,6 +44,7 @@ class SelfAttention(nn.Module):
         self.hd = cfg.kv_channels
         self.n_q, self.n_kv = local_heads(cfg, tp)
         self.window = cfg.window_for_layer(layer_idx)
+        self.layer_idx = layer_idx
         self.backend = "auto"
         self.recompute_core = False  # model.set_recompute("selective")
         self.cp_groups = (st.cp_ulysses_group, st.cp_ring_group)
@@ -61,7 +62,7 @@ class SelfAttention(nn.Module):
         self.linear_proj = RowParallelLinear(self.n_q * self.hd, cfg.hidden_size, tp_group=st.tp_group,
                                              bias=cfg.add_proj_bias, sequence_parallel=st.sp, dtype=dtype, device=device)
 
-    def forward(self, x, cos, sin, document_ids=None, cp_index=None):
+    def forward(self, x, cos, sin, document_ids=None, cp_index=None, kv_cache=None):
         qkv = self.linear_qkv(x)  # [b, s, n_kv * (q_per_kv + 2) * hd], full sequence
         b, s, _ = qkv.shape
         q_per_kv = self.n_q // self.n_kv
@@ -71,6 +72,11 @@ class SelfAttention(nn.Module):
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:  # incremental decoding (rollouts): attend to every cached key
+            k, v = kv_cache.update(self.layer_idx, k, v)
+            out, _ = attention(q, k, v, causal=False, mask=kv_cache.mask(self.window),
+                               backend="reference" if self.backend == "flash_attn" else self.backend)
+            return self.linear_proj(out.reshape(b, s, self.n_q * self.hd))
         if self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, document_ids, cp_index, use_reentrant=False)
         else:
@@ -116,10 +122,10 @@ class TransformerLayer(nn.Module):
             mark_tp_partial_grad(self.input_layernorm.weight)
             mark_tp_partial_grad(self.pre_mlp_layernorm.weight)
 
-    def forward(self, x, cos, sin, document_ids=None, cp_index=None, moe_stats=None, token_mask=None):
+    def forward(self, x, cos, sin, document_ids=None, cp_index=None, moe_stats=None, token_mask=None, kv_cache=None):
         """-> (x, moe_stats): an MoE layer adds its router statistics to its row of moe_stats
         (models/moe.py); other layers pass it on."""
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, document_ids, cp_index)
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, document_ids, cp_index, kv_cache)
         if self.moe_row is None:
             return x + self.mlp(self.pre_mlp_layernorm(x)), moe_stats
         out, row = self.mlp(self.pre_mlp_layernorm(x), token_mask)

@@ -149,6 +149,7 @@ class MoELayer(nn.Module):
         self.experts = Experts(cfg, st, layer_idx, dtype, device)
         self.capacity_factor: float | None = None  # set_moe_options
         self.backend = "auto"
+        self.whole_sequence = False  # generation (rollout/): every tp rank routes all tokens itself
         # Each tp rank routes its own share of the tokens (its sequence shard under SP, else a
         # split of the replicated sequence), so the router's gradient is a partial sum over tp.
         if st.tp_size > 1:
@@ -170,10 +171,10 @@ class MoELayer(nn.Module):
 
     def _routed(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         st, cfg = self.st, self.cfg
-        split = st.tp_size > 1 and not st.sp  # replicated over tp: each rank takes 1/tp of it
+        split = st.tp_size > 1 and not st.sp and not self.whole_sequence  # replicated: each rank takes 1/tp
         if split:
             x = scatter_to_sp_region(x, st.tp_group, dim=1)
-        if token_mask is not None and st.tp_size > 1:
+        if token_mask is not None and st.tp_size > 1 and not self.whole_sequence:
             token_mask = token_mask.chunk(st.tp_size, dim=1)[st.tp_rank]
         b, s, h = x.shape
         flat = x.reshape(b * s, h)

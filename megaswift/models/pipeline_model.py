@@ -14,6 +14,7 @@ equal through every AdamW step.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -85,12 +86,25 @@ class PipelineModel:
         return sum(chunk.add_lora(*args, **kwargs) for chunk in self.chunks)
 
     def adapters_disabled(self):
-        import contextlib
-
         stack = contextlib.ExitStack()
         for chunk in self.chunks:
             stack.enter_context(chunk.adapters_disabled())
         return stack
+
+    def generation_mode(self):
+        stack = contextlib.ExitStack()
+        for chunk in self.chunks:
+            stack.enter_context(chunk.generation_mode())
+        return stack
+
+    @property
+    def logits_temperature(self) -> float:
+        return self.chunks[-1].logits_temperature
+
+    @logits_temperature.setter
+    def logits_temperature(self, value: float) -> None:
+        for chunk in self.chunks:
+            chunk.logits_temperature = value
 
     def set_moe_options(self, **options) -> None:
         for chunk in self.chunks:
@@ -153,7 +167,8 @@ class PipelineModel:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         local = dict(zip(self.stage_ids, self.chunks))
         ranks = st.group_ranks.get("pp", [st.rank])
-        seq = s // st.tp_size if st.sp else s  # input_ids are already this cp rank's shard
+        sp = st.sp and not self.chunks[0].generating
+        seq = s // st.tp_size if sp else s  # input_ids are already this cp rank's shard
         h = None
         for stage in range(self.num_stages):
             me, prev = self.owner(stage), self.owner(stage - 1) if stage else None
