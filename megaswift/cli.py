@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="optimizer steps (default: the tuned recipe)")
 
     s = with_config(sub.add_parser("train", help="train a model (run it under `megaswift launch` for several ranks)"))
-    s.add_argument("algorithm", choices=["sft", "dpo"])
+    s.add_argument("algorithm", choices=["sft", "dpo", "grpo"])
 
     s = with_config(sub.add_parser("import-hf", help="convert an HF checkpoint into a megaswift checkpoint"))
     s.add_argument("hf_dir")

@@ -125,10 +125,10 @@ def verify_command(ns, cfg) -> int:
 
 
 def train_command(ns, cfg) -> int:
-    from megaswift.train import dpo, sft
+    from megaswift.train import dpo, grpo, sft
     from megaswift.train.metrics import format_summary
 
-    summary = {"sft": sft.run, "dpo": dpo.run}[ns.algorithm](cfg)
+    summary = {"sft": sft.run, "dpo": dpo.run, "grpo": grpo.run}[ns.algorithm](cfg)
     if device.rank() == 0:
         print(format_summary(ns.algorithm, summary, cfg), flush=True)
     if dist.is_initialized():

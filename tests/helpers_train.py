@@ -98,3 +98,40 @@ def run_dpo_steps(rank, world, hf_dir, data, output_dir, steps=None, **overrides
     cfg = train_config(hf_dir, data, output_dir, **overrides)
     trainer = build_trainer(cfg, DPO())
     return [trainer.train_step(trainer.data.next_global_batch()) for _ in range(steps or cfg.train.steps)]
+
+
+def write_prompt_data(path: str, n: int = 16, seed: int = 0) -> str:
+    """GRPO prompts: string prompts and message lists in turn, each with an `answer` column."""
+    rng, text = _words(path, seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            q = text(rng.randint(2, 8))
+            prompt = q if i % 2 else [{"role": "user", "content": q}]
+            f.write(json.dumps({"prompt": prompt, "answer": str(i)}) + "\n")
+    return path
+
+
+GRPO_REWARDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo_rewards.py")
+
+
+def grpo_config(hf_dir: str, data: str, output_dir: str, **overrides):
+    """4 completions of 2 prompts per step (8 rows of 32 tokens, 8 new), random-token rewards."""
+    base = {"data__seq_len": 32, "train__micro_batch_size": 2, "train__global_batch_size": 8,
+            "grpo__num_generations": 4, "grpo__max_new_tokens": 8,
+            "grpo__reward_funcs": f"[{GRPO_REWARDS}:multiples_of_three]"}
+    return train_config(hf_dir, data, output_dir, **{**base, **overrides})
+
+
+def run_grpo_steps(rank, world, hf_dir, data, output_dir, steps=3, **overrides) -> list[dict]:
+    """Build a GRPO Trainer and run `steps` optimizer steps; per-step metrics (the engine's and the
+    rollout's)."""
+    from megaswift.train.build import build_trainer
+    from megaswift.train.grpo import GRPO
+
+    trainer = build_trainer(grpo_config(hf_dir, data, output_dir, **overrides), GRPO())
+    out = []
+    for _ in range(steps):
+        m = trainer.train_step(trainer.data.next_global_batch())
+        m.update(trainer.alg.step_metrics(data_s=0.0, step_s=1.0))
+        out.append(m)
+    return out

@@ -32,7 +32,7 @@ def tokenize_chat(row: dict, tokenizer, where: str) -> tuple[list[int], list[boo
     return ids, flags
 
 
-def check_messages(row, where: str) -> list[dict]:
+def check_messages(row, where: str, need_assistant: bool = True) -> list[dict]:
     if not isinstance(row, dict) or "messages" not in row:
         keys = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise DataError(f"{where}: expected a row {{\"messages\": [...]}}, got keys {keys}")
@@ -46,7 +46,7 @@ def check_messages(row, where: str) -> list[dict]:
             raise DataError(f"{where}: messages[{i}] has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise DataError(f"{where}: messages[{i}] content must be a string, got {m.get('content')!r:.80}")
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message, so nothing to train on; add one or drop the row")
     return messages
 

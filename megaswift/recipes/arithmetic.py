@@ -171,6 +171,15 @@ def write_preference_data(out_dir: str, n_train: int, n_test: int, seed: int = 0
     return _write_splits(out_dir, ("pref_train.jsonl", "pref_test.jsonl"), n_train, n_test, seed, operands, row)
 
 
+def write_prompt_data(out_dir: str, n_train: int, n_test: int, seed: int = 0,
+                      operands: tuple[int, int] = OPERANDS) -> tuple[str, str]:
+    """GRPO prompts: the question as a chat prompt and the sum in an `answer` column, which
+    reaches the reward functions (megaswift.rewards:accuracy) by name."""
+    def row(a, b, rng):
+        return {"prompt": [{"role": "user", "content": question(a, b)}], "answer": str(a + b)}
+    return _write_splits(out_dir, ("prompts_train.jsonl", "prompts_test.jsonl"), n_train, n_test, seed, operands, row)
+
+
 def preference_accuracy(hf_dir: str, path: str, seq_len: int = 32) -> float:
     """Share of the pairs in `path` whose chosen response the model at hf_dir finds more likely
     than the rejected one (summed log-probabilities of the response tokens), with transformers."""

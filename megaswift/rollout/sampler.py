@@ -61,7 +61,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, seeds: lis
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop strings need the tokenizer to decode completions")
-    st, dev = model.st, _device(model)
+    dev = _device(model)
     b, n_new = len(prompts), params.max_new_tokens
     width = max(len(p) for p in prompts)
     ids = torch.full((b, width), pad_id, dtype=torch.long)

@@ -79,6 +79,8 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm:
     if algorithm == "dpo" and cfg.data.packing:
         raise ConfigError("data.packing is not supported by dpo: a micro batch holds whole pairs, one per row; "
                           "set data.packing false (pairs are padded to data.seq_len)")
+    if algorithm == "grpo":
+        _check_grpo(cfg, layout.dp, gbs)
     if layout.pp > 1 and layout.cp > 1 and cfg.data.packing:
         raise ConfigError("data.packing with both pp > 1 and cp > 1 is not supported yet: the pipeline needs one "
                           "shape per step, and cp pads each packed document; turn packing off or use pp or cp alone")
@@ -92,6 +94,24 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm:
         raise DataError(f"data.path {cfg.data.path} does not exist")
     return Plan(layout, model_cfg, resume_dir, weights_dir, hf_dir, side if os.path.isdir(side) else None,
                 export_dtype, lora_base)
+
+
+def _check_grpo(cfg, dp: int, gbs: int) -> None:
+    """GRPO's batch and length rules, and its reward functions importable, before launch."""
+    from megaswift.rollout.rewards import load_reward_funcs
+
+    g = cfg.grpo
+    if gbs % (g.num_generations * dp):
+        raise ConfigError(f"train.global_batch_size={gbs} (completions per step) must be a multiple of "
+                          f"grpo.num_generations x dp = {g.num_generations} x {dp} = {g.num_generations * dp}: "
+                          f"each dp rank samples whole groups")
+    if cfg.data.packing:
+        raise ConfigError("data.packing is not supported by grpo: each row is one prompt and its completion")
+    room = cfg.data.seq_len - g.max_new_tokens
+    if room < 1 or (cfg.data.max_prompt_len or 0) > room:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must hold data.max_prompt_len "
+                          f"({cfg.data.max_prompt_len or 'at least 1'}) + grpo.max_new_tokens ({g.max_new_tokens})")
+    load_reward_funcs(g.reward_funcs, g.reward_weights)
 
 
 def load_weights(model, path: str) -> None:

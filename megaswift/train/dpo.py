@@ -72,39 +72,16 @@ class DPO(Algorithm):
         return loader
 
     def _reference_mode(self, cfg) -> str:
-        lora = cfg.model.lora.rank > 0
         if cfg.dpo.precompute_ref:
             return "precompute"
-        mode = cfg.dpo.reference
-        if mode == "auto":
-            mode = "adapters" if lora and cfg.dpo.ref_path is None else "copy"
-        if mode == "adapters" and not lora:
-            raise ConfigError("dpo.reference: adapters needs LoRA (model.lora.rank > 0): without adapters the policy "
-                              "has no frozen base to serve as the reference")
-        return mode
+        return reference_mode(cfg, "dpo")
 
     # -- reference log-probabilities -------------------------------------------------------------
     def _load_reference(self):
-        """A frozen model sharded like the policy, from dpo.ref_path or the starting weights."""
-        from megaswift.commands import build_model
-
-        from .build import load_weights
-
-        tr, cfg = self.trainer, self.trainer.cfg
-        ref = build_model(cfg, tr.model.cfg, tr.st, torch.float32)
-        load_weights(ref, reference_source(cfg))
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        ref.set_attention_backend(cfg.model.attention_backend)
-        if tr.model.cfg.moe_layers:
-            ref.set_moe_options(aux_loss_coef=0.0, capacity_factor=cfg.moe.capacity_factor,
-                                backend=cfg.moe.expert_backend)
-        return ref.eval()
+        return load_reference(self.trainer, reference_source(self.trainer.cfg, self.cfg.ref_path))
 
     def _reference_context(self):
-        if self.mode == "adapters":
-            return self.trainer.model.adapters_disabled()
-        return contextlib.nullcontext()
+        return reference_context(self.trainer.model, self.mode)
 
     @torch.no_grad()
     def _reference_logps(self, mb: dict) -> torch.Tensor | None:
@@ -200,19 +177,56 @@ def compute_table(alg: DPO, loader, n: int) -> torch.Tensor:
     return table.cpu()
 
 
-def reference_source(cfg) -> str:
-    """dpo.ref_path, else the weights the run starts from."""
+def reference_mode(cfg, section: str) -> str:
+    """`<section>.reference` resolved: copy or adapters."""
+    lora = cfg.model.lora.rank > 0
+    sec = getattr(cfg, section)
+    mode = sec.reference
+    if mode == "auto":
+        mode = "adapters" if lora and sec.ref_path is None else "copy"
+    if mode == "adapters" and not lora:
+        raise ConfigError(f"{section}.reference: adapters needs LoRA (model.lora.rank > 0): without adapters the "
+                          "policy has no frozen base to serve as the reference")
+    return mode
+
+
+def reference_context(model, mode: str):
+    """Where the policy itself is the reference (adapters off), the context that makes it so."""
+    return model.adapters_disabled() if mode == "adapters" else contextlib.nullcontext()
+
+
+def load_reference(trainer, source: str):
+    """A frozen model sharded like the policy, filled from `source` (reference_source)."""
+    from megaswift.commands import build_model
+
+    from .build import load_weights
+
+    cfg = trainer.cfg
+    ref = build_model(cfg, trainer.model.cfg, trainer.st, torch.float32)
+    load_weights(ref, source)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    ref.set_attention_backend(cfg.model.attention_backend)
+    ref.logits_temperature = trainer.model.logits_temperature
+    if trainer.model.cfg.moe_layers:
+        ref.set_moe_options(aux_loss_coef=0.0, capacity_factor=cfg.moe.capacity_factor,
+                            backend=cfg.moe.expert_backend)
+    return ref.eval()
+
+
+def reference_source(cfg, ref_path: str | None) -> str:
+    """`ref_path`, else the weights the run starts from."""
     from megaswift.checkpoint.model_state import META_FILE, read_meta
 
-    if cfg.dpo.ref_path:
-        return cfg.dpo.ref_path
+    if ref_path:
+        return ref_path
     if cfg.model.hf_path:
         return cfg.model.hf_path
     load = cfg.checkpoint.load
     if load and load != "latest" and os.path.isfile(os.path.join(load, META_FILE)) and "train" not in read_meta(load):
         return load
-    raise ConfigError("DPO needs the reference weights: set dpo.ref_path (an HF directory or a megaswift "
-                      "checkpoint), or model.hf_path to the model the run started from")
+    raise ConfigError("the reference model needs weights: set dpo.ref_path / grpo.ref_path (an HF directory or a "
+                      "megaswift checkpoint), or model.hf_path to the model the run started from")
 
 
 def run(cfg) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,11 @@ class Algorithm:
     def before_step(self, micro_batches: list[dict]) -> None:
         """Called with the step's micro batches (sharded, on the device) before any forward:
         e.g. to attach reference log-probabilities."""
+
+    def step_metrics(self, data_s: float, step_s: float) -> dict:
+        """Extra metrics of the step just taken (rank 0 logs them), given the seconds spent
+        getting its batch and the whole step's."""
+        return {}
 
     def loss_sum(self, model, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         inputs = self.forward_inputs(micro_batch)
@@ -330,12 +336,15 @@ class Trainer:
         start_elapsed = self.resumed_elapsed_s
         padded_tokens = cfg.train.micro_batch_size * cfg.data.seq_len
         while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
             batches = self.data.next_global_batch()
+            data_s = time.perf_counter() - t0
             try:
                 m = self.train_step(batches)
             except RuntimeError as e:  # a collective failed or timed out: say which ranks fell behind
                 raise self._laggards_error(e) from e
             dt = timer.lap()
+            m.update(self.alg.step_metrics(data_s=data_s, step_s=dt))
             self.tokens_seen += m["tokens"]
             m.update(step=self.step, tokens_per_s=m["tokens"] / dt, step_time_s=dt,
                      elapsed_s=start_elapsed + timer.elapsed(), peak_mem_gb=device.peak_memory_bytes() / 1e9)

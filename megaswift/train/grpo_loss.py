@@ -77,11 +77,18 @@ def per_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Ten
 def aggregate(loss: Tensor, mask: Tensor, loss_type: str, max_new_tokens: int) -> tuple[Tensor, float]:
     """(sum, units) of a [B, T] per-token loss: the batch's loss is sum / units (see the module
     docstring); summed over micro batches and ranks before dividing, it is the global batch's."""
-    mask = mask.to(loss.dtype)
+    n = units(mask, loss_type, max_new_tokens)
     if loss_type == "grpo":
-        return (loss.sum(-1) / mask.sum(-1).clamp_min(1)).sum(), float(loss.shape[0])
+        return (loss.sum(-1) / mask.to(loss.dtype).sum(-1).clamp_min(1)).sum(), n
+    return loss.sum(), n
+
+
+def units(mask: Tensor, loss_type: str, max_new_tokens: int) -> float:
+    """What `aggregate` divides by for these completions (mask [B, T])."""
+    if loss_type == "grpo":
+        return float(mask.shape[0])
     if loss_type in ("bnpo", "dapo"):
-        return loss.sum(), float(mask.sum())
+        return float(mask.sum())
     if loss_type == "dr_grpo":
-        return loss.sum(), float(loss.shape[0] * max_new_tokens)
+        return float(mask.shape[0] * max_new_tokens)
     raise ValueError(f"grpo.loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
