@@ -15,3 +15,12 @@ def prompt_parity(prompts, completion_ids, answer, **kwargs):
 
 def raises_on_long(completions, **kwargs):
     return [1.0 / (5 - min(len(c), 5)) for c in completions]
+
+
+def fails_on_rank_one(completions, **kwargs):
+    """Raises on global rank 1 only: the other ranks must stop with its message, not hang."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("judge unreachable")
+    return [0.0] * len(completions)
