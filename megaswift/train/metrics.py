@@ -94,6 +94,11 @@ class MetricsLogger:
             parts.append(f"bubble {100 * m['pp_bubble']:.0f}%")
         if m.get("moe_max_load_ratio") is not None:
             parts.append(f"aux {m['moe_aux_loss']:.3f} load {m['moe_max_load_ratio']:.2f}")
+        if m.get("reward") is not None:  # GRPO
+            parts.append(f"reward {m['reward']:.3f} len {m['completions/mean_length']:.1f} "
+                         f"rollout {100 * m['time/rollout_share']:.0f}%")
+        if m.get("rewards/accuracies") is not None:  # DPO
+            parts.append(f"acc {m['rewards/accuracies']:.3f}")
         parts.append(f"mem {m['peak_mem_gb']:.2f} GB")
         return "  ".join(parts)
 
@@ -113,6 +118,7 @@ class MetricsLogger:
                 "pp_bubble": sum(bubbles) / len(bubbles) if bubbles else None, "elapsed_s": h[-1]["elapsed_s"],
                 "moe": ({k: (h[0][k], h[-1][k]) for k in ("moe_aux_loss", "moe_max_load_ratio")}
                         if "moe_aux_loss" in h[0] else None),
+                "reward": _first_last("reward", h), "rewards/accuracies": _first_last("rewards/accuracies", h),
                 "peak_mem_gb": max(m["peak_mem_gb"] for m in h)}
 
     def close(self) -> None:
@@ -150,6 +156,14 @@ class StepTimer:
         return time.perf_counter() - self.start
 
 
+def _first_last(key: str, h: list[dict], n: int = 5) -> tuple[float, float] | None:
+    """Means of `key` over the first and the last n steps (None if the run has no such metric)."""
+    values = [m[key] for m in h if m.get(key) is not None]
+    if not values:
+        return None
+    return sum(values[:n]) / len(values[:n]), sum(values[-n:]) / len(values[-n:])
+
+
 def format_summary(algorithm: str, s: dict, cfg) -> str:
     """The end-of-run screen."""
     if not s.get("steps"):
@@ -169,6 +183,10 @@ def format_summary(algorithm: str, s: dict, cfg) -> str:
         *([f"  experts     load-balancing loss {s['moe']['moe_aux_loss'][0]:.4f} -> {s['moe']['moe_aux_loss'][1]:.4f}, "
            f"max/mean expert load {s['moe']['moe_max_load_ratio'][0]:.2f} -> {s['moe']['moe_max_load_ratio'][1]:.2f}"]
           if s.get("moe") else []),
+        *([f"  reward      {s['reward'][0]:.4f} -> {s['reward'][1]:.4f} (means of the first and last 5 steps)"]
+          if s.get("reward") else []),
+        *([f"  accuracy    {s['rewards/accuracies'][0]:.4f} -> {s['rewards/accuracies'][1]:.4f} (rewards/accuracies, "
+           f"means of the first and last 5 steps)"] if s.get("rewards/accuracies") else []),
         f"  peak memory {s['peak_mem_gb']:.2f} GB (rank 0)",
         f"  metrics     {os.path.join(cfg.train.output_dir, 'metrics.jsonl')}",
     ]

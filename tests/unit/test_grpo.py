@@ -107,3 +107,30 @@ def test_a_failing_reward_plugin_stops_the_cli_with_one_line(tiny_hf, tmp_path):
     assert len(errors) == 1 and "Traceback" not in proc.stderr
     assert "grpo_rewards.py:raises_on_long raised ZeroDivisionError" in errors[0]
     assert re.search(r"on completion \d+ \('.*' for prompt '", errors[0])
+
+
+def test_a_run_resumes_with_the_prompt_order_and_rollout_count(tiny_hf, tmp_path):
+    """2 steps with a checkpoint, then a resumed run to step 3: it goes on from step 2 with the
+    next prompts and rollout number (a fresh rollout batch), and logs GRPO's metrics."""
+    import json
+
+    from megaswift.train.build import build_trainer
+    from megaswift.train.grpo import GRPO
+
+    data = write_prompt_data(str(tmp_path / "prompts.jsonl"))
+    out = str(tmp_path / "out")
+    first = build_trainer(grpo_config(tiny_hf["llama"], data, out, train__steps=2), GRPO())
+    first.train()
+    state = first.data.state_dict()
+    again = build_trainer(grpo_config(tiny_hf["llama"], data, out, train__steps=3, checkpoint__load="latest"),
+                          GRPO())
+    assert again.step == 2 and again.data.state_dict() == state
+    summary = again.train()
+    assert again.alg.rollouts == 3 and summary["steps"] == 1 and summary["reward"] is not None
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("reward", "reward_std", "rewards/multiples_of_three/mean", "advantages/std", "clip_ratio/region",
+                "completions/mean_length", "completions/truncated_fraction", "time/rollout_share",
+                "rollout/logp_diff_max"):
+        assert all(key in r for r in rows), key
