@@ -133,8 +133,9 @@ class GRPO(Algorithm):
         try:
             for at in range(0, len(rows), chunk):
                 part = rows[at: at + chunk]
-                gen = generate(model, [self.dataset.items[i][1] for i, _ in part], self.params,
-                               seeds[at: at + chunk], pad_id=self.pad_id, tokenizer=self.tokenizer)
+                with self.trainer._autocast():  # CUDA bf16/fp16: sample with the numerics that train
+                    gen = generate(model, [self.dataset.items[i][1] for i, _ in part], self.params,
+                                   seeds[at: at + chunk], pad_id=self.pad_id, tokenizer=self.tokenizer)
                 for (i, _), ids, lp, trunc in zip(part, gen.completion_ids, gen.logps, gen.truncated):
                     out.append({"prompt": i, "completion_ids": ids, "logps": lp, "truncated": trunc})
         finally:
