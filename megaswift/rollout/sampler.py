@@ -12,9 +12,10 @@ step feeds one token per row. Layouts:
 - CP: every cp rank generates the same rows (weights are whole on each), so nothing is split.
 - DP: each dp rank generates its own rows.
 
-Determinism: each row draws from its own torch.Generator seeded by the caller (GRPO seeds by the
-run seed, rollout number and the row's global index), on the CPU, so a row's completion depends
-on its seed and the model's logits only, not on the layout or on which rows share its batch.
+Determinism: each row draws its uniforms from its own torch.Generator seeded by the caller (GRPO
+seeds by the run seed, rollout number and the row's global index) and samples by inverse CDF on
+the CPU, so a row's completion depends on its seed and the model's logits only, not on the
+layout or on which rows share its batch.
 
 Log-probabilities are those of the full softmax of logits / temperature (TRL's convention, what
 the trainer recomputes), not of the top-k/top-p filtered distribution the token was drawn from.
@@ -71,7 +72,10 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, seeds: lis
         valid[i, width - len(p):] = True
     positions = (valid.long().cumsum(1) - 1).clamp_min(0)
     next_pos = valid.sum(1)  # position of each row's next token
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    # each row's uniforms for every step, drawn up front from its own generator (inverse-CDF
+    # sampling then needs no per-row call in the loop)
+    uniforms = torch.stack([torch.rand(n_new, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                            for s in seeds]) if b else torch.zeros(0, n_new, dtype=torch.float64)
     cache = KVCache(b, width + n_new, device=dev)
     out = Generation([[] for _ in range(b)], [[] for _ in range(b)], [True] * b)
     done = torch.zeros(b, dtype=torch.bool)
@@ -83,7 +87,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, seeds: lis
                 cache.begin(valid.to(dev), positions.to(dev))
                 logits = _forward(model, ids.to(dev), positions.to(dev), cache)
                 cache.advance()
-                tokens, logps = _sample_on_last_stage(model, logits, params, gens)
+                tokens, logps = _sample_on_last_stage(model, logits, params, uniforms[:, step])
                 for i in range(b):
                     if done[i]:
                         continue
@@ -115,15 +119,15 @@ def _forward(model, ids, positions, cache):
     return model(ids, position_ids=positions, kv_cache=cache)
 
 
-def _sample_on_last_stage(model, logits, params: SamplingParams, gens) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_on_last_stage(model, logits, params: SamplingParams, u) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [b], log-probabilities [b] float64) on every rank of the replica."""
     st = model.st
-    b = len(gens)
+    b = u.shape[0]
     result = torch.zeros(b, 2, dtype=torch.float64)
     if logits is not None:
         last = gather_from_tp_region(logits[:, -1].float().contiguous(), st.tp_group, dim=-1)
         last = last[:, : model.cfg.vocab_size].cpu()
-        tokens, logps = sample(last, params, gens)
+        tokens, logps = sample(last, params, u)
         result[:, 0], result[:, 1] = tokens.double(), logps.double()
     if group_size(st.pp_group) > 1:  # the last stage's owner tells the other stages
         owner = st.group_ranks["pp"][model.owner(model.num_stages - 1)]
@@ -133,15 +137,18 @@ def _sample_on_last_stage(model, logits, params: SamplingParams, gens) -> tuple[
     return result[:, 0].long(), result[:, 1]
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gens) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of `logits` [b, vocab] (already divided by the temperature), each from
-    its own generator, and its log-probability under the unfiltered softmax."""
+def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of `logits` [b, vocab] (already divided by the temperature), drawn by
+    inverse CDF with the row's uniform u [b] in [0, 1), and its log-probability under the
+    unfiltered softmax. A token of zero probability (filtered out) is never drawn."""
     logp_all = torch.log_softmax(logits, dim=-1)
     if params.temperature <= 0:
         tokens = logits.argmax(-1)
     else:
-        probs = torch.softmax(_filter(logits, params.top_k, params.top_p), dim=-1)
-        tokens = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(gens)])
+        probs = torch.softmax(_filter(logits, params.top_k, params.top_p), dim=-1).double()
+        cdf = probs.cumsum(-1)
+        target = (u.double() * cdf[:, -1]).unsqueeze(-1)
+        tokens = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(logits.shape[-1] - 1)
     return tokens, logp_all.gather(1, tokens[:, None])[:, 0]
 
 

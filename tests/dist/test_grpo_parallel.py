@@ -1,7 +1,8 @@
 """GRPO on the parallel layouts: with sampling seeded per completion, 3 update steps at tp=2,
 dp=2 (ZeRO-1), pp=2 and cp=2 sample the same completions and give the single-process losses,
 gradient norms, rewards and clip fractions within fp32 tolerance (rtol 1e-5); the variants (KL to
-a frozen copy or to the LoRA base, GSPO, several updates per rollout) too."""
+a frozen copy or to the LoRA base, GSPO, several updates per rollout) too. The loss, near zero
+at the first update, is compared with atol 1e-6 (see ATOL)."""
 import numpy as np
 import pytest
 
@@ -9,6 +10,9 @@ from helpers_train import run_grpo_steps, write_prompt_data
 from megaswift.testing.dist import run_distributed
 
 RTOL = 1e-5
+# the loss is a sum of O(1) terms that nearly cancel (advantages sum to zero in every group), so
+# its fp32 rounding is absolute: about 1e-7 whatever its value
+ATOL = {"loss": 1e-6}
 KEYS = ("loss", "grad_norm", "reward", "reward_std", "advantages/std", "completions/mean_length")
 
 
@@ -40,7 +44,7 @@ def test_grpo_matches_single_process(name, tiny_hf, data, tmp_path):
     for rank_metrics in got:
         for key in keys:
             np.testing.assert_allclose([m[key] for m in rank_metrics], [m[key] for m in want], rtol=RTOL,
-                                       atol=1e-7, err_msg=key)
+                                       atol=ATOL.get(key, 1e-7), err_msg=key)
     assert all(m["rollout/logp_diff_max"] < 1e-4 for m in want)
     # the loss value is ~0 at ratio 1 (advantages sum to zero per group); the gradients are not
     assert all(m["grad_norm"] > 1e-3 for m in want) and len({round(m["grad_norm"], 6) for m in want}) == 3
@@ -61,7 +65,7 @@ def test_grpo_on_experts_matches_single_process(moe_hf, data, tmp_path, layout, 
     for rank_metrics in got:
         for key in KEYS + ("moe_aux_loss",):
             np.testing.assert_allclose([m[key] for m in rank_metrics], [m[key] for m in want], rtol=RTOL,
-                                       atol=1e-7, err_msg=key)
+                                       atol=ATOL.get(key, 1e-7), err_msg=key)
 
 
 def test_a_reward_failing_on_one_rank_stops_every_rank_with_its_message(tiny_hf, data, tmp_path):

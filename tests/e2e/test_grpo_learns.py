@@ -4,8 +4,8 @@ at tp=2 through the CLI (`megaswift launch -- train grpo`, configs/grpo_arithmet
 clearly from the first 5 steps to the last 5, and the export answers more held-out questions.
 
 Measured on the 2-core machine (about 80 s with the launch and both evaluations): mean reward
-0.221 over the first 5 steps, 0.353 over the last 5; held-out greedy accuracy 0.320 -> 0.455;
-the sync check's largest |log-prob difference| 2.2e-5 (tp=2)."""
+0.228 over the first 5 steps, 0.350 over the last 5; held-out greedy accuracy 0.320 -> 0.480;
+the sync check's largest |log-prob difference| 1.9e-5 (tp=2)."""
 import json
 import os
 import subprocess

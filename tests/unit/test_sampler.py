@@ -103,3 +103,20 @@ def test_top_k_and_top_p_filters():
     assert kept(0, 0.8) == [True, True, False, False]
     assert kept(0, 0.81) == [True, True, True, False]
     assert kept(1, 0.99) == [True, False, False, False]
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_skips_filtered_tokens():
+    from megaswift.rollout.sampler import sample
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20000, 4)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tokens, logps = sample(logits, SamplingParams(max_new_tokens=1), u)
+    freq = torch.bincount(tokens, minlength=4).double() / 20000
+    torch.testing.assert_close(freq, probs.double(), atol=0.01, rtol=0)
+    torch.testing.assert_close(logps, probs.log()[tokens])
+    tokens, _ = sample(logits, SamplingParams(max_new_tokens=1, top_k=2), u)
+    assert set(tokens.tolist()) == {0, 1}
+    ends = torch.tensor([0.0, 1 - 1e-12], dtype=torch.float64)
+    assert sample(logits[:2], SamplingParams(max_new_tokens=1), ends)[0].tolist() == [0, 3]
+    assert sample(logits[:2], SamplingParams(max_new_tokens=1, top_k=2), ends)[0].tolist() == [0, 1]
