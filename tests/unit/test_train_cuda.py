@@ -29,3 +29,15 @@ def test_cuda_matches_cpu_in_fp32(on_cuda, tiny_hf, tmp_path, monkeypatch):
     cpu = run_steps(0, 1, tiny_hf["llama"], data, str(tmp_path / "b"))
     # TF32 is off by default for matmuls in torch; differences are kernel summation order
     np.testing.assert_allclose([m["loss"] for m in gpu], [m["loss"] for m in cpu], rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_grpo_on_cuda_bf16_passes_its_sync_check(on_cuda, tiny_hf, tmp_path):
+    """Rollouts on CUDA under bf16 autocast (the sampler moves only the last position's logits to
+    the CPU) train, and the weight-sync check's default bf16 tolerance holds."""
+    from helpers_train import run_grpo_steps, write_prompt_data
+
+    data = write_prompt_data(str(tmp_path / "prompts.jsonl"))
+    steps = run_grpo_steps(0, 1, tiny_hf["qwen3"], data, str(tmp_path / "a"), model__dtype="bfloat16")
+    assert all(m["rollout/logp_diff_mean"] < 5e-2 for m in steps)
+    assert all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in steps)
