@@ -58,11 +58,14 @@ class Bucket:
 class DataParallel:
     """Owns the parameter and gradient buffers of `params` and their reduction over `group`."""
 
-    def __init__(self, params: list[nn.Parameter], group=None, *, zero: int = 0, bucket_numel: int = 40_000_000):
+    def __init__(self, params: list[nn.Parameter], group=None, *, zero: int = 0, bucket_numel: int = 40_000_000,
+                 device: torch.device | None = None):
         self.group, self.zero = group, zero
         self.dp, self.dp_rank = group_size(group), group_rank(group)
         self.sync = True  # set False for all micro batches but the last (gradient accumulation)
         params = [p for p in params if p.requires_grad]
+        # may hold no trainable parameter (LoRA adapting only routed experts): norms still need a device
+        self.device = device or (params[0].device if params else torch.device("cpu"))
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[nn.Parameter, Bucket] = {}
         current: list[nn.Parameter] = []
@@ -153,7 +156,7 @@ class DataParallel:
 
     def grad_sq(self, weights: dict[nn.Parameter, float | torch.Tensor]) -> torch.Tensor:
         """Weighted sum of squared gradients of this dp group's copy of the parameters."""
-        sq = torch.zeros((), dtype=torch.float32, device=self.buckets[0].grad.device)
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for piece in self.pieces:
             w = weights.get(piece.param, 1.0)
             g2 = piece.grad.float().pow(2)
@@ -213,10 +216,12 @@ class DataParallelSet:
         dense = [p for p in params if not getattr(p, "expert", False)]
         expert = [p for p in params if getattr(p, "expert", False)]
         self.parts: list[tuple[DataParallel, tuple]] = [
-            (DataParallel(dense, st.dp_cp_group, zero=zero, bucket_numel=bucket_numel), (st.tp_group,))]
+            (DataParallel(dense, st.dp_cp_group, zero=zero, bucket_numel=bucket_numel, device=st.device),
+             (st.tp_group,))]
         if expert:
             # each expert element sits once on the ep x etp ranks of an expert-dp replica
-            self.parts.append((DataParallel(expert, st.edp_group, zero=zero, bucket_numel=bucket_numel),
+            self.parts.append((DataParallel(expert, st.edp_group, zero=zero, bucket_numel=bucket_numel,
+                                            device=st.device),
                                (st.etp_group, st.ep_group)))
         self.pp_group = st.pp_group
 

@@ -53,6 +53,20 @@ def test_lora_on_experts_matches_single_process(moe_hf, data, tmp_path):
         np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=RTOL, err_msg=key)
 
 
+def test_lora_on_routed_experts_only(moe_hf, data, tmp_path):
+    """Mixtral (every layer MoE) with adapters on linear_fc1 only: the only trainable weights are
+    expert adapters, so the dense data-parallel part holds nothing (it used to crash the grad
+    norm); ep=2 equals one process."""
+    hf = moe_hf["mixtral"]
+    only = {**LORA, "model__lora__targets": "[linear_fc1]"}
+    want = run_steps(0, 1, hf, data, str(tmp_path / "one"), train__micro_batch_size=8, **only)
+    got = run_distributed(run_steps, 2, hf, data, str(tmp_path / "many"), parallel__ep=2,
+                          train__micro_batch_size=4, **only)[0]
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=RTOL, err_msg=key)
+    assert want[-1]["loss"] < want[0]["loss"]
+
+
 def _dcp_keys(path):
     import torch.distributed.checkpoint as dcp
 
