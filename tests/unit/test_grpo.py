@@ -134,3 +134,21 @@ def test_a_run_resumes_with_the_prompt_order_and_rollout_count(tiny_hf, tmp_path
                 "completions/mean_length", "completions/truncated_fraction", "time/rollout_share",
                 "rollout/logp_diff_max"):
         assert all(key in r for r in rows), key
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train__global_batch_size": 6}, r"global_batch_size=6 \(completions per step\) must be a multiple of "
+                                      r"grpo.num_generations x dp = 4 x 1 = 4"),
+    ({"grpo__max_new_tokens": 32}, r"data.seq_len=32 must hold data.max_prompt_len"),
+    ({"data__max_prompt_len": 30}, r"data.seq_len=32 must hold data.max_prompt_len \(30\) \+ grpo.max_new_tokens"),
+    ({"grpo__reward_funcs": "[megaswift.rewards:nope]"}, r"has no function 'nope'"),
+    ({"data__packing": True}, r"data.packing is not supported by grpo"),
+])
+def test_plan_refuses_bad_grpo_settings_before_any_process_starts(tiny_hf, tmp_path, overrides, message):
+    from megaswift.errors import ConfigError
+    from megaswift.train.build import plan_training
+
+    data = write_prompt_data(str(tmp_path / "prompts.jsonl"))
+    cfg = grpo_config(tiny_hf["llama"], data, str(tmp_path / "out"), **overrides)
+    with pytest.raises(ConfigError, match=message):
+        plan_training(cfg, 1, algorithm="grpo")
