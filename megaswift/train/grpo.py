@@ -67,9 +67,8 @@ class GRPO(Algorithm):
         self.metrics = ("clip_ratio/low", "clip_ratio/high", "clip_ratio/region") + (("kl",) if g.beta else ())
         trainer.model.logits_temperature = g.temperature
         self.rollout_model = trainer.model  # the built-in engine samples from the policy itself
-        eos = self.tokenizer.eos_token_id
         self.params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                                     top_k=g.top_k, stop_token_ids=(eos,) if eos is not None else (),
+                                     top_k=g.top_k, stop_token_ids=stop_token_ids(trainer.source_dir, self.tokenizer),
                                      stop_strings=tuple(g.stop_strings))
         self.ref_model, self.ref_mode = None, None
         if g.beta:
@@ -121,8 +120,8 @@ class GRPO(Algorithm):
         return self._micro_batches(mine, adv_mine)
 
     def _generate(self, prompt_ids: list[int], first_group: int, round_: int) -> list[dict]:
-        """num_generations completions of each prompt: dicts of prompt/completion ids, rollout
-        log-probabilities, truncation and the completion as the reward functions see it."""
+        """num_generations completions of each prompt: dicts of the prompt index, completion ids,
+        rollout log-probabilities and whether the completion was truncated."""
         g, G = self.cfg, self.cfg.num_generations
         rows = [(i, (first_group + j) * G + k) for j, i in enumerate(prompt_ids) for k in range(G)]
         seeds = [_seed(self.trainer.cfg.train.seed, self.rollouts, round_, row) for _, row in rows]
@@ -373,6 +372,22 @@ class RolloutBatches:
     def load_state_dict(self, state: dict) -> None:
         self.order.load_state_dict(state["prompts"])
         self.alg.rollouts = state["rollouts"]
+
+
+def stop_token_ids(source_dir: str | None, tokenizer) -> tuple[int, ...]:
+    """The tokens that end a completion: the tokenizer's EOS and those of the checkpoint's
+    generation_config.json (chat models list their end-of-turn token there, e.g. Qwen's
+    <|im_end|> beside <|endoftext|>), as transformers' generate stops on them."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if source_dir is not None:
+        from transformers import GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(source_dir).eos_token_id
+        except OSError:  # no generation_config.json
+            eos = None
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return tuple(sorted(ids))
 
 
 def _seed(seed: int, rollout: int, round_: int, row: int) -> int:

@@ -152,3 +152,16 @@ def test_plan_refuses_bad_grpo_settings_before_any_process_starts(tiny_hf, tmp_p
     cfg = grpo_config(tiny_hf["llama"], data, str(tmp_path / "out"), **overrides)
     with pytest.raises(ConfigError, match=message):
         plan_training(cfg, 1, algorithm="grpo")
+
+
+def test_completions_stop_on_every_eos_the_checkpoint_lists(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from megaswift.train.grpo import stop_token_ids
+
+    tok = SimpleNamespace(eos_token_id=2)
+    assert stop_token_ids(str(tmp_path), tok) == (2,)  # no generation_config.json
+    GenerationConfig(eos_token_id=[7, 5]).save_pretrained(str(tmp_path))
+    assert stop_token_ids(str(tmp_path), tok) == (2, 5, 7)
