@@ -29,6 +29,16 @@ def split_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig, spec: FamilyS
         out.setdefault(seg.hf_name, []).append((seg.hf_start, rows.narrow(0, seg.canon_start, seg.length)))
 
 
+def hf_tensors(group: list[str], tensors: dict[str, torch.Tensor], cfg: ModelConfig, spec: FamilySpec):
+    """(HF name, tensor) of every HF tensor a group of canonical tensors (a layer) makes up."""
+    pieces: dict[str, list] = {}
+    for name in group:
+        split_to_hf(name, tensors[name], cfg, spec, pieces)
+    for hf_name, parts in pieces.items():
+        parts.sort(key=lambda p: p[0])
+        yield hf_name, torch.cat([t for _, t in parts]) if len(parts) > 1 else parts[0][1]
+
+
 def default_export_dtype(meta: dict) -> str:
     """A training checkpoint stores fp32 master weights; it exports in its source model's dtype."""
     return meta.get("export_dtype") or meta.get("dtype", "float32")
@@ -56,13 +66,7 @@ def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_by
     writer = ShardedSafetensorsWriter(hf_dir, max_shard_bytes)
     for group in canonical_names(cfg):
         shapes = {n: shard_layout(n, cfg, 1, 0).canonical_shape for n in group}
-        tensors = read_group(shapes)
-        pieces: dict[str, list] = {}
-        for name in group:
-            split_to_hf(name, tensors[name], cfg, spec, pieces)
-        for hf_name, parts in pieces.items():
-            parts.sort(key=lambda p: p[0])
-            full = torch.cat([t for _, t in parts]) if len(parts) > 1 else parts[0][1]
+        for hf_name, full in hf_tensors(group, read_group(shapes), cfg, spec):
             writer.add(hf_name, full.to(torch_dtype))
     writer.close()
     copy_side(ckpt_dir, hf_dir)
