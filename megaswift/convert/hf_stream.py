@@ -17,40 +17,64 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from megaswift.models.sharding import canonical_names, shard_layout
+from megaswift.models.sharding import canonical_names, lora_layout, shard_layout
 
 from .canonical import box_of, local_pieces
 from .families import FAMILIES
 from .hf_export import hf_tensors
+from .lora_export import merge_adapters
 
 
 def stream_hf_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every weight of the model, on every rank; all ranks of the job
-    must iterate it together (it is collective)."""
+    must iterate it together (it is collective). A LoRA model streams its base weights with the
+    adapters merged in ((alpha / r) B A), which is what it samples with."""
     cfg = model.cfg
-    if model.lora_rank:
-        raise NotImplementedError("streaming the weights of a LoRA model (base + merged adapters) is not written; "
-                                  "export with --merge-lora")
     params = dict(model.named_parameters())
     layouts = model.shard_layouts()
     dev = next(model.parameters()).device
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    me = dist.get_rank() + 1 if world > 1 else 1
     spec = FAMILIES[cfg.family]
+    lora = getattr(model, "lora_meta", None) if model.lora_rank else None
+    if model.lora_rank and lora is None:
+        raise ValueError("a LoRA model without lora_meta (alpha, rank): attach adapters with train.build.attach_lora")
     for group in canonical_names(cfg):
-        tensors = {}
-        for name in group:
-            shape = shard_layout(name, cfg, 1, 0).canonical_shape
-            full = torch.zeros(shape, dtype=torch.float32, device=dev)
-            mark = torch.zeros(shape, dtype=torch.int32, device=dev)
-            if name in params:
-                for offsets, piece in local_pieces(params[name].detach(), layouts[name]):
-                    box_of(full, offsets, piece.shape).copy_(piece)
-                    box_of(mark, offsets, piece.shape).fill_(me)
-            if world > 1:
-                dist.all_reduce(mark, op=dist.ReduceOp.MAX)
-                full.masked_fill_(mark != me, 0)
-                dist.all_reduce(full)
-            tensors[name] = full
+        tensors = {name: _assemble(params.get(name), layouts.get(name), shard_layout(name, cfg, 1, 0), dev)
+                   for name in group}
+        if lora:
+            adapters = {}
+            for name in group:
+                for which in ("A", "B"):
+                    key = f"{name[: -len('.weight')]}.lora.{which}"
+                    if _adapted(key, lora):
+                        canon = lora_layout(key, cfg, lora["rank"], 1, 0)
+                        adapters[key] = _assemble(params.get(key), layouts.get(key), canon, dev)
+            tensors = merge_adapters(tensors, adapters, lora["alpha"] / lora["rank"])
         for hf_name, tensor in hf_tensors(group, tensors, cfg, spec):
             yield hf_name, tensor if dtype is None else tensor.to(dtype)
+
+
+def _assemble(local, layout, canonical, dev) -> torch.Tensor:
+    """The canonical tensor from every rank's pieces (see the module docstring); `local` None on
+    ranks that do not hold it."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    me = dist.get_rank() + 1 if world > 1 else 1
+    full = torch.zeros(canonical.canonical_shape, dtype=torch.float32, device=dev)
+    mark = torch.zeros(canonical.canonical_shape, dtype=torch.int32, device=dev)
+    if local is not None:
+        for offsets, piece in local_pieces(local.detach(), layout):
+            box_of(full, offsets, piece.shape).copy_(piece)
+            box_of(mark, offsets, piece.shape).fill_(me)
+    if world > 1:
+        dist.all_reduce(mark, op=dist.ReduceOp.MAX)
+        full.masked_fill_(mark != me, 0)
+        dist.all_reduce(full)
+    return full
+
+
+def _adapted(key: str, lora: dict) -> bool:
+    """Whether the layer of adapter `key` is a LoRA target: every rank must agree on the
+    collectives, including ranks (other pipeline stages) that do not hold the layer."""
+    from megaswift.models.lora import target_set
+
+    layer = key.rsplit(".lora.", 1)[0]
+    return layer.rsplit(".", 1)[-1] in target_set(lora["targets"])

@@ -87,12 +87,18 @@ def merged_reader(ckpt_dir: str, meta: dict, cfg, dtype):
                 for n, s in shapes.items()}
 
     def read_group(shapes):
-        tensors = read_base(shapes)
-        for name in shapes:
-            layer = name[: -len(".weight")]
-            if layer + ".lora.A" in adapters:
-                A, B = adapters[layer + ".lora.A"], adapters[layer + ".lora.B"]
-                delta = torch.bmm(B, A) if A.ndim == 3 else B @ A
-                tensors[name] = tensors[name] + scale * delta
-        return {n: t.to(dtype) for n, t in tensors.items()}
+        return {n: t.to(dtype) for n, t in merge_adapters(read_base(shapes), adapters, scale).items()}
     return read_group
+
+
+def merge_adapters(tensors: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], scale: float) -> dict:
+    """Canonical weights with (alpha / r) B A added where `adapters` (canonical `<layer>.lora.A`
+    and `.lora.B`) adapt them; grouped experts per expert."""
+    out = dict(tensors)
+    for name in tensors:
+        layer = name[: -len(".weight")]
+        if layer + ".lora.A" in adapters:
+            A, B = adapters[layer + ".lora.A"], adapters[layer + ".lora.B"]
+            delta = torch.bmm(B, A) if A.ndim == 3 else B @ A
+            out[name] = tensors[name] + scale * delta
+    return out

@@ -3,6 +3,7 @@ at every layout the streamed HF tensors equal the HF checkpoint the model was lo
 bit (fp32), on every rank, with no file written."""
 import glob
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -65,3 +66,46 @@ def _check(results, hf_dir):
         np.testing.assert_array_equal(got[n], a, err_msg=n)
     for other in results[1:]:
         assert other == {n: float(np.abs(a).sum()) for n, a in got.items()}
+
+
+def _stream_lora(rank, world, hf_dir, overrides):
+    """A LoRA model (rank 4, all-linear) whose B matrices are random (as after training), drawn
+    for the canonical tensors so every layout holds the same adapters."""
+    from megaswift.commands import build_model, hf_model_config, plan_layout
+    from megaswift.config import load_config
+    from megaswift.convert.canonical import box_of, fill_from_canonical
+    from megaswift.convert.hf_import import load_hf_into_model
+    from megaswift.convert.hf_stream import stream_hf_weights
+    from megaswift.parallel.state import ParallelState
+    from megaswift.train.build import attach_lora
+
+    args = [a for k, v in overrides.items() for a in (f"--{k}", str(v))] + ["--model.lora.rank", "4"]
+    cfg = load_config(None, args)
+    mc = hf_model_config(hf_dir, cfg)
+    st = ParallelState.build(plan_layout(cfg, world, mc)) if world > 1 else ParallelState.single()
+    model = build_model(cfg, mc, st, torch.float32)
+    load_hf_into_model(model, hf_dir)
+    attach_lora(cfg, model, SimpleNamespace(resume_dir=None, hf_dir=hf_dir, weights_dir=None))
+    layouts = model.shard_layouts()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".lora.B"):
+                full = torch.randn(layouts[name].canonical_shape,
+                                   generator=torch.Generator().manual_seed(len(name)))
+                p.copy_(fill_from_canonical(lambda o, n, full=full: box_of(full, o, n), layouts[name]))
+    out = {name: t.numpy().copy() for name, t in stream_hf_weights(model)}  # collective: every rank iterates
+    return out if rank == 0 else None
+
+
+@pytest.mark.parametrize("family, world, overrides", [("qwen2", 2, {"parallel.tp": 2}),
+                                                      ("llama", 2, {"parallel.pp": 2})])
+def test_a_lora_model_streams_its_merged_weights(tiny_hf, family, world, overrides):
+    one = _stream_lora(0, 1, tiny_hf[family], {})
+    got = run_distributed(_stream_lora, world, tiny_hf[family], overrides)[0]
+    base = _hf_tensors(tiny_hf[family])
+    assert set(got) == set(one) == set(base)
+    for n in one:
+        np.testing.assert_allclose(got[n], one[n], rtol=1e-6, atol=1e-7, err_msg=n)
+    changed = [n for n in base if not np.array_equal(one[n], base[n])]
+    assert any("q_proj" in n for n in changed) and any("down_proj" in n for n in changed)
+    assert not any("norm" in n for n in changed)
