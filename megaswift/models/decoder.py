@@ -47,10 +47,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x, cos, sin, document_ids=None, cp_index=None, moe_stats=None, token_mask=None,
                 kv_cache=None):
         for layer in self.layers.values():
-            if kv_cache is not None:
-                x, moe_stats = layer(x, cos, sin, moe_stats=moe_stats, kv_cache=kv_cache)
-                continue
-            args = (x, cos, sin, document_ids, cp_index, moe_stats, token_mask)
+            args = (x, cos, sin, document_ids, cp_index, moe_stats, token_mask, kv_cache)
             if self.recompute_layers and torch.is_grad_enabled():
                 x, moe_stats = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -166,8 +163,8 @@ class GPTModel(nn.Module):
     def _tied_output(self, x):
         from megaswift.parallel.tp_comm import copy_to_tp_region, gather_from_sp_region
 
-        sp = self.embedding.word_embeddings.sequence_parallel  # off while generating (rollout/)
-        x = gather_from_sp_region(x, self.st.tp_group, dim=1) if sp else copy_to_tp_region(x, self.st.tp_group)
+        tp = self.st.tp_group
+        x = gather_from_sp_region(x, tp, dim=1) if self.sp_active else copy_to_tp_region(x, tp)
         return torch.nn.functional.linear(x, self.embedding.word_embeddings.weight)
 
     def _mask_vocab_padding(self, logits):
@@ -188,6 +185,11 @@ class GPTModel(nn.Module):
         from .lora import adapters_disabled
 
         return adapters_disabled(self)
+
+    @property
+    def sp_active(self) -> bool:
+        """Whether activations are split along the sequence: parallel.sp, off while generating."""
+        return self.st.sp and not self.generating
 
     @contextlib.contextmanager
     def generation_mode(self):

@@ -167,8 +167,7 @@ class PipelineModel:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         local = dict(zip(self.stage_ids, self.chunks))
         ranks = st.group_ranks.get("pp", [st.rank])
-        sp = st.sp and not self.chunks[0].generating
-        seq = s // st.tp_size if sp else s  # input_ids are already this cp rank's shard
+        seq = s // st.tp_size if self.chunks[0].sp_active else s  # input_ids: this cp rank's shard
         h = None
         for stage in range(self.num_stages):
             me, prev = self.owner(stage), self.owner(stage - 1) if stage else None

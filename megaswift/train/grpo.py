@@ -23,6 +23,7 @@ from the others (gather_sequence) and computes the whole loss, as DPO does.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 
@@ -98,7 +99,8 @@ class GRPO(Algorithm):
         for r in range(g.dynamic_sampling_max_rounds if g.dynamic_sampling else 1):
             prompts = order.take(n_global)[st.dp_rank * n_local: (st.dp_rank + 1) * n_local]
             local = self._generate(prompts, st.dp_rank * n_local, r)
-            rounds.append((local, self._score_everywhere(local, n_global * G)))
+            table = self._score_everywhere(local, n_global * G)
+            rounds.append((local, table, self._group_varies(table)))
             if not g.dynamic_sampling or all(len(self._kept(rounds, n_local, d)) >= n_local
                                              for d in range(st.dp_size)):
                 break
@@ -127,9 +129,7 @@ class GRPO(Algorithm):
         seeds = [_seed(self.trainer.cfg.train.seed, self.rollouts, round_, row) for _, row in rows]
         out = []
         chunk = g.generation_batch_size or len(rows)
-        model = self.rollout_model
-        model.eval()
-        try:
+        with evaluating(self.rollout_model) as model:
             for at in range(0, len(rows), chunk):
                 part = rows[at: at + chunk]
                 with self.trainer._autocast():  # CUDA bf16/fp16: sample with the numerics that train
@@ -137,8 +137,6 @@ class GRPO(Algorithm):
                                    seeds[at: at + chunk], pad_id=self.pad_id, tokenizer=self.tokenizer)
                 for (i, _), ids, lp, trunc in zip(part, gen.completion_ids, gen.logps, gen.truncated):
                     out.append({"prompt": i, "completion_ids": ids, "logps": lp, "truncated": trunc})
-        finally:
-            model.train()
         return out
 
     def _completion_text(self, row: dict):
@@ -195,9 +193,8 @@ class GRPO(Algorithm):
     def _kept(self, rounds, n_local: int, d: int) -> list[tuple[int, int]]:
         """(round, group) of dp rank d's groups with varying rewards, in the order sampled."""
         out = []
-        for r, (_, table) in enumerate(rounds):
-            varies = self._group_varies(table)[d * n_local: (d + 1) * n_local]
-            out += [(r, j) for j in range(n_local) if varies[j]]
+        for r, (_, _, varies) in enumerate(rounds):
+            out += [(r, j) for j in range(n_local) if varies[d * n_local + j]]
         return out
 
     def _pick(self, rounds, n_local: int, d: int) -> list[tuple[int, int]]:
@@ -213,11 +210,11 @@ class GRPO(Algorithm):
         """Over every completion sampled this rollout (all rounds): rewards, lengths; over the
         trained batch: advantages."""
         n_funcs = len(self.funcs)
-        table = torch.cat([t for _, t in rounds])
+        table = torch.cat([t for _, t, _ in rounds])
         values = table[:, :n_funcs]
         reward = reward_lib.combine(values, self.funcs)
         lengths, truncated = table[:, n_funcs], table[:, n_funcs + 1]
-        varies = torch.cat([self._group_varies(t) for _, t in rounds])
+        varies = torch.cat([v for _, _, v in rounds])
         out = {"reward": reward.mean().item(), "reward_std": reward.std().item() if reward.numel() > 1 else 0.0}
         for j, f in enumerate(self.funcs):
             col = values[:, j]
@@ -291,12 +288,8 @@ class GRPO(Algorithm):
 
     def _check_sync(self, mb: dict) -> None:
         """Stop when the rollout engine's log-probabilities of its own tokens are not the trainer's."""
-        model = self.trainer.model
-        model.eval()
-        try:
+        with evaluating(self.trainer.model) as model:
             logps = self._completion_logps(model, mb)
-        finally:
-            model.train()
         stats = torch.zeros(3, dtype=torch.float64, device=self.trainer.device)  # sum |diff|, tokens, max |diff|
         if logps is not None:
             mask = mb["comp_mask"]
@@ -388,6 +381,17 @@ def stop_token_ids(source_dir: str | None, tokenizer) -> tuple[int, ...]:
             eos = None
         ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return tuple(sorted(ids))
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode (no LoRA dropout) for sampling and the sync check, then back to
+    training."""
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train()
 
 
 def _seed(seed: int, rollout: int, round_: int, row: int) -> int:
