@@ -96,11 +96,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ns, cfg = parse(argv)
         code = _run(ns, cfg)
+        _close_process_group()
     except MegaswiftError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"megaswift: error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
+
+
+def _close_process_group() -> None:
+    """After a command that succeeded: take the process group down before the interpreter does.
+    Left to interpreter teardown, gloo's threads were once seen to abort a rank
+    ("terminate called without an active exception", signal 6) after an import had finished."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run(ns, cfg) -> int:
