@@ -31,7 +31,11 @@ def add_arguments(p) -> None:
     p.add_argument("--setup", help="shell line run before the job, e.g. 'source /path/venv/bin/activate' "
                    "(default: activate the Python environment running this command)")
     p.add_argument("--container-image", help="run each task in this container (pyxis: srun --container-image)")
-    p.add_argument("--rdzv-port", type=int, default=29500)
+    p.add_argument("--cpus-per-task", type=int,
+                   help="CPUs for each node's task (default: 8 per rank with GPUs, 1 per rank on CPU; "
+                   "0 leaves it to the cluster's default)")
+    p.add_argument("--rdzv-port", type=int, help="the rendezvous port on the first node (default: 20000 + "
+                   "the job id modulo 10000, so that jobs sharing a first node do not collide)")
     p.add_argument("--max-restarts", type=int, default=0)
     p.add_argument("--sbatch", action="append", default=[], metavar="LINE",
                    help="an extra #SBATCH option, e.g. --sbatch=--exclusive (repeatable)")
@@ -50,10 +54,21 @@ def ranks_per_node(ns) -> int:
     return ns.nproc_per_node or max(1, ns.gpus_per_node)
 
 
+def cpus_per_task(ns) -> int:
+    """--cpus-per-task, else 8 per rank on a GPU cluster (each rank's data loading and host work
+    needs cores of its own), else one per rank. Without it most clusters give the one task a
+    single CPU, which every rank on the node would then share."""
+    if ns.cpus_per_task is not None:
+        return ns.cpus_per_task
+    return ranks_per_node(ns) * (8 if ns.gpus_per_node else 1)
+
+
 def render(ns, sub_argv: list[str]) -> str:
     if ns.nodes < 1 or ns.gpus_per_node < 0:
         raise MegaswiftError(f"--nodes must be >= 1 and --gpus-per-node >= 0; got {ns.nodes} and {ns.gpus_per_node}")
-    nproc = ranks_per_node(ns)
+    if ns.cpus_per_task is not None and ns.cpus_per_task < 0:
+        raise MegaswiftError(f"--cpus-per-task must be >= 0 (0: the cluster's default); got {ns.cpus_per_task}")
+    nproc, cpus = ranks_per_node(ns), cpus_per_task(ns)
     log_dir = os.path.abspath(ns.log_dir)
     lines = ["#!/bin/bash",
              f"#SBATCH --job-name={ns.job_name}",
@@ -63,6 +78,8 @@ def render(ns, sub_argv: list[str]) -> str:
              f"#SBATCH --output={log_dir}/{ns.job_name}-%j.out"]
     if ns.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={ns.gpus_per_node}")
+    if cpus:
+        lines.append(f"#SBATCH --cpus-per-task={cpus}")
     for key in ("partition", "account"):
         if getattr(ns, key):
             lines.append(f"#SBATCH --{key}={getattr(ns, key)}")
@@ -74,13 +91,20 @@ def render(ns, sub_argv: list[str]) -> str:
     task = " ".join(a if a.startswith("$") else shlex.quote(a) for a in launch)
     task += " " + " ".join(shlex.quote(a) for a in sub_argv)
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if cpus:  # since Slurm 22.05 srun ignores SLURM_CPUS_PER_TASK, so sbatch's value does not reach the step
+        srun.append(f"--cpus-per-task={cpus}")
     if ns.container_image:
         srun.append(f"--container-image={shlex.quote(ns.container_image)}")
+    # A fixed port collides when two jobs start on the same first node; one derived from the job
+    # id does not (unless the ids differ by a multiple of 10000). 20000-29999 stays below Linux's
+    # ephemeral range (32768+), where the kernel hands out ports to outgoing connections.
+    rdzv_port = ns.rdzv_port if ns.rdzv_port is not None else "$((20000 + SLURM_JOB_ID % 10000))"
     lines += ["set -euo pipefail",
               'cd "$SLURM_SUBMIT_DIR"  # where megaswift slurm ran',
               ns.setup or _default_setup(),
-              "# the rendezvous runs on the first node, the one running this script",
-              f'export MEGASWIFT_RDZV="$(hostname):{ns.rdzv_port}"',
+              "# the rendezvous runs on the first node, the one running this script"
+              + ("" if ns.rdzv_port is not None else "; its port comes from the job id, so jobs sharing that node do not collide"),
+              f'export MEGASWIFT_RDZV="$(hostname):{rdzv_port}"',
               'echo "megaswift: job $SLURM_JOB_ID on $SLURM_NNODES node(s): $SLURM_JOB_NODELIST, '
               'rendezvous $MEGASWIFT_RDZV"',
               " ".join(srun) + " bash -c " + shlex.quote(task)]

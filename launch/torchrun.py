@@ -58,11 +58,19 @@ def torchrun_args(ns, sub_argv: list[str]) -> list[str]:
     return args + ["-m", "megaswift", *sub_argv]
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the platform has one."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def launch(ns, sub_argv: list[str]) -> int:
     fill_from_scheduler_env(ns)
     check_subcommand(sub_argv, ns.nproc_per_node * ns.nnodes)
-    # torchrun would force 1 thread per rank (and warn); share the node's cores out instead
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ns.nproc_per_node)))
+    # torchrun would force 1 thread per rank (and warn); share out the cores this process may
+    # use (under Slurm its task's --cpus-per-task, not the whole node that cpu_count() reports)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // ns.nproc_per_node)))
     from torch.distributed.run import main as torchrun_main
 
     try:

@@ -14,15 +14,37 @@ import time
 from megaswift import device
 from megaswift.errors import ConfigError
 
-# Dense bf16 tensor-core peak per GPU (vendor datasheets, SXM parts); MFU is reported only where
-# the device is listed here, never guessed.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                   "B200": 2250e12, "L40S": 362e12}
+# Dense bf16 tensor-core peak per GPU, from NVIDIA's datasheets (the figures without sparsity,
+# half the headline ones). MFU is reported only where the device is listed here, never guessed.
+# Variants of one chip differ in clocks and power, so "H100 PCIe" and "H100 NVL" have their own
+# entries; the plain chip name is the SXM part. H200 NVL is not listed (its figure is unchecked),
+# so it takes the H200 SXM figure meanwhile.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+    "H800": 989e12, "H800 PCIe": 756e12,
+    "H200": 989e12,
+    "A100": 312e12, "A800": 312e12,  # the SXM4 and PCIe parts have the same peak
+    "B200": 2250e12,
+    "L40S": 362e12,
+}
+
+
+def peak_flops_for(name: str) -> float | None:
+    """The peak of the device called `name` (as torch.cuda.get_device_name gives it), or None.
+
+    The longest table key found in the name wins, so "NVIDIA H100 PCIe" gets the PCIe figure and
+    not the SXM one that "H100" would give. Case and '-' vs ' ' are ignored: torch reports both
+    "NVIDIA A100-PCIE-40GB" and "NVIDIA H100 PCIe"."""
+    def norm(s: str) -> str:
+        return s.upper().replace("-", " ")
+
+    hits = [k for k in PEAK_BF16_FLOPS if norm(k) in norm(name)]
+    return PEAK_BF16_FLOPS[max(hits, key=len)] if hits else None
 
 
 def peak_flops() -> float | None:
-    name = device.accelerator_name() or ""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    """The peak of this process's accelerator; None on CPU or an unlisted device."""
+    return peak_flops_for(device.accelerator_name() or "")
 
 
 def train_flops_per_token(cfg, seq_len: int) -> float:

@@ -4,9 +4,11 @@ through sbatch, run to completion under slurmctld, leaving its metrics and its H
 
 Skipped, with the reason, only where Slurm is missing and cannot be installed (no root); CI runs
 as root and installs Debian's packages (about 10 s)."""
+import argparse
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ import pytest
 import yaml
 
 from helpers_train import train_config, write_chat_data
+from megaswift.launch.slurm import add_arguments, render
 from slurm_cluster import LocalSlurm, Unavailable
 
 
@@ -42,10 +45,49 @@ def test_dry_run_renders_one_task_per_node(tiny_hf, tmp_path):
     assert out.returncode == 0, out.stderr
     script = out.stdout
     for line in ("#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --exclusive"):
+                 "#SBATCH --cpus-per-task=64", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+                 "#SBATCH --exclusive"):
         assert line in script, script
-    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1" in script
+    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=64" in script
     assert "--nproc-per-node 8" in script and "--rdzv-endpoint $MEGASWIFT_RDZV" in script
+
+
+def render_lines(*args: str) -> list[str]:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return render(parser.parse_args(list(args)), ["train", "sft"]).splitlines()
+
+
+@pytest.mark.parametrize("args, cpus", [
+    (("--gpus-per-node", "8"), 64),  # 8 per rank
+    (("--gpus-per-node", "8", "--cpus-per-task", "12"), 12),
+    (("--gpus-per-node", "0", "--nproc-per-node", "2"), 2),  # a CPU cluster: one per rank
+    (("--gpus-per-node", "8", "--cpus-per-task", "0"), None),  # the cluster's default
+])
+def test_each_task_asks_for_cpus_for_its_ranks(args, cpus):
+    lines = render_lines("--nodes", "2", *args)
+    srun = next(line for line in lines if line.startswith("srun "))
+    asked = [line for line in lines if "--cpus-per-task" in line]
+    if cpus is None:
+        assert asked == [], lines
+    else:  # srun repeats it: since Slurm 22.05 a step does not inherit sbatch's --cpus-per-task
+        assert asked == [f"#SBATCH --cpus-per-task={cpus}", srun] and f" --cpus-per-task={cpus} " in srun, lines
+
+
+def test_rendezvous_port_comes_from_the_job_id_unless_given():
+    def endpoint(job_id: int, *args: str) -> str:
+        export = next(line for line in render_lines("--nodes", "2", *args) if line.startswith("export MEGASWIFT_RDZV="))
+        out = subprocess.run(["bash", "-c", f'{export}; echo "$MEGASWIFT_RDZV"'], capture_output=True, text=True,
+                             env={**os.environ, "SLURM_JOB_ID": str(job_id)}, check=True)
+        return out.stdout.strip()
+
+    ports = set()
+    for job_id in (1234, 5678):
+        host, port = endpoint(job_id).rsplit(":", 1)
+        assert host == socket.gethostname() and 20000 <= int(port) < 32768  # below the ephemeral range
+        ports.add(int(port))
+    assert len(ports) == 2, ports
+    assert endpoint(1234, "--rdzv-port", "31000") == f"{socket.gethostname()}:31000"
 
 
 def test_bad_layout_fails_before_submitting(tiny_hf, tmp_path):
