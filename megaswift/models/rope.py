@@ -41,10 +41,14 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None, device=None):
         super().__init__()
-        # not persistent: it is derived from the config, never a checkpointed weight
-        self.register_buffer("inv_freq", inv_frequencies(head_dim, theta, scaling), persistent=False)
+        # Computed on the CPU, as transformers does, and then moved: the same bits on every
+        # device. It must live where the model lives, because nothing moves the model after it
+        # is built (a CPU buffer under a CUDA model fails every forward). Not persistent: it is
+        # derived from the config, never a checkpointed weight.
+        inv_freq = inv_frequencies(head_dim, theta, scaling).to(device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

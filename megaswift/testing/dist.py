@@ -90,3 +90,51 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 240, **kwargs
     if errors:
         raise RuntimeError("a rank failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def _fake_worker(fn, rank, world_size, args, kwargs, queue):
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    try:
+        # collectives return at once and move no data; "meta" so models built on the meta
+        # device can run their collectives too
+        dist.init_process_group("cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size)
+        queue.put(("ok", fn(rank, world_size, *args, **kwargs)))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        queue.put(("error", traceback.format_exc()))
+
+
+def run_as_rank(fn, rank: int, world_size: int, *args, timeout_s: float = 120, **kwargs):
+    """Call `fn(rank, world_size, *args, **kwargs)` in one process that stands as `rank` of
+    `world_size` on torch's fake process group (shared/torch-on-cpu.md): every group of the rank
+    grid exists, collectives return at once without touching data. For what needs only shapes
+    and devices (models on the meta device), at any world size, for one process's price."""
+    ctx = _context()
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_fake_worker, args=(fn, rank, world_size, args, kwargs, queue), daemon=True)
+    proc.start()
+    import queue as queue_mod
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                status, payload = queue.get(timeout=1.0)
+                break
+            except queue_mod.Empty:
+                if proc.exitcode is not None:
+                    raise RuntimeError(f"rank {rank} of {world_size} (fake process group) died with exit code "
+                                       f"{proc.exitcode}") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rank {rank} of {world_size} (fake process group) did not finish in "
+                                       f"{timeout_s}s") from None
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if status != "ok":
+        raise RuntimeError(f"rank {rank} of {world_size} (fake process group) failed:\n{payload}")
+    return payload
