@@ -124,20 +124,32 @@ def merge_attention_blocks(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: T
 
 
 def _resolve_backend(backend: str, q: Tensor, mask: Tensor | None) -> str:
+    return choose_backend(backend, q.device.type, q.dtype, q.shape[-1], mask is not None)
+
+
+def choose_backend(backend: str, device_type: str, dtype: torch.dtype, head_dim: int, has_mask: bool) -> str:
+    """The backend `auto` stands for (others are returned as given, once checked). On CUDA:
+    flash_attn where the package imports, the inputs are half precision, no explicit mask is
+    given and the head dim fits its kernels; sdpa otherwise. On CPU: sdpa."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    if q.is_cuda:
-        half = q.dtype in (torch.float16, torch.bfloat16)
-        return "flash_attn" if attention_cuda.flash_attn_available() and half and mask is None else "sdpa"
-    return "sdpa" if q.device.type == "cpu" else "reference"
+    if device_type == "cuda":
+        fits = dtype in attention_cuda.HALF and head_dim <= attention_cuda.FLASH_MAX_HEAD_DIM and not has_mask
+        return "flash_attn" if fits and attention_cuda.flash_attn_available() else "sdpa"
+    return "sdpa" if device_type == "cpu" else "reference"
 
 
 def _check_inputs(q, k, v, causal, document_ids, window, mask) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim] with k and v alike; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        # the fused kernels read all three buffers in q's dtype; aten's memory-efficient kernel
+        # does not check, so a bf16 v next to fp32 q/k would be read as fp32 garbage on CUDA
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype} "
+                         f"(cast q and k to v's compute dtype after RoPE)")
     b, s_q, hq, d = q.shape
     _, s_k, hkv, _ = k.shape
     if k.shape[0] != b or k.shape[3] != d:

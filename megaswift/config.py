@@ -200,7 +200,12 @@ class ModelSection(_Checked):
     preset: str | None = None
     """Name of a YAML model preset in configs/models/ (file name without .yaml)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter and compute dtype for verify and inference."""
+    """Compute dtype. verify and import-hf: the parameters' dtype. Training: the master weights
+    stay float32 and this is the autocast dtype, on CUDA (on CPU only with cpu_autocast);
+    float16 is refused for training (no loss scaling: its gradients underflow)."""
+    cpu_autocast: bool = False
+    """Train under autocast in model.dtype on CPU too, instead of float32. Slower than float32 on
+    most CPUs; it exists to test the mixed-precision path without a GPU."""
     attention_backend: Literal["auto", "reference", "sdpa", "flash_attn"] = "auto"
     """Attention kernel; 'auto' picks the fastest one available, 'reference' is the plain torch
     version that tests compare against."""

@@ -160,6 +160,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, cp_index: Ten
                                window: int | None, backend: str, ulysses_group, ring_group,
                                scale: float | None = None) -> Tensor:
     """q [b, s_local, hq, d], k/v [b, s_local, hkv, d] of this cp rank's tokens -> out like q."""
+    if not q.dtype == k.dtype == v.dtype:  # stacking K with V would silently promote both
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     U, R = group_size(ulysses_group), group_size(ring_group)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if backend == "flash_attn":  # the blocks carry explicit masks, which flash-attn does not take
@@ -171,7 +173,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, cp_index: Ten
     # the token positions of each ring rank's block: its ulysses group's shards, in rank order
     blocks = cp_index.view(b, R, U * cp_index.shape[2])
     me = group_rank(ring_group)
-    out = _RingAttention.apply(q, k, v, blocks, me, document_ids, window, backend, scale, ring_group)
+    live = _live_hops(cp_index, blocks, me, document_ids, window)
+    out = _RingAttention.apply(q, k, v, blocks, me, document_ids, window, backend, scale, ring_group, live)
     if U > 1:
         out = _AllToAll.apply(out, ulysses_group, False)
     return out
@@ -226,10 +229,10 @@ class _RingAttention(torch.autograd.Function):
     docstring). `blocks` [b, R, n] are the padded-row positions of each ring rank's tokens."""
 
     @staticmethod
-    def forward(ctx, q, k, v, blocks, me, document_ids, window, backend, scale, group):
+    def forward(ctx, q, k, v, blocks, me, document_ids, window, backend, scale, group, live):
         R = blocks.shape[1]
         ring = _Ring(group)
-        masks = _MaskMaker(blocks, me, document_ids, window)
+        masks = _MaskMaker(blocks, me, document_ids, window, live)
         out = lse = None
         kv = torch.stack([k, v])
         for t in range(R):
@@ -244,7 +247,7 @@ class _RingAttention(torch.autograd.Function):
             out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse, blocks, document_ids)
-        ctx.me, ctx.window, ctx.backend, ctx.scale, ctx.group = me, window, backend, scale, group
+        ctx.me, ctx.window, ctx.backend, ctx.scale, ctx.group, ctx.live = me, window, backend, scale, group, live
         return out.to(q.dtype)
 
     @staticmethod
@@ -252,7 +255,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse, blocks, document_ids = ctx.saved_tensors
         R = blocks.shape[1]
         ring = _Ring(ctx.group)
-        masks = _MaskMaker(blocks, ctx.me, document_ids, ctx.window)
+        masks = _MaskMaker(blocks, ctx.me, document_ids, ctx.window, ctx.live)
         dout = dout.float()
         lse_safe = torch.where(torch.isfinite(lse), lse, 0.0)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -278,7 +281,7 @@ class _RingAttention(torch.autograd.Function):
         if R > 1:  # one more hop brings each block's gradient home
             (dkv_done,) = ring.shift([dkv_done], tag=2).wait()
         return (dq.to(q.dtype), dkv_done[0].to(k.dtype), dkv_done[1].to(v.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _block_backward(q, k, v, mask, out, lse, dout, scale, backend):
@@ -307,16 +310,36 @@ def _block_backward(q, k, v, mask, out, lse, dout, scale, backend):
 
 
 class _MaskMaker:
-    """Step t of the ring holds the block of ring rank (me - t) mod R."""
+    """Step t of the ring holds the block of ring rank (me - t) mod R; `live[t]` says whether any
+    of this rank's queries sees a key of it (see `_live_hops`)."""
 
-    def __init__(self, blocks, me, document_ids, window):
-        self.blocks, self.me, self.docs, self.window = blocks, me, document_ids, window
+    def __init__(self, blocks, me, document_ids, window, live):
+        self.blocks, self.me, self.docs, self.window, self.live = blocks, me, document_ids, window, live
 
     def __call__(self, t: int) -> Tensor | None:
-        R = self.blocks.shape[1]
-        src = (self.me - t) % R
-        mask = block_mask(self.blocks[:, self.me], self.blocks[:, src], self.docs, self.window)
-        return mask if bool(mask.any()) else None  # a block in every query's future: skip it
+        if not self.live[t]:  # a block in every query's future (or other documents): skip it
+            return None
+        src = (self.me - t) % self.blocks.shape[1]
+        return block_mask(self.blocks[:, self.me], self.blocks[:, src], self.docs, self.window)
+
+
+def _live_hops(cp_index: Tensor, blocks: Tensor, me: int, document_ids: Tensor | None,
+               window: int | None) -> tuple[bool, ...]:
+    """Per ring step, whether any query of this rank sees any key of the block it holds then.
+    Deciding to skip needs the answer on the host, a sync; asked once for all steps, and kept on
+    the cp_index tensor, which every layer of a micro batch shares, so a micro batch pays it
+    once per window size rather than once per hop and layer."""
+    if cp_index.is_meta:  # shapes only (a model built on the meta device): nothing to skip by
+        return (True,) * blocks.shape[1]
+    key = (me, blocks.shape[1], window, cp_index._version)
+    cache = getattr(cp_index, "_megaswift_live_hops", None)
+    if cache is None:
+        cache = cp_index._megaswift_live_hops = {}
+    if key not in cache:
+        R = blocks.shape[1]
+        anys = [block_mask(blocks[:, me], blocks[:, (me - t) % R], document_ids, window).any() for t in range(R)]
+        cache[key] = tuple(bool(a) for a in torch.stack(anys).tolist())
+    return cache[key]
 
 
 class _Ring:

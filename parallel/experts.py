@@ -129,10 +129,11 @@ def _expert_major(block_counts: Tensor) -> Tensor:
 
 # -- expert compute --------------------------------------------------------------------------------
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the experts compute in: autocast's on CUDA (torch._grouped_mm is not an autocast
-    op, so the grouped path casts by hand), else the input's."""
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
+    """The dtype the experts compute in: autocast's, where it is on for x's device
+    (torch._grouped_mm is not an autocast op, so the grouped path casts by hand), else x's."""
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
     return x.dtype
 
 

@@ -71,7 +71,11 @@ class SelfAttention(nn.Module):
         k, v = qkv[:, :, :, q_per_kv], qkv[:, :, :, q_per_kv + 1]  # [b, s, n_kv, hd]
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Under autocast v leaves the linear in the compute dtype (bf16) while RoPE's fp32 cos/sin
+        # (and the q/k norms' fp32 weights) promote q and k to fp32. The fused kernels take one
+        # dtype, and aten's memory-efficient kernel does not even check: bring q and k to v's
+        # dtype, as autocast's own scaled_dot_product_attention does for transformers.
+        q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
         if kv_cache is not None:  # incremental decoding (rollouts): attend to every cached key
             k, v = kv_cache.update(self.layer_idx, k, v)
             out, _ = attention(q, k, v, causal=False, mask=kv_cache.mask(self.window),

@@ -25,7 +25,7 @@ from megaswift.checkpoint import train_state
 from megaswift.convert.hf_export import DTYPES
 from megaswift.parallel.data_parallel import DataParallelSet
 from megaswift.parallel.tp_comm import group_size
-from megaswift.parallel.watchdog import Watchdog, inject_test_fault
+from megaswift.parallel.watchdog import Watchdog, beat, inject_test_fault
 
 from . import optim
 from .metrics import MetricsLogger, StepTimer, peak_flops, train_flops_per_token
@@ -118,9 +118,9 @@ class Trainer:
         self.data = algorithm.build_data(self)
         if resume_dir is not None:
             self._resume(resume_dir)
-        if cfg.model.dtype != "float32" and self.device.type != "cuda" and device.rank() == 0:
-            print(f"note: model.dtype={cfg.model.dtype} is the autocast dtype on CUDA; this CPU run trains in float32",
-                  flush=True)
+        if cfg.model.dtype != "float32" and self.compute_dtype == torch.float32 and device.rank() == 0:
+            print(f"note: model.dtype={cfg.model.dtype} is the autocast dtype on CUDA; this CPU run trains in float32 "
+                  f"(model.cpu_autocast=true runs it in {cfg.model.dtype})", flush=True)
         self.flops_per_token = train_flops_per_token(model.cfg, cfg.data.seq_len)
         self.peak_flops = peak_flops()
         self.logger = MetricsLogger(self.output_dir, total_steps=cfg.train.steps, enabled=device.rank() == 0,
@@ -134,13 +134,20 @@ class Trainer:
                               self.st.pp_group, self.device)
 
     # -- one optimizer step ----------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """What the forward and backward compute in (the master weights are always fp32). CPU
+        trains in fp32 unless model.cpu_autocast: CPU bf16 kernels are slower than fp32 ones and
+        the CPU path is the numerical reference for every parity test."""
+        if self.device.type != "cuda" and not self.cfg.model.cpu_autocast:
+            return torch.float32
+        return DTYPES[self.cfg.model.dtype]
+
     def _autocast(self):
-        # CPU trains in fp32: CPU bf16 kernels are slower than fp32 ones and the CPU path is
-        # the numerical reference for every parity test
-        dtype = DTYPES[self.cfg.model.dtype]
-        if dtype == torch.float32 or self.device.type != "cuda":
+        dtype = self.compute_dtype
+        if dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """Forward/backward over this rank's micro batches, gradient reduction, clipping, step."""
@@ -174,7 +181,8 @@ class Trainer:
             else:  # PP: the fix-ups are sums, so they run on the local gradients first; then dp reduces
                 self.model.finalize_grads()
                 dp.finish_grad_sync()
-        grad_norm = dp.grad_norm(self.norm_weights).item()
+            # on CUDA the collectives above are only queued: this is where the host waits for them
+            grad_norm = dp.grad_norm(self.norm_weights).item()
         clip = self.cfg.optim.clip_grad
         if clip > 0 and grad_norm > clip:
             dp.scale_grads(clip / (grad_norm + 1e-6))
@@ -263,10 +271,18 @@ class Trainer:
         return self.watchdog.armed(f"step {self.step + 1} on rank {self.st.rank} (gradient sync)", detail)
 
     def _watched(self):
-        if self.watchdog is None or (self.st.pp_size == 1 and self.st.cp_size == 1):
+        # gloo: plain collectives time out by themselves (see _laggards_error), point-to-point
+        # waits do not. CUDA: every wait is queued on the device and NCCL's timeout aborts
+        # without naming anyone, so the whole forward and backward is watched
+        p2p = self.st.pp_size > 1 or self.st.cp_size > 1
+        if self.watchdog is None or not (p2p or self.device.type == "cuda"):
             return contextlib.nullcontext()
-        what = (self.pipeline.describe() if self.pipeline is not None
-                else f"step {self.step + 1} on rank {self.st.rank} (cp rank {self.st.cp_rank})")
+        if self.pipeline is not None:
+            what = self.pipeline.describe()
+        elif self.st.cp_size > 1:
+            what = f"step {self.step + 1} on rank {self.st.rank} (cp rank {self.st.cp_rank})"
+        else:
+            what = f"step {self.step + 1} on rank {self.st.rank} (forward and backward)"
         return self.watchdog.armed(what)
 
     def prepare_micro_batch(self, mb: dict) -> dict:
@@ -291,6 +307,7 @@ class Trainer:
                 loss_sum, extra = self.alg.loss_sum(self.model, mb)
             self._keep_moe_stats(i)
             (loss_sum / max(total_units, 1)).backward()
+            beat()  # progress for the watchdog (on CUDA: once the device gets here)
             loss_acc += loss_sum.detach().double()
             for k, v in extra.items():
                 extra_acc[k] = extra_acc.get(k, 0.0) + float(v)

@@ -132,7 +132,7 @@ class GRPO(Algorithm):
         with evaluating(self.rollout_model) as model:
             for at in range(0, len(rows), chunk):
                 part = rows[at: at + chunk]
-                with self.trainer._autocast():  # CUDA bf16/fp16: sample with the numerics that train
+                with self.trainer._autocast():  # bf16 autocast: sample with the numerics that train
                     gen = generate(model, [self.dataset.items[i][1] for i, _ in part], self.params,
                                    seeds[at: at + chunk], pad_id=self.pad_id, tokenizer=self.tokenizer)
                 for (i, _), ids, lp, trunc in zip(part, gen.completion_ids, gen.logps, gen.truncated):
@@ -306,8 +306,7 @@ class GRPO(Algorithm):
         self.rollout_stats.update({"rollout/logp_diff_mean": mean, "rollout/logp_diff_max": stats[2].item()})
         tol = self.cfg.sync_check_tol
         if tol is None:
-            half = self.trainer.cfg.model.dtype != "float32" and self.trainer.device.type == "cuda"
-            tol = 5e-2 if half else 1e-3
+            tol = 1e-3 if self.trainer.compute_dtype == torch.float32 else 5e-2
         if mean > tol:
             raise RolloutMismatchError(
                 f"rollout engine and trainer disagree on their own tokens: mean |log p diff| {mean:.3g} over "
