@@ -6,9 +6,9 @@ Written from the op schemas of torch 2.13 and flash-attn 2.6+; verified only on 
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 aten = torch.ops.aten
@@ -16,11 +16,45 @@ aten = torch.ops.aten
 # the memory-efficient kernel reads the bias in rows whose stride must be aligned; torch's own
 # scaled_dot_product_attention pads the last dim to a multiple of 16 and slices, as done here
 _BIAS_ALIGN = 16
+HALF = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256  # both flash kernels (aten's and the package's) stop here
 
 
 @functools.cache
+def flash_attn_status() -> tuple[bool, str]:
+    """(usable, why not). The package is imported, not merely found: a flash-attn wheel built
+    for another torch or CUDA is found by importlib but fails to load its extension
+    ('undefined symbol ...'), and `auto` must then fall back to sdpa instead of failing at the
+    first forward."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, OSError and friends all mean "not usable"
+        first = (str(e).strip().splitlines() or [""])[0]
+        return False, f"{type(e).__name__}: {first}"
+    return True, ""
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return flash_attn_status()[0]
+
+
+def head_dim_multiple(dtype: torch.dtype) -> int:
+    """The head-dim alignment of aten's fused CUDA kernels: 16 bytes of half precision (their
+    tensor-core tiles; the memory-efficient kernel has no unaligned bf16/fp16 variant and fails
+    with 'cutlassF: no kernel found to launch'), 4 elements in fp32 (torch's own sdpa check)."""
+    return 8 if dtype in HALF else 4
+
+
+def sdpa_kernel(dtype: torch.dtype, head_dim: int, masked: bool) -> tuple[str, int]:
+    """Which aten kernel `sdpa` runs, and the head dim it pads q/k/v to: ("flash" | "efficient",
+    padded head dim). flash takes no mask and half precision only; the rest is memory-efficient.
+    A head dim off the alignment is zero-padded (as torch's public sdpa does): zero columns add
+    nothing to q.k, the scale is passed explicitly, and the padded output columns are cut."""
+    m = head_dim_multiple(dtype)
+    padded = -(-head_dim // m) * m
+    if not masked and dtype in HALF and padded <= FLASH_MAX_HEAD_DIM:
+        return "flash", padded
+    return "efficient", padded
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, *, visible: Tensor | None, causal: bool, scale: float):
@@ -30,14 +64,18 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, visible: Tensor | None, causal: boo
     blocks) and fp32 go to the memory-efficient kernel with an additive [b, 1, s_q, s_k] bias,
     which costs s_q * s_k memory per row: for long packed sequences prefer backend='flash_attn'.
     """
+    d = q.shape[-1]
+    kernel, padded = sdpa_kernel(q.dtype, d, visible is not None)
+    if padded != d:
+        q, k, v = (F.pad(x, (0, padded - d)) for x in (q, k, v))
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, s, d]
-    b, hq, s_q, d = qh.shape
+    b, hq, s_q, _ = qh.shape
     if kh.shape[1] != hq:  # neither aten kernel takes GQA: repeat kv heads as HF's repeat_kv
         kh, vh = kh.repeat_interleave(hq // kh.shape[1], dim=1), vh.repeat_interleave(hq // vh.shape[1], dim=1)
-    if visible is None and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
-        # flash: no mask argument, half precision only; returns lse [b, h, s_q] float32
+    if kernel == "flash":
+        # no mask argument, half precision only; returns lse [b, h, s_q] float32
         out, lse = aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False, scale=scale)[:2]
-        return out.transpose(1, 2), lse
+        return out.transpose(1, 2)[..., :d], lse
     bias = None
     if visible is not None:
         s_k = kh.shape[2]
@@ -52,7 +90,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, visible: Tensor | None, causal: boo
         bias = bias[..., :s_k].expand(b, hq, s_q, s_k)
     out, lse = aten._scaled_dot_product_efficient_attention(qh, kh, vh, bias, True, 0.0, causal, scale=scale)[:2]
     # the kernel pads lse to a multiple of 32 positions (see torch's meta registration)
-    return out.transpose(1, 2), lse[..., :s_q]
+    return out.transpose(1, 2)[..., :d], lse[..., :s_q]
 
 
 def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, document_ids: Tensor | None,
@@ -60,23 +98,17 @@ def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, document
     """The flash-attn package: every document (or every row without document_ids) is one
     variable-length sequence, so packed batches cost no [s, s] mask. Assumes each document is one
     contiguous run of tokens. flash-attn handles GQA itself (same head grouping as repeat_kv)."""
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError as e:
-        raise ImportError("attention backend 'flash_attn' needs the flash-attn package (CUDA only): "
-                          "pip install 'megaswift[gpu]', or use backend='sdpa'") from e
+    usable, why = flash_attn_status()
+    if not usable:
+        raise ImportError(f"attention backend 'flash_attn' needs a working flash-attn package (CUDA only), and "
+                          f"importing it failed ({why}): pip install 'megaswift[gpu]' against this torch, or use "
+                          f"backend='sdpa'")
+    from flash_attn import flash_attn_varlen_func
+
     if not q.is_cuda:
         raise ValueError(f"attention backend 'flash_attn' runs on CUDA only, got {q.device}; use backend='sdpa'")
     b, s, hq, d = q.shape
-    if document_ids is None:
-        cu_seqlens = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
-        max_len = s
-    else:
-        starts = torch.ones(b, s, dtype=torch.bool, device=q.device)
-        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-        end = torch.tensor([b * s], device=q.device)
-        cu_seqlens = torch.cat([starts.flatten().nonzero().flatten(), end]).to(torch.int32)
-        max_len = int(cu_seqlens.diff().max())  # a host sync: the kernel sizes its grid with it
+    cu_seqlens, max_len = varlen_layout(document_ids, b, s, q.device)
     # flash's window (left, right) shows keys i - left <= j <= i + right; ours is i - j < window
     window_size = (-1, -1) if window is None else (window - 1, 0 if causal else -1)
     out, lse, _ = flash_attn_varlen_func(
@@ -85,3 +117,23 @@ def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, document
         return_attn_probs=True)
     # flash-attn >= 2.6 returns the varlen lse unpadded, [hq, b * s]
     return out.view(b, s, hq, d), lse.view(hq, b, s).transpose(0, 1)
+
+
+def varlen_layout(document_ids: Tensor | None, b: int, s: int, device) -> tuple[Tensor, int]:
+    """(cu_seqlens int32 [n_docs + 1], longest document) of the rows, each document one
+    sequence. With documents this costs host syncs (nonzero, and the max the kernel sizes its
+    grid with), so the result rides on the document_ids tensor itself: every layer of a micro
+    batch gets the same tensor and pays nothing after the first; a new micro batch is a new
+    tensor, and an in-place change bumps its version."""
+    if document_ids is None:
+        return torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device), s
+    cached = getattr(document_ids, "_megaswift_varlen", None)
+    if cached is not None and cached[0] == document_ids._version:
+        return cached[1], cached[2]
+    starts = torch.ones(b, s, dtype=torch.bool, device=device)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    end = torch.tensor([b * s], device=device)
+    cu_seqlens = torch.cat([starts.flatten().nonzero().flatten(), end]).to(torch.int32)
+    max_len = int(cu_seqlens.diff().max())
+    document_ids._megaswift_varlen = (document_ids._version, cu_seqlens, max_len)
+    return cu_seqlens, max_len

@@ -278,3 +278,182 @@ def test_cuda_sdpa_merge_with_empty_rows(dtype):
     assert_close(m_lse, lse, "lse", **tol)
     for name, a, e in zip("qkv", loss_grads(m_out, m_lse, (q, k, v)), loss_grads(out, lse, (q, k, v))):
         assert_close(a, e, f"grad {name}", **tol)
+
+
+# --- CUDA paths checked on the CPU (issue 17) --------------------------------------------------------
+
+def test_q_k_v_of_different_dtypes_are_refused_at_the_kernel_entry():
+    """A bf16 v beside fp32 q/k (what RoPE under autocast produced) would be read as fp32 by aten's
+    memory-efficient CUDA kernel, which does not check; the entry check names the dtypes."""
+    q, k, v, kw = make_case("causal")
+    with pytest.raises(ValueError, match=r"share one dtype; got torch.float32, torch.float32, torch.bfloat16"):
+        attention(q, k, v.bfloat16(), **kw)
+
+
+@pytest.fixture
+def flash_attn_package(tmp_path, monkeypatch):
+    """Install a stand-in `flash_attn` package on sys.path: `make(source)` writes its __init__."""
+    import sys
+
+    from megaswift.kernels import attention_cuda
+
+    def make(source: str):
+        pkg = tmp_path / "flash_attn"
+        pkg.mkdir(exist_ok=True)
+        (pkg / "__init__.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+        attention_cuda.flash_attn_status.cache_clear()
+
+    yield make
+    sys.modules.pop("flash_attn", None)
+    attention_cuda.flash_attn_status.cache_clear()
+
+
+def test_a_flash_attn_that_cannot_load_is_not_chosen(flash_attn_package):
+    """A wheel built for another torch is found by importlib but fails to import: auto must take
+    sdpa, and asking for flash_attn by name says why in one line."""
+    import importlib.util
+
+    from megaswift.kernels.attention import choose_backend
+
+    flash_attn_package("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevicei')\n")
+    assert importlib.util.find_spec("flash_attn") is not None  # present, as the old check saw it
+    assert not flash_attn_available()
+    assert choose_backend("auto", "cuda", torch.bfloat16, 64, False) == "sdpa"
+    q, k, v, kw = make_case("causal")
+    with pytest.raises(ImportError, match=r"importing it failed \(ImportError: flash_attn_2_cuda.so: undefined symbol"):
+        attention(q, k, v, backend="flash_attn", **kw)
+
+
+def test_auto_takes_flash_attn_only_where_its_kernels_apply(flash_attn_package):
+    from megaswift.kernels.attention import choose_backend
+
+    flash_attn_package("def flash_attn_varlen_func(*args, **kwargs):\n    raise NotImplementedError\n")
+    assert flash_attn_available()
+    assert choose_backend("auto", "cuda", torch.bfloat16, 128, False) == "flash_attn"
+    assert choose_backend("auto", "cuda", torch.float16, 12, False) == "flash_attn"  # the package pads to 8
+    assert choose_backend("auto", "cuda", torch.float32, 128, False) == "sdpa"  # half precision only
+    assert choose_backend("auto", "cuda", torch.bfloat16, 128, True) == "sdpa"  # no explicit masks
+    assert choose_backend("auto", "cuda", torch.bfloat16, 320, False) == "sdpa"  # head dim past 256
+    assert choose_backend("auto", "cpu", torch.bfloat16, 128, False) == "sdpa"
+
+
+@pytest.mark.parametrize("dtype, d, masked, kernel, padded", [
+    (torch.bfloat16, 12, False, "flash", 16), (torch.bfloat16, 12, True, "efficient", 16),
+    (torch.float16, 64, False, "flash", 64), (torch.bfloat16, 264, False, "efficient", 264),
+    (torch.float32, 6, False, "efficient", 8), (torch.float32, 16, True, "efficient", 16)])
+def test_sdpa_kernel_choice_and_head_dim_padding(dtype, d, masked, kernel, padded):
+    from megaswift.kernels.attention_cuda import sdpa_kernel
+
+    assert sdpa_kernel(dtype, d, masked) == (kernel, padded)
+
+
+class _StandInCudaKernels:
+    """aten's two fused CUDA attention kernels as their contracts read, computed on the CPU: one
+    dtype for q/k/v, [b, h, s, d] with the head dim aligned (the memory-efficient kernel has no
+    unaligned bf16/fp16 variant: "cutlassF: no kernel found to launch"), lse [b, h, s_q] float32,
+    padded to a multiple of 32 positions by the memory-efficient one."""
+
+    def __init__(self):
+        self.ran = []
+
+    @staticmethod
+    def _math(q, k, v, bias, causal, scale):
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + bias.float()
+        if causal:
+            s_q, s_k = scores.shape[-2:]
+            scores = scores.masked_fill(torch.ones(s_q, s_k, dtype=torch.bool).triu(1), -math.inf)
+        lse = torch.logsumexp(scores, -1)
+        return (torch.softmax(scores, -1) @ v.float()).to(q.dtype), lse
+
+    def _check(self, q, k, v):
+        assert q.dtype == k.dtype == v.dtype, (q.dtype, k.dtype, v.dtype)
+        assert q.shape[1] == k.shape[1], "no GQA in the aten kernels"
+        if q.shape[-1] % (8 if q.dtype in (torch.float16, torch.bfloat16) else 4):
+            raise RuntimeError("cutlassF: no kernel found to launch!")
+
+    def _scaled_dot_product_flash_attention(self, q, k, v, dropout_p, is_causal, return_debug_mask, scale=None):
+        self._check(q, k, v)
+        assert q.dtype in (torch.float16, torch.bfloat16), "flash: half precision only"
+        self.ran.append("flash")
+        out, lse = self._math(q, k, v, None, is_causal, scale)
+        return out, lse, None, None, q.shape[2], k.shape[2], None, None, None
+
+    def _scaled_dot_product_efficient_attention(self, q, k, v, bias, compute_log_sumexp, dropout_p, is_causal,
+                                                scale=None):
+        self._check(q, k, v)
+        self.ran.append("efficient")
+        out, lse = self._math(q, k, v, bias, is_causal, scale)
+        pad = -lse.shape[-1] % 32
+        return out, torch.cat([lse, torch.full((*lse.shape[:-1], pad), math.nan)], -1), None, None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", ["causal", "documents_window", "gqa_hkv2"])
+def test_cuda_sdpa_runs_odd_head_dims(case, dtype, monkeypatch):
+    """attention_cuda.sdpa against stand-ins of aten's CUDA kernels, with a head dim of 6 (off
+    both alignments): the padding to the kernels' alignment must give the reference's out, lse
+    and gradients."""
+    from megaswift.kernels import attention_cuda
+
+    kernels = _StandInCudaKernels()
+    monkeypatch.setattr(attention_cuda, "aten", kernels)
+    b, hq, hkv, causal, lengths, window = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, S, h, 6, generator=g).to(dtype).requires_grad_() for h in (hq, hkv, hkv))
+    _, _, _, kw = make_case(case)
+    visible = None if lengths is None and window is None else naive_mask(b, S, **kw)
+    out, lse = attention_cuda.sdpa(q, k, v, visible=visible, causal=causal and visible is None, scale=6 ** -0.5)
+    want_out, want_lse = attention(q, k, v, backend="reference", **kw)
+    tol = GPU_TOL[dtype]
+    assert out.shape == q.shape and lse.shape == (b, hq, S)
+    assert_close(out, want_out, "out", **tol)
+    assert_close(lse, want_lse, "lse", **tol)
+    grads = torch.autograd.grad((out.float() ** 2).sum(), (q, k, v))
+    want = torch.autograd.grad((want_out.float() ** 2).sum(), (q, k, v))
+    for name, a, e in zip("qkv", grads, want):
+        assert_close(a, e, f"grad {name}", **tol)
+    half_unmasked = dtype == torch.bfloat16 and visible is None
+    assert kernels.ran == ["flash" if half_unmasked else "efficient"]
+
+
+def test_varlen_layout_is_computed_once_per_document_ids_tensor():
+    """flash-attn's cu_seqlens and longest document cost host syncs; every layer of a micro batch
+    passes the same document_ids, so only the first pays."""
+    from megaswift.kernels.attention_cuda import varlen_layout
+
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 2, 2]])
+    cu, longest = varlen_layout(docs, 2, 8, "cpu")
+    assert cu.tolist() == [0, 3, 5, 8, 9, 14, 16] and longest == 5
+    assert varlen_layout(docs, 2, 8, "cpu")[0] is cu  # cached on the tensor
+    docs[1, 1:6] = 1  # an in-place change is seen: recomputed
+    docs[1, 6:] = 3
+    assert varlen_layout(docs, 2, 8, "cpu")[0] is not cu
+    fresh = torch.zeros(2, 8, dtype=torch.long)
+    assert varlen_layout(fresh, 2, 8, "cpu")[0].tolist() == [0, 8, 16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["sdpa", "flash_attn"])
+@pytest.mark.parametrize("case", ["causal", "documents_window", "gqa_hkv2"])
+@pytest.mark.parametrize("d", [6, 12])
+def test_cuda_odd_head_dims_match_reference(d, case, backend, dtype):
+    """The real CUDA kernels at head dims off their alignment (the stand-in test above checks the
+    padding on the CPU; this one that the kernels take it)."""
+    if backend == "flash_attn" and (not flash_attn_available() or dtype == torch.float32):
+        pytest.skip("flash-attn is not installed" if not flash_attn_available() else "flash-attn: half precision only")
+    b, hq, hkv, causal, lengths, window = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, S, h, d, generator=g).to("cuda", dtype).requires_grad_() for h in (hq, hkv, hkv))
+    _, _, _, kw = make_case(case, device="cuda")
+    out, lse = attention(q, k, v, backend=backend, **kw)
+    r_out, r_lse = attention(q, k, v, backend="reference", **kw)
+    tol = GPU_TOL[dtype]
+    assert_close(out, r_out, "out", **tol)
+    assert_close(lse, r_lse, "lse", **tol)
+    for name, a, e in zip("qkv", loss_grads(out, lse, (q, k, v)), loss_grads(r_out, r_lse, (q, k, v))):
+        assert_close(a, e, f"grad {name}", **tol)
