@@ -40,6 +40,15 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def process_group_timeout_s(timeout_s: float, backend_name: str) -> float:
+    """The collective timeout given to the process group for a job whose parallel.timeout_s is
+    `timeout_s`. gloo raises in the waiting rank at its timeout, and megaswift turns that error
+    into a message naming the ranks that fell behind. NCCL instead has its own watchdog thread,
+    which at its timeout aborts the process with a message of its own; megaswift's watchdog
+    (parallel/watchdog.py) must speak first, so NCCL gets twice the time plus a minute."""
+    return timeout_s if backend_name != "nccl" else 2 * timeout_s + 60
+
+
 def init_distributed(timeout_s: float | None = None) -> bool:
     """Start the default process group when launched by torchrun (WORLD_SIZE set).
 
@@ -51,8 +60,9 @@ def init_distributed(timeout_s: float | None = None) -> bool:
         return True
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
-    timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("MEGASWIFT_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
-    kwargs = {"timeout": timeout, **_restart_safe_store(timeout)}
+    timeout_s = timeout_s or float(os.environ.get("MEGASWIFT_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    timeout = datetime.timedelta(seconds=process_group_timeout_s(timeout_s, backend()))
+    kwargs = {"timeout": timeout, **_restart_safe_store(datetime.timedelta(seconds=timeout_s))}
     if cuda_available():
         torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl", device_id=get_device(), **kwargs)
@@ -148,3 +158,57 @@ def synchronize() -> None:
     """Wait for queued kernels, so wall-clock timings mean what they say."""
     if cuda_available():
         torch.cuda.synchronize()
+
+
+class _EventMarker:
+    def __init__(self):
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def done(self) -> bool:
+        return self.event.query()
+
+
+def progress_marker() -> "_EventMarker | None":
+    """A point in the device's queue of work, for the watchdog: None where the work the host
+    asked for is done when the call returns (CPU), else an object whose `done()` turns True once
+    the device has run everything queued before it. On CUDA kernels and NCCL collectives are
+    queued, so the host returning from `work.wait()` or a forward says nothing about progress;
+    a recorded event does, without stopping the host."""
+    return _EventMarker() if cuda_available() else None
+
+
+class ComputeTimer:
+    """Seconds spent inside `start()`/`stop()` spans, as the device sees them. On CPU a
+    perf_counter difference. On CUDA a pair of events per span, read once in `seconds()`:
+    synchronizing around every span (the simple way) would stop the host from queuing the next
+    kernels and communication while the device works, and take the overlap away."""
+
+    def __init__(self):
+        self.cuda = cuda_available()
+        self.spans: list[tuple] = []
+        self.total = 0.0
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started) -> None:
+        if not self.cuda:
+            self.total += time.perf_counter() - started
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.spans.append((started, end))
+
+    def seconds(self) -> float:
+        """The total so far, then zero again (one device sync on CUDA)."""
+        if self.spans:
+            self.spans[-1][1].synchronize()
+            self.total += sum(a.elapsed_time(b) for a, b in self.spans) / 1e3
+            self.spans = []
+        total, self.total = self.total, 0.0
+        return total

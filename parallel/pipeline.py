@@ -26,6 +26,7 @@ import torch
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                           ScheduleZBVZeroBubble)
 
+from megaswift.device import ComputeTimer
 from megaswift.errors import LayoutError
 
 from .watchdog import beat, inject_test_fault
@@ -60,7 +61,7 @@ class PipelineRunner:
         else:
             self.schedule = MULTI_STAGE[schedule](self.stages, n_microbatches, loss_fn=self._loss, scale_grads=False)
         self._loss_of: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-        self.busy_s = 0.0
+        self.timer = ComputeTimer()  # CUDA events, not a sync per chunk: see ComputeTimer
         self.steps_run = 0
         self.pp_rank = self.stages[0].group_rank
         for stage in self.stages:
@@ -69,17 +70,13 @@ class PipelineRunner:
                     setattr(stage, name, self._timed(getattr(stage, name), stage.stage_index))
 
     def _timed(self, fn, stage_index: int):
-        from megaswift.device import synchronize
-
         def timed(*args, **kwargs):
             inject_test_fault(f"stage{stage_index}", self.steps_run + 1)
-            synchronize()
             beat()
-            t0 = time.perf_counter()
+            started = self.timer.start()
             out = fn(*args, **kwargs)
-            synchronize()
+            self.timer.stop(started)
             beat()
-            self.busy_s += time.perf_counter() - t0
             return out
         return timed
 
@@ -102,7 +99,8 @@ class PipelineRunner:
         first, rest = keys[0], keys[1:]
         device = whole[first].device
         target = torch.arange(self.n_microbatches, device=device)
-        self._loss_of, self.busy_s = loss_of, 0.0
+        self._loss_of = loss_of
+        self.timer.seconds()  # drop anything timed outside a step (torch's shape inference)
         t0 = time.perf_counter()
         try:
             self.schedule.step(whole[first], target=target, return_outputs=False, **{k: whole[k] for k in rest})
@@ -115,7 +113,8 @@ class PipelineRunner:
         finally:
             self._loss_of = None
         self.steps_run += 1
-        return {"busy_s": self.busy_s, "wall_s": time.perf_counter() - t0}
+        busy_s = self.timer.seconds()  # waits for the device: the wall time below includes it
+        return {"busy_s": busy_s, "wall_s": time.perf_counter() - t0}
 
 
 class PipelineFailure(RuntimeError):

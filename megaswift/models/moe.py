@@ -83,8 +83,10 @@ def aux_loss_parts(stats: Tensor, num_experts: int, group_list) -> tuple[Tensor,
     aux_part = load_balancing_loss(counts, stats[:, :E].sum(0), tokens, E)
     # z-loss (Zoph et al. 2022) per layer, mean over tokens, summed over layers as in Megatron
     z_part = stats[:, E].sum() * L / tokens
-    values = {"aux": float(load_balancing_loss(counts, glob[:, :E].sum(0), tokens, E)),
-              "z": float(glob[:, E].sum() * L / tokens), "counts": glob[:, E + 1: 2 * E + 1]}
+    # kept on the device: a float() here would stop the host at every micro batch; the engine
+    # reads them once per step
+    values = {"aux": load_balancing_loss(counts, glob[:, :E].sum(0), tokens, E),
+              "z": glob[:, E].sum() * L / tokens, "counts": glob[:, E + 1: 2 * E + 1]}
     return aux_part, z_part, values
 
 

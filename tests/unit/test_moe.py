@@ -113,7 +113,7 @@ def test_model_aux_loss_and_router_grads_equal_transformers(moe_hf):
     per_token = ours(tokens, labels=labels)
     (per_token.sum() / (labels != -100).sum()).backward()
     stats = ours.pop_moe_stats()
-    torch.testing.assert_close(torch.tensor(stats["aux"]), out.aux_loss.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats["aux"], out.aux_loss.detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(per_token.sum() / (labels != -100).sum() + mc.moe_aux_loss_coef * stats["aux"],
                                out.loss.detach(), rtol=1e-5, atol=0)
     router = ours.get_parameter("decoder.layers.0.mlp.router.weight").grad
