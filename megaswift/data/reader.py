@@ -38,8 +38,14 @@ def _data_files(path: str) -> list[str]:
 
 
 def _read_file(file: str) -> list[tuple[str, dict]]:
-    import datasets
-    from datasets.utils import logging as ds_logging
+    try:
+        import datasets
+        from datasets.utils import logging as ds_logging
+    except ImportError:  # a bare environment (a GPU image with torch and transformers only)
+        if file.endswith(".jsonl"):
+            return _read_json_lines(file)
+        raise DataError(f"{file}: reading .json arrays and Parquet needs the datasets package (pip install "
+                        f"datasets); .jsonl files are read without it") from None
 
     is_json = file.endswith(JSON_SUFFIXES)
     reader = datasets.Dataset.from_json if is_json else datasets.Dataset.from_parquet

@@ -69,6 +69,9 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm:
     else:
         raise ConfigError("nothing to train: set model.hf_path (an HF checkpoint) or checkpoint.load "
                           "(a megaswift checkpoint, or 'latest' to resume in train.output_dir)")
+    if cfg.model.dtype == "float16":
+        raise ConfigError("model.dtype=float16 cannot train: megaswift has no loss scaling, and float16 gradients "
+                          "underflow to zero without one; use bfloat16 (A100, H100 and newer) or float32")
     layout = plan_layout(cfg, world_size, model_cfg)
     layout.check_seq_len(cfg.data.seq_len, moe=bool(model_cfg.moe_layers))
     t = cfg.train

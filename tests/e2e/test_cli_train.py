@@ -63,3 +63,13 @@ def test_bad_batch_layout_fails_before_spawning(tiny_hf, tmp_path):
     assert proc.returncode == 2
     assert "global_batch_size=6" in proc.stderr and "2 x 2 = 4" in proc.stderr, proc.stderr
     assert proc.stderr.count("megaswift: error") == 1
+
+
+def test_float16_training_is_refused_before_spawning(tiny_hf, tmp_path):
+    """No loss scaling: float16 gradients would underflow silently, so the plan refuses it."""
+    cfg = _config(tmp_path, tiny_hf["llama"])
+    proc = megaswift("launch", "--nproc-per-node", "2", "--", "train", "sft", "--config", cfg,
+                     "--model.dtype", "float16", check=False)
+    assert proc.returncode == 2
+    assert "model.dtype=float16 cannot train" in proc.stderr and "use bfloat16" in proc.stderr, proc.stderr
+    assert proc.stderr.count("megaswift: error") == 1 and "Traceback" not in proc.stderr

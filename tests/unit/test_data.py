@@ -52,6 +52,19 @@ def test_malformed_json_line_is_reported_with_file_and_line(tmp_path):
         read_rows(f)
 
 
+def test_jsonl_is_read_without_the_datasets_package(tmp_path, monkeypatch):
+    """A bare GPU image (torch and transformers, no datasets) still reads JSON Lines; Parquet
+    then names the package it needs."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    f = write_jsonl(tmp_path / "a.jsonl", [conv(0), "", conv(1)])
+    assert read_rows(f) == [(f"{f}:1", conv(0)), (f"{f}:3", conv(1))]
+    (tmp_path / "b.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"b.parquet: reading .json arrays and Parquet needs the datasets package"):
+        read_rows(str(tmp_path / "b.parquet"))
+
+
 def test_missing_path_and_empty_data(tmp_path):
     with pytest.raises(DataError, match="nope.jsonl"):
         read_rows(str(tmp_path / "nope.jsonl"))
