@@ -127,13 +127,14 @@ def varlen_layout(document_ids: Tensor | None, b: int, s: int, device) -> tuple[
     tensor, and an in-place change bumps its version."""
     if document_ids is None:
         return torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device), s
+    version = 0 if document_ids.is_inference() else document_ids._version  # inference tensors keep none
     cached = getattr(document_ids, "_megaswift_varlen", None)
-    if cached is not None and cached[0] == document_ids._version:
+    if cached is not None and cached[0] == version:
         return cached[1], cached[2]
     starts = torch.ones(b, s, dtype=torch.bool, device=device)
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
     end = torch.tensor([b * s], device=device)
     cu_seqlens = torch.cat([starts.flatten().nonzero().flatten(), end]).to(torch.int32)
     max_len = int(cu_seqlens.diff().max())
-    document_ids._megaswift_varlen = (document_ids._version, cu_seqlens, max_len)
+    document_ids._megaswift_varlen = (version, cu_seqlens, max_len)
     return cu_seqlens, max_len

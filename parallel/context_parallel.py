@@ -331,7 +331,7 @@ def _live_hops(cp_index: Tensor, blocks: Tensor, me: int, document_ids: Tensor |
     once per window size rather than once per hop and layer."""
     if cp_index.is_meta:  # shapes only (a model built on the meta device): nothing to skip by
         return (True,) * blocks.shape[1]
-    key = (me, blocks.shape[1], window, cp_index._version)
+    key = (me, blocks.shape[1], window, 0 if cp_index.is_inference() else cp_index._version)
     cache = getattr(cp_index, "_megaswift_live_hops", None)
     if cache is None:
         cache = cp_index._megaswift_live_hops = {}

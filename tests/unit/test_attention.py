@@ -240,6 +240,16 @@ def test_bad_inputs_name_the_values():
 GPU_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
 
+def _assert_matches_reference(q, k, v, kw, backend, tol):
+    """out, lse and the q/k/v gradients of `backend` against the reference backend."""
+    out, lse = attention(q, k, v, backend=backend, **kw)
+    r_out, r_lse = attention(q, k, v, backend="reference", **kw)
+    assert_close(out, r_out, "out", **tol)
+    assert_close(lse, r_lse, "lse", **tol)
+    for name, a, e in zip("qkv", loss_grads(out, lse, (q, k, v)), loss_grads(r_out, r_lse, (q, k, v))):
+        assert_close(a, e, f"grad {name}", **tol)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["sdpa", "flash_attn"])
@@ -255,13 +265,7 @@ def test_cuda_backends_match_reference(case, backend, dtype, s):
         lengths = [[n * s // S for n in r[:-1]] + [s - sum(n * s // S for n in r[:-1])] for r in lengths]
     spec = (b, hq, hkv, causal, lengths, window)
     q, k, v, kw = make_case(case, dtype=dtype, device="cuda", s=s, spec=spec)
-    out, lse = attention(q, k, v, backend=backend, **kw)
-    r_out, r_lse = attention(q, k, v, backend="reference", **kw)
-    tol = GPU_TOL[dtype]
-    assert_close(out, r_out, "out", **tol)
-    assert_close(lse, r_lse, "lse", **tol)
-    for name, a, e in zip("qkv", loss_grads(out, lse, (q, k, v)), loss_grads(r_out, r_lse, (q, k, v))):
-        assert_close(a, e, f"grad {name}", **tol)
+    _assert_matches_reference(q, k, v, kw, backend, GPU_TOL[dtype])
 
 
 @pytest.mark.gpu
@@ -450,10 +454,4 @@ def test_cuda_odd_head_dims_match_reference(d, case, backend, dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, S, h, d, generator=g).to("cuda", dtype).requires_grad_() for h in (hq, hkv, hkv))
     _, _, _, kw = make_case(case, device="cuda")
-    out, lse = attention(q, k, v, backend=backend, **kw)
-    r_out, r_lse = attention(q, k, v, backend="reference", **kw)
-    tol = GPU_TOL[dtype]
-    assert_close(out, r_out, "out", **tol)
-    assert_close(lse, r_lse, "lse", **tol)
-    for name, a, e in zip("qkv", loss_grads(out, lse, (q, k, v)), loss_grads(r_out, r_lse, (q, k, v))):
-        assert_close(a, e, f"grad {name}", **tol)
+    _assert_matches_reference(q, k, v, kw, backend, GPU_TOL[dtype])
