@@ -94,3 +94,18 @@ def test_pipeline_inference_matches_whole_model(deep_hf, schedule, vpp):
     holder = 0 if schedule == "zbv" else 1
     assert got[1 - holder] is None
     torch.testing.assert_close(got[holder], want, rtol=1e-5, atol=1e-5)
+
+
+def _device_syncs_of_pipeline_steps(rank, world, hf, data, out):
+    """device.synchronize() calls during two pp=2 steps: on CUDA each one stops the host from
+    queuing the next chunk's kernels and transfers, so the stage timing must not use them."""
+    from megaswift import device
+
+    calls = []
+    device.synchronize = lambda: calls.append(1)
+    run_steps(rank, world, hf, data, out, steps=2, parallel__pp=2)
+    return len(calls)
+
+
+def test_pipeline_times_its_stages_without_device_syncs(deep_hf, data, tmp_path):
+    assert run_distributed(_device_syncs_of_pipeline_steps, 2, deep_hf["llama"], data, str(tmp_path)) == [0, 0]
