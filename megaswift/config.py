@@ -397,6 +397,11 @@ class TrainSection(_Checked):
     """Where checkpoints, metrics.jsonl and logs go."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (attention core only) or full (whole layers)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is inf/NaN (on any rank): stop names the step and the
+    last good checkpoint and ends the run; skip drops that step's update and goes on."""
+    max_skipped_steps: int = _at_least(1, 5)
+    """With on_nonfinite skip: how many non-finite steps in a row end the run anyway."""
 
     def global_batch(self, dp: int) -> int:
         """global_batch_size, or its default: one micro batch per dp rank."""

@@ -101,8 +101,20 @@ def load_training(ckpt_dir: str, model, state_keys: tuple[str, ...]) -> tuple[di
 
 
 def prune(output_dir: str, keep: int | None) -> None:
-    """Rank 0: delete all but the newest `keep` complete checkpoints."""
+    """Rank 0: delete all but the newest `keep` complete checkpoints, never the newest one that
+    was checked finite when saved (checkpoints of older versions carry no such mark)."""
     if keep is None or not _is_rank0():
         return
-    for step in completed_steps(output_dir)[:-keep]:
-        shutil.rmtree(step_dir(output_dir, step), ignore_errors=True)
+    steps = completed_steps(output_dir)
+    finite = [s for s in steps if _marked_finite(step_dir(output_dir, s))]
+    protected = finite[-1] if finite else None
+    for step in steps[:-keep]:
+        if step != protected:
+            shutil.rmtree(step_dir(output_dir, step), ignore_errors=True)
+
+
+def _marked_finite(ckpt_dir: str) -> bool:
+    try:
+        return read_meta(ckpt_dir).get("finite") is True
+    except (CheckpointError, OSError, ValueError):
+        return False

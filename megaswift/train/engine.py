@@ -29,6 +29,7 @@ from megaswift.parallel.watchdog import Watchdog, beat, inject_test_fault
 
 from . import optim
 from .metrics import MetricsLogger, StepTimer, peak_flops, train_flops_per_token
+from .nonfinite import NonFiniteError, NonFiniteGuard, all_finite
 
 
 class Algorithm:
@@ -103,6 +104,8 @@ class Trainer:
                                   bucket_numel=cfg.parallel.ddp_bucket_size)
         self.optimizer = optim.build_optimizer(self.dp, cfg.optim, self.device.type == "cuda")
         self.norm_weights = model.grad_norm_weights()
+        self.guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, st.rank,
+                                    st.layout.world_size, self.device)
         t = cfg.train
         self.n_micro = t.global_batch(st.dp_size) // (t.micro_batch_size * st.dp_size)
         self.moe_layers = model.cfg.moe_layers
@@ -183,11 +186,17 @@ class Trainer:
                 dp.finish_grad_sync()
             # on CUDA the collectives above are only queued: this is where the host waits for them
             grad_norm = dp.grad_norm(self.norm_weights).item()
-        clip = self.cfg.optim.clip_grad
-        if clip > 0 and grad_norm > clip:
-            dp.scale_grads(clip / (grad_norm + 1e-6))
-        self.optimizer.step()
-        dp.gather_params()
+        nonfinite = None
+        try:
+            skip = self.guard.check(self.step + 1, loss_acc, grad_norm, self.last_good_checkpoint())
+        except NonFiniteError as e:
+            nonfinite, skip = e, True
+        if not skip:
+            clip = self.cfg.optim.clip_grad
+            if clip > 0 and grad_norm > clip:
+                dp.scale_grads(clip / (grad_norm + 1e-6))
+            self.optimizer.step()
+            dp.gather_params()
         self.step += 1
         # declared, not read off extra_acc: under PP only the last stage computes them
         keys = sorted(set(self.alg.metrics) | set(extra_acc))
@@ -200,7 +209,18 @@ class Trainer:
         out.update(timing)
         if self.moe_layers:
             out.update(self._moe_metrics())
+        if self.guard.skipped:
+            out.update(skipped=int(skip), skipped_steps=self.guard.skipped)
+        if nonfinite is not None:
+            nonfinite.metrics = out
+            raise nonfinite
         return out
+
+    def last_good_checkpoint(self) -> str | None:
+        """The newest complete checkpoint of this run (every saved one is finite, see save()),
+        else the one it resumed from."""
+        steps = train_state.completed_steps(self.output_dir)
+        return train_state.step_dir(self.output_dir, steps[-1]) if steps else self.resume_dir
 
     # -- mixture of experts ------------------------------------------------------------------------
     def _keep_moe_stats(self, i: int) -> None:
@@ -358,17 +378,16 @@ class Trainer:
             data_s = time.perf_counter() - t0
             try:
                 m = self.train_step(batches)
+            except NonFiniteError as e:  # the step's row goes to the log, then the run ends
+                if e.metrics is not None:
+                    self._log_step(e.metrics, timer.lap(), start_elapsed + timer.elapsed(), padded_tokens, len(batches))
+                self.logger.close()
+                raise
             except RuntimeError as e:  # a collective failed or timed out: say which ranks fell behind
                 raise self._laggards_error(e) from e
             dt = timer.lap()
             m.update(self.alg.step_metrics(data_s=data_s, step_s=dt))
-            self.tokens_seen += m["tokens"]
-            m.update(step=self.step, tokens_per_s=m["tokens"] / dt, step_time_s=dt,
-                     elapsed_s=start_elapsed + timer.elapsed(), peak_mem_gb=device.peak_memory_bytes() / 1e9)
-            if self.peak_flops:
-                computed = padded_tokens * len(batches) * self.st.dp_size  # padding costs FLOPs too
-                m["mfu"] = self.flops_per_token * computed / dt / (self.peak_flops * self.st.layout.world_size)
-            self.logger.log(m)
+            self._log_step(m, dt, start_elapsed + timer.elapsed(), padded_tokens, len(batches))
             every = cfg.checkpoint.every
             if every and self.step % every == 0 and self.step < cfg.train.steps:
                 self.save(start_elapsed + timer.elapsed())
@@ -379,6 +398,15 @@ class Trainer:
             summary["export"] = self.export(last)
         self.logger.close()
         return summary
+
+    def _log_step(self, m: dict, dt: float, elapsed_s: float, padded_tokens: int, n_micro: int) -> None:
+        self.tokens_seen += m["tokens"]
+        m.update(step=self.step, tokens_per_s=m["tokens"] / dt, step_time_s=dt, elapsed_s=elapsed_s,
+                 peak_mem_gb=device.peak_memory_bytes() / 1e9)
+        if self.peak_flops:
+            computed = padded_tokens * n_micro * self.st.dp_size  # padding costs FLOPs too
+            m["mfu"] = self.flops_per_token * computed / dt / (self.peak_flops * self.st.layout.world_size)
+        self.logger.log(m)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, elapsed_s: float) -> str:
@@ -393,8 +421,16 @@ class Trainer:
                           "tokens": self.tokens_seen, "elapsed_s": elapsed_s, "config": self.cfg.to_dict()}}
         if getattr(self.model, "lora_meta", None):  # adapters only: where the frozen base comes from
             meta["lora"] = self.model.lora_meta
+        opt_state = optim.full_state(self.dp, self.optimizer)
+        # the guard keeps inf/NaN out of the update; this is the last line of defence, so that a
+        # checkpoint (and with `keep`, the only ones left) can never be poisoned
+        tensors = [p.detach() for p in self.model.parameters()] + [t for d in opt_state.values() for t in d.values()]
+        if not all_finite(tensors, self.device):
+            raise NonFiniteError(f"refusing to save step {self.step}: its weights or AdamW state hold inf/NaN; "
+                                 f"the last good checkpoint is {self.last_good_checkpoint() or 'none'}")
+        meta["finite"] = True  # checked above; prune() never deletes the newest such checkpoint
         # source_dir is a directory or None (plan_training checks)
-        train_state.save_training(path, self.model, optim.full_state(self.dp, self.optimizer), meta, self.source_dir)
+        train_state.save_training(path, self.model, opt_state, meta, self.source_dir)
         train_state.prune(self.output_dir, self.cfg.checkpoint.keep)
         return path
 

@@ -134,7 +134,8 @@ class MetricsLogger:
         mfus = [m["mfu"] for m in timed if m.get("mfu") is not None]
         bubbles = [m["pp_bubble"] for m in timed if m.get("pp_bubble") is not None]
         return {"steps": len(h), "first_loss": h[0]["loss"], "last_loss": h[-1]["loss"],
-                "min_loss": min(m["loss"] for m in h if not math.isnan(m["loss"])) if h else None,
+                "min_loss": min((m["loss"] for m in h if math.isfinite(m["loss"])), default=None),
+                "skipped_steps": h[-1].get("skipped_steps", 0),
                 "tokens": sum(m["tokens"] for m in h), "tokens_per_s": tok_s,
                 "mfu": sum(mfus) / len(mfus) if mfus else None,
                 "pp_bubble": sum(bubbles) / len(bubbles) if bubbles else None, "elapsed_s": h[-1]["elapsed_s"],
@@ -197,7 +198,9 @@ def format_summary(algorithm: str, s: dict, cfg) -> str:
         f"  layout      tp={p.tp} pp={p.pp} cp={p.cp} sp={p.sp} zero={cfg.optim.zero} recompute={cfg.train.recompute}"
         + (f" pp_schedule={p.pp_schedule} vpp={p.vpp}" if p.pp > 1 else "")
         + (f" ep={p.ep} etp={p.etp}" if s.get("moe") else ""),
-        f"  loss        {s['first_loss']:.4f} -> {s['last_loss']:.4f} (min {s['min_loss']:.4f})",
+        f"  loss        {s['first_loss']:.4f} -> {s['last_loss']:.4f} (min "
+        + (f"{s['min_loss']:.4f})" if s.get("min_loss") is not None else "n/a: no finite loss)")
+        + (f", {s['skipped_steps']} non-finite step(s) skipped" if s.get("skipped_steps") else ""),
         f"  tokens      {s['tokens']:,} at {s['tokens_per_s']:,.0f} tokens/s (steps after the first)",
         f"  MFU         {mfu}",
         *([f"  pp bubble   {100 * s['pp_bubble']:.1f}% of the pp ranks' time spent waiting"]

@@ -89,3 +89,30 @@ def test_flops_per_token_counts_weights_and_attention():
                       num_attention_heads=2, num_query_groups=1, kv_channels=4)
     weights = 8 * (2 + 2) * 4 + 2 * 4 * 8 + 3 * 8 * 16 + 8 * 100
     assert train_flops_per_token(cfg, 10) == 6 * (weights + 1 * 2 * 2 * 4 * 5)
+
+
+def test_prune_never_deletes_the_newest_checkpoint_checked_finite(tmp_path):
+    from megaswift.checkpoint.train_state import prune
+
+    root = tmp_path / "checkpoints"
+    for step, finite in ((1, True), (2, True), (3, None), (4, None)):  # 3, 4: saved by an older version
+        (root / f"step_{step}").mkdir(parents=True)
+        meta = {"format": 1, **({"finite": True} if finite else {})}
+        (root / f"step_{step}" / "megaswift.json").write_text(json.dumps(meta))
+    prune(str(tmp_path), keep=2)
+    assert completed_steps(str(tmp_path)) == [2, 3, 4]  # keep 2, and step 2: the newest checked finite
+    prune(str(tmp_path), keep=1)
+    assert completed_steps(str(tmp_path)) == [2, 4]
+
+
+def test_summary_of_a_run_without_a_finite_loss(tmp_path):
+    from megaswift.train.metrics import format_summary
+
+    log = MetricsLogger(str(tmp_path), total_steps=2, enabled=True)
+    for s in (1, 2):
+        log.log({**_row(s, float("nan")), "skipped": 1, "skipped_steps": s})
+    summary = log.summary()
+    log.close()
+    assert summary["min_loss"] is None and summary["skipped_steps"] == 2
+    text = format_summary("sft", summary, load_config())
+    assert "min n/a: no finite loss), 2 non-finite step(s) skipped" in text
