@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -104,13 +105,15 @@ def score(funcs: list[RewardFunction], prompts: list, completions: list, complet
         if count != n:
             raise RewardError(f"reward function {f.name} returned {count} values for {n} completions")
         for i, v in enumerate(values):
-            if v is None:
+            if v is None:  # "does not apply to this completion"; NaN stands for it from here on
                 continue
-            try:
-                out[i, j] = float(v)
-            except (TypeError, ValueError):
-                raise RewardError(f"reward function {f.name} returned {v!r:.40} for completion {i}, "
-                                  f"not a number or None") from None
+            # a real number only: float("1.0") would turn a string into a reward, and a NaN or
+            # inf would read as "does not apply" or poison the advantages and the weights
+            if not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise RewardError(f"reward function {f.name} returned {v!r:.40} for completion {i} "
+                                  f"({_short(completions[i])} for prompt {_short(prompts[i])}): a reward must be a "
+                                  f"finite number, or None where the function does not apply")
+            out[i, j] = float(v)
     return out
 
 

@@ -86,7 +86,8 @@ def test_wrong_count_and_non_numbers_name_the_plugin(tmp_path):
     with pytest.raises(RewardError, match=r"bad_rewards.py:r returned 1 values for 3 completions"):
         _score(funcs, ["a", "b", "c"])
     funcs = _plugin(tmp_path, "def r(completions, **kw):\n    return ['good'] * len(completions)\n")
-    with pytest.raises(RewardError, match=r"returned 'good' for completion 0, not a number or None"):
+    with pytest.raises(RewardError, match=r"returned 'good' for completion 0 \('a' for prompt .*\): a reward must be a "
+                                          r"finite number, or None where the function does not apply"):
         _score(funcs, ["a"])
     funcs = _plugin(tmp_path, "def r(completions, **kw):\n    return 3.0\n")
     with pytest.raises(RewardError, match=r"returned float, not a list of 1 floats"):
@@ -99,3 +100,20 @@ def test_columns_reach_plugins_by_name(tmp_path):
                               "zip(completions, answer, level)]\n")
     values = _score(funcs, ["1", "2"], answer=["1", "3"], level=[5, 7])
     assert values[:, 0].tolist() == [13.0, 8.0]
+
+
+@pytest.mark.parametrize("bad, shown", [("float('nan')", "nan"), ("float('inf')", "inf"), ("'1.0'", "'1.0'"),
+                                        ("[1.0]", r"\[1.0\]")])
+def test_nan_inf_and_strings_are_errors_not_rewards(tmp_path, bad, shown):
+    """NaN once read as 'does not apply' (an all-NaN function trained on nothing), inf trained on
+    NaN, and a string '1.0' passed as 1.0. None stays 'does not apply'."""
+    funcs = _plugin(tmp_path, f"def r(completions, **kw):\n    return [0.5, {bad}, None]\n")
+    with pytest.raises(RewardError, match=rf"bad_rewards.py:r returned {shown} for completion 1 \('b' for prompt"):
+        _score(funcs, ["a", "b", "c"])
+
+
+def test_none_means_does_not_apply_and_numbers_of_any_kind_count(tmp_path):
+    funcs = _plugin(tmp_path, "import numpy as np\n"
+                              "def r(completions, **kw):\n    return [None, np.float32(0.25), True]\n")
+    values = _score(funcs, ["a", "b", "c"])
+    assert math.isnan(values[0, 0].item()) and values[1:, 0].tolist() == [0.25, 1.0]
