@@ -7,6 +7,7 @@ rendezvous, restarts and signal handling are torchrun's; nothing here re-impleme
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from megaswift.errors import MegaswiftError
@@ -47,7 +48,13 @@ def fill_from_scheduler_env(ns, env=os.environ) -> None:
 
 
 def torchrun_args(ns, sub_argv: list[str]) -> list[str]:
-    args = [f"--nproc-per-node={ns.nproc_per_node}", f"--nnodes={ns.nnodes}", f"--max-restarts={ns.max_restarts}"]
+    args = [f"--nproc-per-node={ns.nproc_per_node}", f"--nnodes={ns.nnodes}", f"--max-restarts={ns.max_restarts}",
+            # the time between forwarding a stop signal to the ranks and killing them: they finish
+            # their step and save (train/stopping.py); torchrun's default, 30 s, is too short for that
+            f"--shutdown-timeout={getattr(ns, 'stop_grace_s', 300)}",
+            # the signals torchrun's agent turns into a shutdown that forwards them to the ranks;
+            # SIGUSR1 (Slurm's --signal warning before the time limit) is added, else it kills the agent
+            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
     if ns.nnodes > 1:
         if not ns.rdzv_endpoint:
             raise MegaswiftError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT of the first node "
@@ -71,10 +78,13 @@ def launch(ns, sub_argv: list[str]) -> int:
     # torchrun would force 1 thread per rank (and warn); share out the cores this process may
     # use (under Slurm its task's --cpus-per-task, not the whole node that cpu_count() reports)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // ns.nproc_per_node)))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
 
     try:
         torchrun_main(torchrun_args(ns, sub_argv))
+    except SignalException as e:  # the ranks got the signal too and said what they did with it
+        return 130 if e.sigval == signal.SIGINT else 75  # as errors.Interrupted / errors.Stopped
     except Exception as e:  # torchrun raises ChildFailedError after printing the failing rank's log
         name = type(e).__name__
         if name == "ChildFailedError":
@@ -84,8 +94,10 @@ def launch(ns, sub_argv: list[str]) -> int:
 
 
 def _child_exit_code(err) -> int:
-    """Name the rank that failed first, then propagate a rank's own exit code (2 for a user
-    error, 1 for a failed verify)."""
+    """Name the rank that failed first, then propagate its own exit code (2 for a user error, 1
+    for a failed verify), else the commonest. The first one's: the others may end on their own
+    after it (a broken connection, exit 1), because the ranks handle torchrun's SIGTERM as a
+    request to stop after the step (train/stopping.py) instead of dying at once."""
     by_rank = getattr(err, "failures", {})  # global rank -> ProcessFailure
     failures = list(by_rank.values())
     if by_rank:
@@ -94,6 +106,8 @@ def _child_exit_code(err) -> int:
         how = f"was killed by signal {-first.exitcode}" if first.exitcode < 0 else f"exited with code {first.exitcode}"
         print(f"megaswift: error: rank {rank} (local rank {first.local_rank}) {how} first; torchrun stopped "
               f"the other ranks", file=sys.stderr, flush=True)
+        if first.exitcode > 0:
+            return first.exitcode
     codes = [f.exitcode for f in failures if f.exitcode and f.exitcode > 0]
     if codes:
         return max(set(codes), key=codes.count)

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from megaswift.errors import MegaswiftError
+from megaswift.errors import Interrupted, MegaswiftError
 
 COMMANDS = ("train", "import-hf", "export-hf", "verify", "launch", "slurm", "tiny-hf", "quickstart")
 _WRAPPERS = ("launch", "slurm")  # commands that run another megaswift command given after --
@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rdzv-endpoint", default=None,
                    help="host:port of the first node (multi-node; default: MASTER_ADDR:MASTER_PORT when set)")
     s.add_argument("--max-restarts", type=int, default=0)
+    s.add_argument("--stop-grace-s", type=int, default=300,
+                   help="after SIGTERM/SIGUSR1 (a scheduler's stop), how long the ranks get to finish their step "
+                   "and save before they are killed")
 
     s = sub.add_parser("slurm", help="render an sbatch script that runs a subcommand on N nodes, and submit it")
     from megaswift.launch.slurm import add_arguments
@@ -97,11 +100,15 @@ def main(argv: list[str] | None = None) -> None:
         ns, cfg = parse(argv)
         code = _run(ns, cfg)
         _close_process_group()
-    except MegaswiftError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"megaswift: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code or 0)
+    except KeyboardInterrupt:  # outside a training loop, which says more (Interrupted)
+        e = Interrupted("Ctrl-C: stopped before the command finished")
+    except MegaswiftError as err:
+        e = err
+    else:
+        sys.exit(code or 0)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"megaswift: {e.label}: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
 
 
 def _close_process_group() -> None:

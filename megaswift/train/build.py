@@ -39,7 +39,9 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm:
     from megaswift.commands import _checkpoint_dtype, hf_model_config, plan_layout
 
     load = cfg.checkpoint.load
-    if load is None and restart_attempt() > 0:  # an elastic restart goes on from where the job got to
+    # an elastic restart, or a Slurm job requeued after it stopped with a checkpoint (stopping.py),
+    # goes on from where the job got to
+    if load is None and (restart_attempt() > 0 or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0):
         load = "latest"
     load = train_state.resolve_load(load, cfg.train.output_dir)
     resume_dir = weights_dir = hf_dir = lora_base = None

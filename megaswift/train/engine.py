@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megaswift import device
 from megaswift.checkpoint import train_state
 from megaswift.convert.hf_export import DTYPES
+from megaswift.errors import Interrupted, Stopped
 from megaswift.parallel.data_parallel import DataParallelSet
 from megaswift.parallel.tp_comm import group_size
 from megaswift.parallel.watchdog import Watchdog, beat, inject_test_fault
@@ -30,6 +31,7 @@ from megaswift.parallel.watchdog import Watchdog, beat, inject_test_fault
 from . import optim
 from .metrics import MetricsLogger, StepTimer, peak_flops, train_flops_per_token
 from .nonfinite import NonFiniteError, NonFiniteGuard, all_finite
+from .stopping import StopRequests
 
 
 class Algorithm:
@@ -368,6 +370,16 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> dict:
+        """The loop, with the stop signals handled (stopping.py) and Ctrl-C said in one line."""
+        stops = StopRequests()
+        try:
+            with stops.listening():
+                return self._train(stops)
+        except KeyboardInterrupt:
+            raise Interrupted(f"Ctrl-C during step {self.step + 1}; the last complete checkpoint is "
+                              f"{self.last_good_checkpoint() or 'none (none was saved yet)'}") from None
+
+    def _train(self, stops: StopRequests) -> dict:
         cfg = self.cfg
         timer = StepTimer()
         start_elapsed = self.resumed_elapsed_s
@@ -391,6 +403,12 @@ class Trainer:
             every = cfg.checkpoint.every
             if every and self.step % every == 0 and self.step < cfg.train.steps:
                 self.save(start_elapsed + timer.elapsed())
+            signal_name = stops.agreed(self.st.layout.world_size, self.device)
+            if signal_name and self.step < cfg.train.steps:
+                path = self.save(start_elapsed + timer.elapsed())
+                self.logger.close()
+                raise Stopped(f"{signal_name} after step {self.step}: saved {path}; the same command resumes from "
+                              f"it (checkpoint.load latest, the default after a requeue)")
         last = self.save(start_elapsed + timer.elapsed()) if self.step > 0 else None
         summary = self.logger.summary()
         summary["checkpoint"] = last
