@@ -118,3 +118,15 @@ def _marked_finite(ckpt_dir: str) -> bool:
         return read_meta(ckpt_dir).get("finite") is True
     except (CheckpointError, OSError, ValueError):
         return False
+
+
+def clean_interrupted_saves(output_dir: str) -> list[str]:
+    """Rank 0, at the start of a run: remove what interrupted saves left (`step_N.tmp`, and the
+    `step_N.old` of a swap cut short); returns their names. Complete checkpoints are untouched."""
+    root = checkpoints_dir(output_dir)
+    if not _is_rank0() or not os.path.isdir(root):
+        return []
+    left = sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d+\.(tmp|old)", n))
+    for name in left:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return left

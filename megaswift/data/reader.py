@@ -3,8 +3,10 @@ place it came from, so a bad row can be reported as `file:line` (JSONL) or `file
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import sys
 import tempfile
 
 from megaswift.errors import DataError
@@ -30,14 +32,43 @@ def _data_files(path: str) -> list[str]:
         if not path.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES):
             raise DataError(f"data file {path!r} is neither JSON Lines (.jsonl, .json) nor Parquet (.parquet)")
         return [path]
-    files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                   if n.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES) and os.path.isfile(os.path.join(path, n)))
+    names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+    files = [os.path.join(path, n) for n in names if n.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)]
     if not files:
         raise DataError(f"data directory {path!r} has no .jsonl, .json or .parquet files")
+    others = [n for n in names if not n.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES) and not n.startswith(".")]
+    if others and os.environ.get("RANK", "0") == "0":  # a .csv left beside the data is not read: say so
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        print(f"megaswift: warning: data.path {path}: {len(others)} file(s) of other types not read: {shown} "
+              f"(megaswift reads .jsonl, .json and .parquet)", file=sys.stderr, flush=True)
     return files
 
 
+def _check_utf8(file: str) -> None:
+    """JSON is UTF-8; a file that is not would be read with U+FFFD in place of the bad bytes,
+    silently changing the text that trains. Decoded in large blocks; the line is found only when
+    a block fails."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines_before = 0
+    with open(file, "rb") as f:
+        while block := f.read(1 << 24):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:  # e.object: the decoder's pending bytes, then this block
+                line = lines_before + e.object.count(b"\n", 0, e.start) + 1
+                raise DataError(f"{file}:{line}: not valid UTF-8 (byte {e.object[e.start:e.start + 1]!r}); save the "
+                                f"file as UTF-8") from None
+            lines_before += block.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{file}:{lines_before + 1}: not valid UTF-8 (the file ends inside a character); save "
+                        f"the file as UTF-8") from None
+
+
 def _read_file(file: str) -> list[tuple[str, dict]]:
+    if file.endswith(JSON_SUFFIXES):
+        _check_utf8(file)
     try:
         import datasets
         from datasets.utils import logging as ds_logging
@@ -94,7 +125,7 @@ def _read_json_lines(file: str) -> list[tuple[str, dict]]:
     of a syntax error nor a row whose types clash with the others (which the row checks in
     chat.py report by line), and it refuses an empty file instead of returning no rows."""
     rows = []
-    with open(file, encoding="utf-8", errors="replace") as f:
+    with open(file, encoding="utf-8") as f:  # _check_utf8 has passed
         for i, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -130,7 +130,12 @@ class Trainer:
         self.peak_flops = peak_flops()
         self.logger = MetricsLogger(self.output_dir, total_steps=cfg.train.steps, enabled=device.rank() == 0,
                                     run_config=cfg.to_dict(), wandb=cfg.log.wandb, tensorboard=cfg.log.tensorboard,
-                                    every=cfg.log.every, name=os.path.basename(os.path.abspath(self.output_dir)))
+                                    every=cfg.log.every, name=os.path.basename(os.path.abspath(self.output_dir)),
+                                    resumed_at=self.step if resume_dir is not None else None)
+        cleaned = train_state.clean_interrupted_saves(self.output_dir)
+        if cleaned:
+            print(f"removed what interrupted saves left in {train_state.checkpoints_dir(self.output_dir)}: "
+                  f"{', '.join(cleaned)}", flush=True)
 
     def _build_pipeline(self):
         from megaswift.parallel.pipeline import PipelineRunner

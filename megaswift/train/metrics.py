@@ -69,7 +69,10 @@ def matmul_params(cfg) -> int:
 
 class MetricsLogger:
     def __init__(self, output_dir: str, *, total_steps: int, enabled: bool, run_config: dict | None = None,
-                 wandb: bool = False, tensorboard: bool = False, every: int = 1, name: str = "run"):
+                 wandb: bool = False, tensorboard: bool = False, every: int = 1, name: str = "run",
+                 resumed_at: int | None = None):
+        """`resumed_at`: the step of the checkpoint a resumed run starts from; rows after it, left
+        by the run that saved it, are dropped, so the file holds each step once."""
         self.enabled, self.every, self.total = enabled, every, total_steps
         self.history: list[dict] = []
         self._file = self._wandb = self._tb = None
@@ -77,6 +80,8 @@ class MetricsLogger:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        if resumed_at is not None and os.path.isfile(self.path):
+            _keep_rows_up_to(self.path, resumed_at)
         self._file = open(self.path, "a")
         if wandb:
             self._wandb = _start_wandb(output_dir, name, run_config)
@@ -151,6 +156,23 @@ class MetricsLogger:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
+
+
+def _keep_rows_up_to(path: str, step: int) -> None:
+    """Rewrite metrics.jsonl with the rows of steps <= `step` (a torn last line goes too)."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _start_wandb(output_dir: str, name: str, run_config: dict | None):

@@ -275,3 +275,28 @@ def test_bad_layout_and_mismatched_state_are_config_errors():
         loader(toy(), dp=2, mb=2, gbs=6)
     with pytest.raises(ConfigError, match="seed"):
         loader(toy(), seed=3).load_state_dict(loader(toy(), seed=4).state_dict())
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    """Once replaced silently by U+FFFD, changing the text that trains."""
+    good = json.dumps(conv(0)).encode()
+    bad = json.dumps(conv(1)).encode().replace(b"mi", b"m\xff", 1)
+    f = tmp_path / "a.jsonl"
+    f.write_bytes(good + b"\n\n" + bad + b"\n")
+    with pytest.raises(DataError, match=rf"^{f}:3: not valid UTF-8 \(byte b'\\xff'\); save the file as UTF-8$"):
+        read_rows(str(f))
+    f.write_bytes(good + b"\n" + "é".encode()[:1])  # cut inside a two-byte character
+    with pytest.raises(DataError, match=rf"^{f}:2: not valid UTF-8 \(the file ends inside a character\)"):
+        read_rows(str(f))
+
+
+def test_files_of_other_types_in_a_data_directory_are_listed(tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", [conv(0)])
+    (d / "notes.txt").write_text("x")
+    (d / "b.csv").write_text("x")
+    (d / ".hidden").write_text("x")
+    assert len(read_rows(str(d))) == 1
+    assert (f"megaswift: warning: data.path {d}: 2 file(s) of other types not read: b.csv, notes.txt "
+            f"(megaswift reads .jsonl, .json and .parquet)") in capsys.readouterr().err

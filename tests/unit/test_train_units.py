@@ -116,3 +116,31 @@ def test_summary_of_a_run_without_a_finite_loss(tmp_path):
     assert summary["min_loss"] is None and summary["skipped_steps"] == 2
     text = format_summary("sft", summary, load_config())
     assert "min n/a: no finite loss), 2 non-finite step(s) skipped" in text
+
+
+def test_a_resumed_run_drops_the_rows_after_its_checkpoint(tmp_path):
+    """The run that saved step 2 went on to step 4 before it died; resuming at step 2 must not
+    leave steps 3 and 4 in the file twice."""
+    log = MetricsLogger(str(tmp_path), total_steps=4, enabled=True)
+    for s in (1, 2, 3, 4):
+        log.log(_row(s, 1.0))
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss"')  # torn by the kill
+    log = MetricsLogger(str(tmp_path), total_steps=4, enabled=True, resumed_at=2)
+    for s in (3, 4):
+        log.log(_row(s, 2.0))
+    log.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
+
+
+def test_what_interrupted_saves_left_is_removed_at_the_start(tmp_path):
+    from megaswift.checkpoint.train_state import clean_interrupted_saves
+
+    root = tmp_path / "checkpoints"
+    for name in ("step_2", "step_4.tmp", "step_3.old", "step_5"):
+        (root / name).mkdir(parents=True)
+    (root / "step_2" / "megaswift.json").write_text("{}")
+    assert clean_interrupted_saves(str(tmp_path)) == ["step_3.old", "step_4.tmp"]
+    assert sorted(os.listdir(root)) == ["step_2", "step_5"]
