@@ -30,7 +30,7 @@ def check_subcommand(sub_argv: list[str], world_size: int) -> None:
     if sub_argv[0] == "train":
         from megaswift.train.build import plan_training
 
-        plan_training(cfg, world_size, algorithm=ns.algorithm)
+        plan_training(cfg, world_size, algorithm=ns.algorithm, quiet=True)
         return
     model_cfg = hf_model_config(ns.hf_dir, cfg) if sub_argv[0] in _HF_FIRST else None
     plan_layout(cfg, world_size, model_cfg)

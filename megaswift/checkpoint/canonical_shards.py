@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import LoadItemType, TensorWriteData, WriteItem, WriteItemType
 
 from megaswift.convert.canonical import local_pieces
+from megaswift.errors import CheckpointError
 from megaswift.models.sharding import ShardLayout
 
 
@@ -63,6 +64,15 @@ class CanonicalSavePlanner(DefaultSavePlanner):
 
 
 class CanonicalLoadPlanner(DefaultLoadPlanner):
+    """Reads tensors only. DCP routes an entry that its metadata calls bytes, whatever the state
+    dict holds under that key, to `load_bytes`, which DefaultLoadPlanner unpickles without any
+    allow-list; megaswift never stores one, so a bytes entry is refused.
+    `source` names the checkpoint in that error."""
+
+    def __init__(self, source: str = "the checkpoint"):
+        super().__init__()
+        self.source = source
+
     def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
         # DCP's _init_state_dict walks the values in place and turns any object it does not know
         # into None (torch 2.13, planner_helpers._iterate_state_dict); put ours back after it.
@@ -73,3 +83,17 @@ class CanonicalLoadPlanner(DefaultLoadPlanner):
 
     def lookup_tensor(self, index):
         return _lookup(self.state_dict, index, super().lookup_tensor)
+
+    def create_local_plan(self):
+        plan = super().create_local_plan()
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                self._refuse_bytes(item)
+        return plan
+
+    def load_bytes(self, read_item, value):
+        self._refuse_bytes(read_item)
+
+    def _refuse_bytes(self, item):
+        raise CheckpointError(f"{self.source} stores {item.dest_index.fqn!r} as pickled bytes, which megaswift "
+                              "never writes and will not unpickle; the checkpoint was altered or is not megaswift's")

@@ -7,7 +7,8 @@ Layout of a checkpoint directory:
     hf/              tokenizer and generation files of the source HF checkpoint, for export
 
 A save writes into `<dir>.tmp` and renames it at the end, so an interrupted save never damages
-the checkpoint that was there before.
+the checkpoint that was there before. Every load reads through `safe_load.SafeFileSystemReader`:
+nothing in a checkpoint is unpickled beyond an allow-list.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from megaswift.errors import CheckpointError
 
 from .canonical_shards import CanonicalLoadPlanner, CanonicalSavePlanner, CanonicalShards
+from .safe_load import DamagedCheckpoint, SafeFileSystemReader
 
 FORMAT_VERSION = 1
 META_FILE = "megaswift.json"
@@ -81,9 +83,12 @@ def save_dcp(state: dict, path: str) -> None:
         dcp.save(state, checkpoint_id=path, planner=CanonicalSavePlanner(), no_dist=not dist.is_initialized())
 
 
-def load_dcp(state: dict, path: str) -> None:
+def load_dcp(state: dict, path: str, no_dist: bool | None = None) -> None:
+    """Collective unless `no_dist` (default: when there is no process group)."""
+    reader = SafeFileSystemReader(path)  # checks the metadata and files here, before any collective
+    no_dist = not dist.is_initialized() if no_dist is None else no_dist
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path, planner=CanonicalLoadPlanner(), no_dist=not dist.is_initialized())
+        dcp.load(state, storage_reader=reader, planner=CanonicalLoadPlanner(path), no_dist=no_dist)
 
 
 def write_meta(ckpt_dir: str, meta: dict, extra_files_from: str | None = None) -> None:
@@ -125,8 +130,13 @@ def read_meta(ckpt_dir: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{ckpt_dir} is not a megaswift checkpoint (no {META_FILE}); "
                               "create one with `megaswift import-hf`")
-    with open(path) as f:
-        meta = json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise DamagedCheckpoint(path, f"cannot be read ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if not isinstance(meta, dict):
+        raise DamagedCheckpoint(path, f"holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
     return meta
@@ -135,8 +145,7 @@ def read_meta(ckpt_dir: str) -> dict:
 def read_canonical(ckpt_dir: str, shapes: dict[str, tuple], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Whole canonical tensors `name -> shape`, read in this process alone (used by export)."""
     out = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
-    with _quiet_single_process():
-        dcp.load(out, checkpoint_id=os.path.join(ckpt_dir, "model"), no_dist=True)
+    load_dcp(out, os.path.join(ckpt_dir, "model"), no_dist=True)
     return out
 
 

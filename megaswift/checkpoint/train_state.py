@@ -23,6 +23,7 @@ from megaswift.errors import CheckpointError
 from .canonical_shards import CanonicalShards
 from .model_state import (META_FILE, _is_rank0, dcp_state, load_dcp, load_model, read_meta, save_dcp, staged_dir,
                           write_meta)
+from .safe_load import check_dcp, load_weights_only
 
 STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -48,17 +49,55 @@ def completed_steps(output_dir: str) -> list[int]:
     return sorted(steps)
 
 
-def resolve_load(load: str | None, output_dir: str) -> str | None:
-    """`checkpoint.load`: a directory, or 'latest' (None when output_dir has no checkpoint yet,
-    so a requeued job that never saved starts from the beginning)."""
+def resolve_load(load: str | None, output_dir: str, announce: bool = True) -> str | None:
+    """`checkpoint.load`: a directory, or 'latest': the newest intact checkpoint (None when
+    output_dir has none yet, so a requeued job that never saved starts from the beginning).
+
+    Runs before any process group, possibly on every rank: it reads only megaswift.json, DCP
+    metadata and file sizes, so every rank sees the same files and picks the same checkpoint."""
     if load is None:
         return None
     if load == "latest":
-        steps = completed_steps(output_dir)
-        return step_dir(output_dir, steps[-1]) if steps else None
+        return _latest_intact(output_dir, announce)
     if not os.path.isfile(os.path.join(load, META_FILE)):
         raise CheckpointError(f"checkpoint.load={load} is not a megaswift checkpoint (no {META_FILE})")
+    check_checkpoint(load)
     return load
+
+
+def check_checkpoint(ckpt_dir: str) -> dict:
+    """The cheap integrity check of a checkpoint; its meta. megaswift.json parses, and the DCP
+    metadata of model/ (and optim/ for a training checkpoint) passes the allow-list and names files
+    that hold its bytes. Tensor bytes and rng files are not read. Raises CheckpointError naming
+    the file (a DamagedCheckpoint when a file is damaged or refused)."""
+    meta = read_meta(ckpt_dir)
+    for part in ("model", "optim") if "train" in meta else ("model",):
+        check_dcp(os.path.join(ckpt_dir, part))
+    return meta
+
+
+def _latest_intact(output_dir: str, announce: bool = True) -> str | None:
+    """The newest checkpoint that passes `check_checkpoint`. A damaged newer one is skipped with a
+    line on rank 0 (`announce` False: `launch`'s own check, whose rank 0 says it again); if none
+    passes, an error (a fresh start would bury what might be repaired)."""
+    skipped = []
+    for step in reversed(completed_steps(output_dir)):
+        ckpt = step_dir(output_dir, step)
+        try:
+            check_checkpoint(ckpt)
+        except CheckpointError as e:
+            skipped.append((step, getattr(e, "reason", str(e))))
+            continue
+        if announce and os.environ.get("RANK", "0") == "0":  # no process group yet: torchrun sets RANK
+            for bad, reason in skipped:
+                print(f"checkpoint step_{bad} is damaged ({reason}); resuming from step_{step}", flush=True)
+        return ckpt
+    if skipped:
+        step, reason = skipped[0]
+        raise CheckpointError(f"checkpoint.load=latest: no intact checkpoint in {checkpoints_dir(output_dir)} (newest: "
+                              f"step_{step}, {reason}); repair or remove the damaged ones, or set checkpoint.load "
+                              "to a good checkpoint")
+    return None
 
 
 def _optim_state(model, opt_state: dict) -> dict[str, CanonicalShards]:
@@ -96,7 +135,7 @@ def load_training(ckpt_dir: str, model, state_keys: tuple[str, ...]) -> tuple[di
     load_dcp(_optim_state(model, opt_state), os.path.join(ckpt_dir, "optim"))
     rng_file = os.path.join(ckpt_dir, "rng", f"rank_{device.rank()}.pt")
     if os.path.isfile(rng_file):  # absent when resuming on more ranks than saved: keep the seeded state
-        device.set_rng_state(torch.load(rng_file, weights_only=True))
+        device.set_rng_state(load_weights_only(rng_file))
     return opt_state, meta
 
 

@@ -12,10 +12,10 @@ import json
 import os
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 from megaswift.checkpoint.model_state import META_FILE, read_canonical
+from megaswift.checkpoint.safe_load import read_dcp_metadata
 from megaswift.errors import CheckpointError
 from megaswift.models.sharding import lora_layout
 
@@ -24,8 +24,8 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 
 def adapter_tensors(ckpt_dir: str, meta: dict, cfg, dtype) -> dict[str, torch.Tensor]:
     """Every canonical `<layer>.lora.A/B` tensor of the checkpoint."""
-    reader = dcp.FileSystemReader(os.path.join(ckpt_dir, "model"))
-    names = [n for n in reader.read_metadata().state_dict_metadata if ".lora." in n]
+    # through the allow-listed reader: DCP's own would unpickle whatever .metadata holds
+    names = [n for n in read_dcp_metadata(os.path.join(ckpt_dir, "model")).state_dict_metadata if ".lora." in n]
     rank = meta["lora"]["rank"]
     shapes = {n: lora_layout(n, cfg, rank, 1, 0).canonical_shape for n in names}
     return read_canonical(ckpt_dir, shapes, dtype)

@@ -35,7 +35,9 @@ def restart_attempt() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm: str = "sft") -> Plan:
+def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm: str = "sft",
+                  quiet: bool = False) -> Plan:
+    """`quiet`: `launch`'s check before it spawns the ranks, whose rank 0 plans (and says) again."""
     from megaswift.commands import _checkpoint_dtype, hf_model_config, plan_layout
 
     load = cfg.checkpoint.load
@@ -43,7 +45,7 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm:
     # goes on from where the job got to
     if load is None and (restart_attempt() > 0 or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0):
         load = "latest"
-    load = train_state.resolve_load(load, cfg.train.output_dir)
+    load = train_state.resolve_load(load, cfg.train.output_dir, announce=not quiet)
     resume_dir = weights_dir = hf_dir = lora_base = None
     if load is not None:
         meta = read_meta(load)

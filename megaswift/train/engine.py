@@ -98,6 +98,7 @@ class Trainer:
         self.output_dir = cfg.train.output_dir
         self.resume_dir = resume_dir
         self.step = 0
+        self.saved_step: int | None = None  # the last step this run saved
         self.tokens_seen = 0
         self.resumed_elapsed_s = 0.0  # wall time of the run before the checkpoint it resumed
         model.set_attention_backend(cfg.model.attention_backend)
@@ -434,8 +435,10 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, elapsed_s: float) -> str:
         path = train_state.step_dir(self.output_dir, self.step)
-        if os.path.isfile(os.path.join(path, train_state.META_FILE)):
-            return path  # this step is already saved (the final save after a periodic one)
+        if self.saved_step == self.step:
+            return path  # this run saved this step already (the final save after a periodic one)
+        # a step_N left by an earlier run is written again: it may be one that `latest` skipped
+        # as damaged, and must not be what this run ends on
         mc = self.model.cfg
         meta = {"family": mc.family, "model_config": mc.to_dict(), "dtype": "float32",
                 "export_dtype": self.export_dtype, "saved_layout": self.st.layout.describe(),
@@ -454,6 +457,7 @@ class Trainer:
         meta["finite"] = True  # checked above; prune() never deletes the newest such checkpoint
         # source_dir is a directory or None (plan_training checks)
         train_state.save_training(path, self.model, opt_state, meta, self.source_dir)
+        self.saved_step = self.step
         train_state.prune(self.output_dir, self.cfg.checkpoint.keep)
         return path
 

@@ -104,9 +104,8 @@ def test_killed_save_keeps_previous_checkpoint(tiny_hf, data, tmp_path):
     assert not os.path.exists(os.path.join(out, "checkpoints", "step_4.tmp"))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    again = [r for r in rows[len(killed_run):]]
-    assert [r["step"] for r in again] == [3, 4]
-    assert [r["loss"] for r in again] == [r["loss"] for r in killed_run if r["step"] in (3, 4)]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the killed run's rows after step 2 are replaced
+    assert [r["loss"] for r in rows[2:]] == [r["loss"] for r in killed_run if r["step"] in (3, 4)]
 
 
 def test_weights_only_checkpoint_starts_a_new_run(tiny_hf, data, tmp_path):

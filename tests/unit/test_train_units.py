@@ -70,11 +70,15 @@ def test_wandb_is_optional_and_offline_without_a_key(tmp_path, monkeypatch):
 
 
 def test_latest_skips_partial_saves(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
     root = tmp_path / "checkpoints"
     for name, complete in (("step_2", True), ("step_10", True), ("step_12.tmp", False), ("step_11", False)):
         (root / name).mkdir(parents=True)
-        if complete:
-            (root / name / "megaswift.json").write_text("{}")
+        if complete:  # what `latest` checks: a readable megaswift.json and model/ (DCP)
+            dcp.save({"w": torch.zeros(1)}, checkpoint_id=str(root / name / "model"), no_dist=True)
+            (root / name / "megaswift.json").write_text('{"format": 1}')
     assert completed_steps(str(tmp_path)) == [2, 10]
     assert resolve_load("latest", str(tmp_path)).endswith("step_10")
     assert resolve_load("latest", str(tmp_path / "fresh")) is None
