@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named, not caught by Exception
 
 from megaswift.errors import CheckpointError
 
@@ -67,7 +68,18 @@ def staged_dir(ckpt_dir: str):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    yield tmp
+    failed = None
+    try:
+        yield tmp
+    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk shows as any of these
+        failed = e
+    # every rank learns whether any failed, so none waits at the commit for a rank that gave up
+    if _any_rank(failed is not None):
+        free = shutil.disk_usage(os.path.dirname(ckpt_dir)).free  # before the partial files go
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = _first_line(failed) if failed else "another rank failed to write its part"
+        raise SaveFailed(f"{why}; {free / 1e6:.1f} MB were free there") from failed
     _barrier()
     if _is_rank0():
         old = ckpt_dir + ".old"
@@ -76,6 +88,29 @@ def staged_dir(ckpt_dir: str):
         os.replace(tmp, ckpt_dir)
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
+
+
+class SaveFailed(CheckpointError):
+    """A checkpoint could not be written (on any rank); its partial files are gone and every
+    earlier checkpoint is as it was."""
+
+
+def _any_rank(flag: bool) -> bool:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    from megaswift.device import get_device
+
+    t = torch.tensor(float(flag), device=get_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _first_line(e: BaseException) -> str:
+    """The root error in one line; DCP's CheckpointException carries each rank's traceback, whose
+    last line is it."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1].strip() if lines and type(e).__name__ == "CheckpointException" else \
+        f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def save_dcp(state: dict, path: str) -> None:
