@@ -7,7 +7,9 @@ script: `hostname` there). The launcher checks the layout before anything spawns
 one node, and torchrun's agents stop the whole job when one rank fails.
 
 `--dry-run` prints the script; otherwise it is written next to the log and submitted with
-`sbatch --parsable`, and the job id and log path are printed.
+`sbatch --parsable`, and the job id and log path are printed. Either way the log directory is
+created here: Slurm does not create the directory of `#SBATCH --output`, and a job whose output
+file cannot be opened fails at once without a log, so a printed script must find it in place.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--account")
     p.add_argument("--time", default="01:00:00", help="wall-clock limit, HH:MM:SS")
     p.add_argument("--job-name", default="megaswift")
-    p.add_argument("--log-dir", default="slurm_logs", help="where the script and <job-name>-<jobid>.out go")
+    p.add_argument("--log-dir", default="slurm_logs",
+                   help="where the script and <job-name>-<jobid>.out go; created now, also with --dry-run")
     p.add_argument("--setup", help="shell line run before the job, e.g. 'source /path/venv/bin/activate' "
                    "(default: activate the Python environment running this command)")
     p.add_argument("--container-image", help="run each task in this container (pyxis: srun --container-image)")
@@ -116,10 +119,14 @@ def slurm_command(ns, sub_argv: list[str]) -> int:
 
     check_subcommand(sub_argv, ranks_per_node(ns) * ns.nodes)  # a bad layout fails here, not after queueing
     script = render(ns, sub_argv)
+    try:
+        os.makedirs(ns.log_dir, exist_ok=True)
+    except OSError as e:
+        raise MegaswiftError(f"--log-dir {ns.log_dir} cannot be created ({e.strerror}); "
+                             "choose a directory on a file system the nodes share") from None
     if ns.dry_run:
         print(script, end="")
         return 0
-    os.makedirs(ns.log_dir, exist_ok=True)
     path = os.path.join(ns.log_dir, f"{ns.job_name}.sbatch")
     with open(path, "w") as f:
         f.write(script)

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB, 2GB")
     s.add_argument("--merge-lora", action="store_true",
                    help="LoRA checkpoints: write the base weights with the adapters merged in (default: a PEFT adapter)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the HF checkpoint in a non-empty HF_DIR (its other files are kept; the "
+                   "checkpoint's own source directory is refused even so)")
 
     s = with_config(sub.add_parser("verify", help="compare megaswift logits with transformers on the same tokens"))
     s.add_argument("hf_dir")

@@ -18,7 +18,8 @@ def hf_model_config(hf_dir: str, cfg):
     from megaswift.convert.hf_io import read_hf_config
 
     hf = read_hf_config(hf_dir)
-    return family_for(hf).model_config(hf, cfg.model.make_vocab_size_divisible_by)
+    return family_for(hf).model_config(hf, cfg.model.make_vocab_size_divisible_by,
+                                       source=os.path.join(hf_dir, "config.json"))
 
 
 def plan_layout(cfg, world_size: int, model_cfg=None) -> Layout:
@@ -98,9 +99,14 @@ def export_command(ns) -> int:
 
     if device.rank() != 0:  # export reads the checkpoint in one process; other ranks have nothing to do
         return 0
-    info = export_hf(ns.ckpt_dir, ns.hf_dir, ns.dtype, _parse_size(ns.max_shard_size), merge_lora=ns.merge_lora)
+    info = export_hf(ns.ckpt_dir, ns.hf_dir, ns.dtype, _parse_size(ns.max_shard_size), merge_lora=ns.merge_lora,
+                     overwrite=ns.overwrite)
     what = "a PEFT adapter" if info.get("adapter") else "an HF checkpoint"
     print(f"exported {ns.ckpt_dir} to {ns.hf_dir} as {what} ({info['tensors'] / 1e6:.1f} MB in {info['files']} file(s))")
+    kept = info["kept"]
+    if kept:  # --overwrite replaced the HF files only; say what else is still there
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        print(f"left in place in {ns.hf_dir} (not part of an HF checkpoint): {shown}")
     return 0
 
 

@@ -433,6 +433,18 @@ class OptimSection(_Checked):
     zero: Literal[0, 1] = 0
     """ZeRO stage: 0 replicates optimizer state on every dp rank, 1 shards it across dp."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr:g} is above optim.lr={self.lr:g}: the schedule would "
+                              f"raise the learning rate as it decays; set min_lr <= lr")
+        for key in ("adam_beta1", "adam_beta2"):
+            beta = getattr(self, key)
+            if not 0 <= beta < 1:  # beta = 1 never forgets its first moment; torch refuses it with a traceback
+                raise ConfigError(f"optim.{key} must be in [0, 1); got {beta:g}")
+        if self.adam_eps <= 0:  # eps = 0 divides by zero where a gradient entry is 0: NaN weights
+            raise ConfigError(f"optim.adam_eps must be > 0 (e.g. 1e-8); got {self.adam_eps:g}")
+
 
 @dataclass(kw_only=True)
 class CheckpointSection(_Checked):
@@ -448,6 +460,10 @@ class CheckpointSection(_Checked):
     """Write a Hugging Face checkpoint at the end of the run (to export_dir)."""
     export_dir: str | None = None
     """Where export_hf writes; default <train.output_dir>/hf."""
+    export_overwrite: bool = False
+    """Let export_hf replace the HF files of a non-empty export_dir (like export-hf --overwrite);
+    without it the run refuses such a directory before it starts. The model's own source
+    directory is refused either way."""
 
 
 @dataclass(kw_only=True)

@@ -54,7 +54,7 @@ def write_config(out: str, paths: dict, steps: int | None) -> str:
     cfg["train"]["output_dir"] = os.path.join(out, "run")
     if steps:
         cfg["train"]["steps"] = steps
-    cfg["checkpoint"] = {"export_hf": True}
+    cfg["checkpoint"] = {"export_hf": True, "export_overwrite": True}  # run/hf is the quickstart's own
     path = os.path.join(out, "sft.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)

@@ -15,7 +15,7 @@ from megaswift.models.config import ModelConfig
 @dataclass(frozen=True)
 class HFKey:
     """Read `key` (or the first of `aliases` present) from config.json, or use `default` when
-    it is absent or null. Export writes `key`."""
+    it is absent or null; a key with no default (None) is required. Export writes `key`."""
     key: str
     default: object = None
     aliases: tuple[str, ...] = ()
@@ -61,7 +61,20 @@ class FamilySpec:
     moe: MoENames | None = None
     """Tensor names of the MoE layers, for families with experts."""
 
-    def model_config(self, hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
+    def required_keys(self) -> list[str]:
+        """config.json keys without which the model's shape is unknown."""
+        flags = [r.key for r in self.flags.values() if isinstance(r, HFKey) and r.default is None]
+        return [*_REQUIRED_HF_KEYS, *flags]
+
+    def model_config(self, hf: dict, make_vocab_size_divisible_by: int = 128,
+                     source: str = "config.json") -> ModelConfig:
+        """`source` names the file in errors."""
+        aliases = {r.key: r.aliases for r in self.flags.values() if isinstance(r, HFKey)}
+        missing = [k for k in self.required_keys()
+                   if all(hf.get(a) is None for a in (k, *aliases.get(k, ())))]
+        if missing:
+            raise CheckpointError(f"{source} lacks {', '.join(missing)}, which a {self.name} checkpoint needs; "
+                                  "restore config.json from the original checkpoint")
         heads = hf["num_attention_heads"]
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -160,6 +173,8 @@ class FamilySpec:
             return [Segment(0, 1, f"{prefix}{names.block}shared_expert_gate.weight", 0)]
         raise KeyError(f"{self.name}: no HF source for {local!r}")
 
+
+_REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 _DERIVED_HF_KEYS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

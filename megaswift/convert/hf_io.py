@@ -5,7 +5,7 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megaswift.errors import CheckpointError
@@ -14,12 +14,38 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+def read_json(path: str, what: str) -> dict:
+    """A JSON object from `path`, or a one-line CheckpointError naming the file (a truncated
+    download or a hand edit gone wrong is the usual cause)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                              f"restore the {what} from the original checkpoint") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a text file; restore the {what} from the original checkpoint") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object; "
+                              f"restore the {what} from the original checkpoint")
+    return data
+
+
 def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{hf_dir} has no config.json; is it a Hugging Face checkpoint directory?")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "config.json")
+
+
+def open_safetensors(path: str):
+    """safe_open, with a damaged file (truncated, not safetensors at all) named in one line;
+    safetensors' own message does not say which file it was reading."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is probably truncated: "
+                              "download or export it again") from None
 
 
 class HFReader:
@@ -29,10 +55,12 @@ class HFReader:
         self.hf_dir = hf_dir
         index = os.path.join(hf_dir, INDEX_FILE)
         if os.path.isfile(index):
-            with open(index) as f:
-                self.weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index, INDEX_FILE).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no weight_map object; restore it from the original checkpoint")
+            self.weight_map = weight_map
         elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
-            with safe_open(os.path.join(hf_dir, SINGLE_FILE), framework="pt") as f:
+            with open_safetensors(os.path.join(hf_dir, SINGLE_FILE)) as f:
                 self.weight_map = {k: SINGLE_FILE for k in f.keys()}
         else:
             raise CheckpointError(
@@ -48,17 +76,26 @@ class HFReader:
             path = os.path.join(self.hf_dir, fname)
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path} (listed in {INDEX_FILE} for {name!r}) does not exist")
-            self._files[fname] = safe_open(path, framework="pt")
+            self._files[fname] = open_safetensors(path)
         return self._files[fname]
+
+    def _slice(self, name: str):
+        try:
+            return self._file(name).get_slice(name)
+        except SafetensorError:  # "File does not contain tensor ...", without the file's name
+            path = os.path.join(self.hf_dir, self.weight_map[name])
+            raise CheckpointError(f"{path} does not hold tensor {name!r}, which {INDEX_FILE} lists in it; "
+                                  "the index and the shards are from different saves: download the "
+                                  "checkpoint again") from None
 
     def names(self) -> set[str]:
         return set(self.weight_map)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
 
     def read(self, name: str, dim: int, start: int, n: int) -> torch.Tensor:
-        sl = self._file(name).get_slice(name)
+        sl = self._slice(name)
         index = [slice(None)] * len(sl.get_shape())
         index[dim] = slice(start, start + n)
         return sl[tuple(index)]

@@ -6,6 +6,7 @@ bad config is one line, not a traceback per rank.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from megaswift.checkpoint.model_state import load_model, read_meta
 from megaswift.convert.hf_export import default_export_dtype
 from megaswift.errors import ConfigError, DataError
 from megaswift.models.config import ModelConfig
+
+from .optim import schedule_warnings
 
 
 @dataclass
@@ -99,6 +102,7 @@ def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm:
         raise ConfigError("data.path is not set: point it at a .jsonl or .parquet file or a directory of them")
     if reads_data_path and not os.path.exists(cfg.data.path):
         raise DataError(f"data.path {cfg.data.path} does not exist")
+    _check_outputs(cfg, load)
     return Plan(layout, model_cfg, resume_dir, weights_dir, hf_dir, side if os.path.isdir(side) else None,
                 export_dtype, lora_base)
 
@@ -119,6 +123,33 @@ def _check_grpo(cfg, dp: int, gbs: int) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must hold data.max_prompt_len "
                           f"({cfg.data.max_prompt_len or 'at least 1'}) + grpo.max_new_tokens ({g.max_new_tokens})")
     load_reward_funcs(g.reward_funcs, g.reward_weights)
+
+
+def _check_outputs(cfg, load: str | None) -> None:
+    """Where the run writes: train.output_dir must be a directory (or not exist yet), and an
+    export at the end must be one that will succeed, so the run fails now, not after training."""
+    from megaswift.convert.hf_export import check_export_target, export_sources
+
+    out = os.path.realpath(cfg.train.output_dir)
+    first = out
+    while not os.path.exists(first):  # the nearest existing ancestor is where makedirs starts
+        first = os.path.dirname(first)
+    if not os.path.isdir(first):
+        raise ConfigError(f"train.output_dir={cfg.train.output_dir}: {first} is a file, not a directory; "
+                          "choose another train.output_dir")
+    c = cfg.checkpoint
+    if not c.export_hf:
+        return
+    target = c.export_dir or os.path.join(cfg.train.output_dir, "hf")
+    sources = [cfg.model.hf_path, cfg.dpo.ref_path, cfg.grpo.ref_path]
+    if load:
+        sources += export_sources(read_meta(load))
+    check_export_target(target, c.export_overwrite, [p for p in sources if p], None,
+                        "set checkpoint.export_overwrite=true")
+    real = os.path.realpath(target)
+    if not c.export_overwrite and (out + os.sep).startswith(real.rstrip(os.sep) + os.sep):
+        raise ConfigError(f"checkpoint.export_dir={target} holds train.output_dir={cfg.train.output_dir}, so it will "
+                          "not be empty when the run exports; export elsewhere (the default is <train.output_dir>/hf)")
 
 
 def load_weights(model, path: str) -> None:
@@ -155,6 +186,9 @@ def build_trainer(cfg, algorithm):
     from .engine import Trainer
 
     plan = plan_training(cfg, device.world_size_from_env(), algorithm.reads_data_path, algorithm.name)
+    if os.environ.get("RANK", "0") == "0":  # once, not per rank; `launch`'s own plan stays quiet
+        for line in schedule_warnings(cfg.optim, cfg.train.steps):
+            print(f"megaswift: warning: {line}", file=sys.stderr, flush=True)
     if restart_attempt() > 0 and os.environ.get("RANK", "0") == "0":  # before the process group exists
         where = f"resuming from {plan.resume_dir}" if plan.resume_dir else "no checkpoint yet, starting over"
         print(f"restart {restart_attempt()} (launch --max-restarts): {where}", flush=True)

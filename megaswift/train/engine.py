@@ -23,7 +23,8 @@ import torch.distributed as dist
 from megaswift import device
 from megaswift.checkpoint import train_state
 from megaswift.convert.hf_export import DTYPES
-from megaswift.errors import Interrupted, Stopped
+from megaswift.checkpoint.model_state import SaveFailed
+from megaswift.errors import CheckpointError, Interrupted, Stopped
 from megaswift.parallel.data_parallel import DataParallelSet
 from megaswift.parallel.tp_comm import group_size
 from megaswift.parallel.watchdog import Watchdog, beat, inject_test_fault
@@ -455,8 +456,13 @@ class Trainer:
             raise NonFiniteError(f"refusing to save step {self.step}: its weights or AdamW state hold inf/NaN; "
                                  f"the last good checkpoint is {self.last_good_checkpoint() or 'none'}")
         meta["finite"] = True  # checked above; prune() never deletes the newest such checkpoint
-        # source_dir is a directory or None (plan_training checks)
-        train_state.save_training(path, self.model, opt_state, meta, self.source_dir)
+        last_good = self.last_good_checkpoint()
+        try:  # source_dir is a directory or None (plan_training checks)
+            train_state.save_training(path, self.model, opt_state, meta, self.source_dir)
+        except SaveFailed as e:
+            raise CheckpointError(f"saving step {self.step} to {path} failed ({e}); the last complete checkpoint, "
+                                  f"{last_good or 'none'}, is intact; free space there (or lower checkpoint.keep) "
+                                  f"and resume with checkpoint.load latest") from e
         self.saved_step = self.step
         train_state.prune(self.output_dir, self.cfg.checkpoint.keep)
         return path
@@ -474,8 +480,19 @@ class Trainer:
         from megaswift.convert.hf_export import export_hf
 
         out = self.cfg.checkpoint.export_dir or os.path.join(self.output_dir, "hf")
+        failed = None
         if device.rank() == 0:
-            export_hf(ckpt_dir, out)
+            try:
+                export_hf(ckpt_dir, out, overwrite=self.cfg.checkpoint.export_overwrite,
+                          overwrite_option="set checkpoint.export_overwrite=true")
+            except Exception as e:  # noqa: BLE001 - re-raised below, once the other ranks know
+                failed = e
+        # the other ranks learn of a failed export instead of waiting for rank 0 until the timeout
+        flag = torch.tensor(float(failed is not None), device=self.device)
         if dist.is_initialized():
-            dist.barrier()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if failed is not None:
+            raise failed
+        if flag.item():
+            raise CheckpointError(f"the export to {out} failed on rank 0 (its message says why)")
         return out

@@ -44,6 +44,21 @@ def lr_at(step: int, optim_cfg, total_steps: int) -> float:
     return lr + (min_lr - lr) * progress
 
 
+def schedule_warnings(optim_cfg, total_steps: int) -> list[str]:
+    """Schedules that are legal but rarely meant (short debug runs do them on purpose, so they
+    warn rather than fail): one line each, the plan prints them once on rank 0."""
+    out = []
+    if optim_cfg.lr == 0:
+        out.append("optim.lr=0: AdamW's updates are scaled by the learning rate, so the weights never change")
+    elif optim_cfg.warmup_steps >= total_steps:
+        last = lr_at(total_steps - 1, optim_cfg, total_steps)
+        decay = "" if optim_cfg.schedule == "constant" else f" and no {optim_cfg.schedule} decay to min_lr"
+        out.append(f"optim.warmup_steps={optim_cfg.warmup_steps} >= train.steps={total_steps}: the run never "
+                   f"leaves warmup: its last step trains at lr {last:.3g} of optim.lr={optim_cfg.lr:g}{decay}; "
+                   f"lower warmup_steps below train.steps")
+    return out
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -182,3 +182,42 @@ def test_moe_verify_and_layout_errors(moe_hf):
     _one_line_error(megaswift("launch", "--nproc-per-node", "2", "--", "verify", moe_hf["mixtral"],
                               "--parallel.ep", "2", "--parallel.etp", "2", check=False),
                     "world size 2", "ep(2) * etp(2) = 4")
+
+
+def test_damaged_checkpoint_files_are_named(tiny_hf, tmp_path):
+    """Each was a traceback from safetensors, json or a KeyError, without the file's name."""
+    src = tiny_hf["llama"]
+    weight_map = json.load(open(os.path.join(src, "model.safetensors.index.json")))["weight_map"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    shard = weight_map[name]
+
+    def damaged(label, damage):
+        d = tmp_path / label
+        shutil.copytree(src, d)
+        damage(d)
+        return megaswift("import-hf", str(d), str(tmp_path / f"{label}_ckpt"), check=False)
+
+    def truncate(d):
+        with open(d / shard, "r+b") as f:
+            f.truncate(os.path.getsize(d / shard) // 2)
+
+    _one_line_error(damaged("truncated", truncate), f"{tmp_path / 'truncated' / shard} is not a readable safetensors",
+                    "truncated")
+
+    def drop_tensor(d):
+        t = load_file(str(d / shard))
+        del t[name]
+        save_file(t, str(d / shard), metadata={"format": "pt"})
+
+    _one_line_error(damaged("lacks", drop_tensor), f"{tmp_path / 'lacks' / shard} does not hold tensor {name!r}",
+                    "model.safetensors.index.json lists")
+
+    _one_line_error(damaged("notjson", lambda d: (d / "config.json").write_text('{"hidden_size": 64,\n')),
+                    f"{tmp_path / 'notjson' / 'config.json'} is not valid JSON", "line 2")
+
+    def drop_key(d):
+        cfg = json.load(open(d / "config.json"))
+        del cfg["hidden_size"]
+        json.dump(cfg, open(d / "config.json", "w"))
+
+    _one_line_error(damaged("nokey", drop_key), f"{tmp_path / 'nokey' / 'config.json'} lacks hidden_size")

@@ -2,12 +2,13 @@
 transformers loads and that equals the trained checkpoint; and its error paths."""
 import json
 import os
+import shutil
 
 import torch
 import yaml
 
 from helpers_train import train_config, write_chat_data
-from test_cli_convert import megaswift, tensors
+from test_cli_convert import _one_line_error, megaswift, tensors
 
 
 def _config(tmp_path, hf_dir, **overrides):
@@ -73,3 +74,42 @@ def test_float16_training_is_refused_before_spawning(tiny_hf, tmp_path):
     assert proc.returncode == 2
     assert "model.dtype=float16 cannot train" in proc.stderr and "use bfloat16" in proc.stderr, proc.stderr
     assert proc.stderr.count("megaswift: error") == 1 and "Traceback" not in proc.stderr
+
+
+def test_export_into_the_source_model_is_refused_at_the_start(tiny_hf, tmp_path):
+    """A run whose end-of-training export would fail (or destroy model.hf_path) fails before it
+    trains: no metrics, no checkpoint, the source untouched."""
+    src = str(tmp_path / "src")  # a copy: a regression would otherwise write into the shared fixture
+    shutil.copytree(tiny_hf["llama"], src)
+    cfg = _config(tmp_path, src)
+    before = {n: os.path.getmtime(os.path.join(src, n)) for n in os.listdir(src)}
+    for extra in ([], ["--checkpoint.export_overwrite", "true"]):
+        proc = megaswift("train", "sft", "--config", cfg, "--checkpoint.export_hf", "true",
+                         "--checkpoint.export_dir", src, *extra, check=False)
+        _one_line_error(proc, f"export directory {src} is the source", "even if you set checkpoint.export_overwrite")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "config.json").write_text("{}")
+    proc = megaswift("launch", "--nproc-per-node", "2", "--", "train", "sft", "--config", cfg,
+                     "--checkpoint.export_hf", "true", "--checkpoint.export_dir", str(busy), check=False)
+    _one_line_error(proc, f"export directory {busy} exists and is not empty", "set checkpoint.export_overwrite=true")
+    assert not (tmp_path / "run").exists()
+    assert {n: os.path.getmtime(os.path.join(src, n)) for n in os.listdir(src)} == before
+
+
+def test_bad_output_dir_and_adam_values_are_one_line(tiny_hf, tmp_path):
+    cfg = _config(tmp_path, tiny_hf["llama"])
+    (tmp_path / "taken").write_text("a file")
+    _one_line_error(megaswift("train", "sft", "--config", cfg, "--train.output_dir", str(tmp_path / "taken"),
+                              check=False), f"{tmp_path / 'taken'} is a file", "choose another train.output_dir")
+    _one_line_error(megaswift("train", "sft", "--config", cfg, "--optim.adam_beta2", "1", check=False),
+                    "optim.adam_beta2 must be in [0, 1); got 1")
+
+
+def test_warmup_past_the_run_warns_once(tiny_hf, tmp_path):
+    cfg = _config(tmp_path, tiny_hf["llama"])
+    proc = megaswift("launch", "--nproc-per-node", "2", "--", "train", "sft", "--config", cfg,
+                     "--train.steps", "1", "--optim.warmup_steps", "4")
+    warning = ("megaswift: warning: optim.warmup_steps=4 >= train.steps=1: the run never leaves warmup: its last "
+               "step trains at lr 0.00075 of optim.lr=0.003")
+    assert proc.stderr.count(warning) == 1, proc.stderr

@@ -41,7 +41,8 @@ def test_dry_run_renders_one_task_per_node(tiny_hf, tmp_path):
                           "--partition", "gpu", "--account", "proj", "--sbatch=--exclusive", "--dry-run", "--",
                           "train", "sft", "--model.hf_path", tiny_hf["llama"], "--data.path", data,
                           "--parallel.tp", "8"],
-                         capture_output=True, text=True, env={**os.environ, "MEGASWIFT_FORCE_CPU": "1"})
+                         capture_output=True, text=True, env={**os.environ, "MEGASWIFT_FORCE_CPU": "1"},
+                         cwd=str(tmp_path))  # the dry run creates its --log-dir (default slurm_logs) here
     assert out.returncode == 0, out.stderr
     script = out.stdout
     for line in ("#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
@@ -120,3 +121,22 @@ def test_two_node_sft_job_runs_to_completion(slurm, tiny_hf, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert os.path.isfile(os.path.join(out_dir, "hf", "config.json"))
     assert any(n.endswith(".safetensors") for n in os.listdir(os.path.join(out_dir, "hf")))
+
+
+def test_dry_run_script_submits_as_printed(slurm, tiny_hf, tmp_path):
+    """`megaswift slurm --dry-run ... > job.sbatch; sbatch job.sbatch`: Slurm does not create the
+    --output directory, so the dry run must have created it, or the job fails with no log at all."""
+    logs = tmp_path / "logs"
+    dry = slurm.run([sys.executable, "-m", "megaswift", "slurm", "--nodes", "1", "--gpus-per-node", "0",
+                     "--time", "00:05:00", "--job-name", "dry", "--log-dir", str(logs), "--dry-run", "--",
+                     "verify", tiny_hf["llama"], "--seq-len", "8", "--batch-size", "1"],
+                    env={"MEGASWIFT_FORCE_CPU": "1"}, cwd=str(tmp_path))
+    script = tmp_path / "job.sbatch"
+    script.write_text(dry.stdout)
+    job_id = slurm.run(["sbatch", "--parsable", str(script)], env={"MEGASWIFT_FORCE_CPU": "1"},
+                       cwd=str(tmp_path)).stdout.strip().split(";")[0]
+    state = slurm.wait_job(job_id, timeout_s=180)
+    log = logs / f"dry-{job_id}.out"
+    text = log.read_text() if log.is_file() else "(no log)"
+    assert state == "COMPLETED", f"{state}\n{text}\n{slurm.logs()}"
+    assert "PASS" in text, text

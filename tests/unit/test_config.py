@@ -255,7 +255,7 @@ def test_direct_construction_is_checked():
         ("model.lora.rnk", "unknown config key 'model.lora.rnk'; did you mean 'model.lora.rank'?"),
         ("train.zzz", "unknown config key 'train.zzz'; valid keys: train.steps, "
                       "train.micro_batch_size, train.global_batch_size, train.seed, "
-                      "train.output_dir, train.recompute"),
+                      "train.output_dir, train.recompute, train.on_nonfinite, train.max_skipped_steps"),
         ("parallel.tp.x", "unknown config key 'parallel.tp.x'; 'parallel.tp' has no sub-keys"),
         ("parallel", "config key 'parallel' is a section; set one of its keys, e.g. --parallel.tp"),
     ],
@@ -333,3 +333,44 @@ def test_shipped_configs_load():
     assert paths
     for path in paths:
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--optim.adam_eps", "0"], "optim.adam_eps must be > 0 (e.g. 1e-8); got 0"),
+        (["--optim.adam_eps", "-1e-8"], "optim.adam_eps must be > 0 (e.g. 1e-8); got -1e-08"),
+        (["--optim.adam_beta1", "1"], "optim.adam_beta1 must be in [0, 1); got 1"),
+        (["--optim.adam_beta1", "-0.1"], "optim.adam_beta1 must be in [0, 1); got -0.1"),
+        (["--optim.adam_beta2", "1.5"], "optim.adam_beta2 must be in [0, 1); got 1.5"),
+        (["--optim.lr", "1e-4", "--optim.min_lr", "2e-4"],
+         "optim.min_lr=0.0002 is above optim.lr=0.0001: the schedule would raise the learning rate as it "
+         "decays; set min_lr <= lr"),
+    ],
+)
+def test_optimizer_ranges(override, message):
+    """Each was torch's own ValueError traceback (betas) or NaN weights after one step (eps 0)."""
+    with pytest.raises(ConfigError, match=exact(message)):
+        load_config(overrides=override)
+
+
+def test_optimizer_range_edges_are_accepted():
+    o = OptimSection(adam_beta1=0.0, adam_beta2=0.0, adam_eps=1e-30, lr=1e-4, min_lr=1e-4)
+    assert (o.adam_beta1, o.adam_beta2, o.min_lr) == (0.0, 0.0, 1e-4)
+    assert load_config().checkpoint.export_overwrite is False
+
+
+def test_schedule_warnings_state_the_last_lr():
+    from megaswift.train.optim import lr_at, schedule_warnings
+
+    assert schedule_warnings(OptimSection(lr=1e-3, warmup_steps=2), 10) == []
+    o = OptimSection(lr=1e-3, warmup_steps=8, min_lr=1e-4)
+    (line,) = schedule_warnings(o, 4)
+    assert lr_at(3, o, 4) == pytest.approx(5e-4)  # steps 0..3 of an 8-step warmup
+    assert line == ("optim.warmup_steps=8 >= train.steps=4: the run never leaves warmup: its last step trains "
+                    "at lr 0.0005 of optim.lr=0.001 and no cosine decay to min_lr; lower warmup_steps below "
+                    "train.steps")
+    (line,) = schedule_warnings(OptimSection(lr=1e-3, warmup_steps=4, schedule="constant"), 4)
+    assert "its last step trains at lr 0.001 of optim.lr=0.001;" in line  # equal: warmup ends on the last step
+    assert schedule_warnings(OptimSection(lr=0.0), 10) == [
+        "optim.lr=0: AdamW's updates are scaled by the learning rate, so the weights never change"]
