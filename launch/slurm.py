@@ -40,6 +40,12 @@ def add_arguments(p) -> None:
     p.add_argument("--rdzv-port", type=int, help="the rendezvous port on the first node (default: 20000 + "
                    "the job id modulo 10000, so that jobs sharing a first node do not collide)")
     p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument("--requeue", action="store_true",
+                   help="when the job stops with a checkpoint (preemption, or --signal-lead-s before the time limit), "
+                   "requeue it; the requeued job resumes from that checkpoint")
+    p.add_argument("--signal-lead-s", type=int, default=300,
+                   help="with --requeue: SIGUSR1 this long before the time limit, so the ranks can finish their step "
+                   "and save (Slurm may send it up to a minute early)")
     p.add_argument("--sbatch", action="append", default=[], metavar="LINE",
                    help="an extra #SBATCH option, e.g. --sbatch=--exclusive (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
@@ -86,6 +92,8 @@ def render(ns, sub_argv: list[str]) -> str:
     for key in ("partition", "account"):
         if getattr(ns, key):
             lines.append(f"#SBATCH --{key}={getattr(ns, key)}")
+    if ns.requeue:  # the same job id, log appended, signal before the limit (train/stopping.py)
+        lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append", f"#SBATCH --signal=USR1@{ns.signal_lead_s}"]
     lines += [f"#SBATCH {extra}" for extra in ns.sbatch]
     launch = ["python", "-m", "megaswift", "launch", "--nnodes", "$SLURM_NNODES", "--node-rank", "$SLURM_NODEID",
               "--nproc-per-node", str(nproc), "--rdzv-endpoint", "$MEGASWIFT_RDZV",
@@ -109,8 +117,19 @@ def render(ns, sub_argv: list[str]) -> str:
               + ("" if ns.rdzv_port is not None else "; its port comes from the job id, so jobs sharing that node do not collide"),
               f'export MEGASWIFT_RDZV="$(hostname):{rdzv_port}"',
               'echo "megaswift: job $SLURM_JOB_ID on $SLURM_NNODES node(s): $SLURM_JOB_NODELIST, '
-              'rendezvous $MEGASWIFT_RDZV"',
-              " ".join(srun) + " bash -c " + shlex.quote(task)]
+              'rendezvous $MEGASWIFT_RDZV, run ${SLURM_RESTART_COUNT:-0}"']
+    step = " ".join(srun) + " bash -c " + shlex.quote(task)
+    if not ns.requeue:
+        lines.append(step)
+    else:
+        # 75: the ranks stopped on a signal after saving a checkpoint (errors.Stopped); requeue,
+        # and the next run resumes from it (SLURM_RESTART_COUNT > 0 means checkpoint.load latest)
+        lines += [f"{step} || rc=$?",
+                  'if [ "${rc:-0}" -eq 75 ]; then',
+                  '  echo "megaswift: job $SLURM_JOB_ID stopped with a checkpoint; requeueing it"',
+                  '  scontrol requeue "$SLURM_JOB_ID"',
+                  "fi",
+                  'exit "${rc:-0}"']
     return "\n".join(lines) + "\n"
 
 

@@ -73,6 +73,10 @@ def usable_cpus() -> int:
 
 
 def launch(ns, sub_argv: list[str]) -> int:
+    # SIGUSR1 kills a process that does not handle it; torchrun handles it once it starts the ranks
+    # (--signals-to-handle), and until then (the plan below, the rendezvous) it is ignored: Slurm's
+    # SIGTERM at the time limit still stops the ranks with a checkpoint
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     fill_from_scheduler_env(ns)
     check_subcommand(sub_argv, ns.nproc_per_node * ns.nnodes)
     # torchrun would force 1 thread per rank (and warn); share out the cores this process may

@@ -131,9 +131,10 @@ def verify_command(ns, cfg) -> int:
 
 
 def train_command(ns, cfg) -> int:
-    from megaswift.train import dpo, grpo, sft
+    from megaswift.train import dpo, grpo, sft, stopping
     from megaswift.train.metrics import format_summary
 
+    stopping.listen()  # from the start: building the model and reading data may take minutes
     summary = {"sft": sft.run, "dpo": dpo.run, "grpo": grpo.run}[ns.algorithm](cfg)
     if device.rank() == 0:
         print(format_summary(ns.algorithm, summary, cfg), flush=True)

@@ -32,7 +32,7 @@ from megaswift.parallel.watchdog import Watchdog, beat, inject_test_fault
 from . import optim
 from .metrics import MetricsLogger, StepTimer, peak_flops, train_flops_per_token
 from .nonfinite import NonFiniteError, NonFiniteGuard, all_finite
-from .stopping import StopRequests
+from . import stopping
 
 
 class Algorithm:
@@ -377,16 +377,14 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> dict:
-        """The loop, with the stop signals handled (stopping.py) and Ctrl-C said in one line."""
-        stops = StopRequests()
+        """The loop, stopping after a step on a stop signal (stopping.py); Ctrl-C in one line."""
         try:
-            with stops.listening():
-                return self._train(stops)
+            return self._train(stopping.requests())
         except KeyboardInterrupt:
             raise Interrupted(f"Ctrl-C during step {self.step + 1}; the last complete checkpoint is "
                               f"{self.last_good_checkpoint() or 'none (none was saved yet)'}") from None
 
-    def _train(self, stops: StopRequests) -> dict:
+    def _train(self, stops: stopping.StopRequests) -> dict:
         cfg = self.cfg
         timer = StepTimer()
         start_elapsed = self.resumed_elapsed_s
@@ -410,6 +408,9 @@ class Trainer:
             every = cfg.checkpoint.every
             if every and self.step % every == 0 and self.step < cfg.train.steps:
                 self.save(start_elapsed + timer.elapsed())
+            delay = float(os.environ.get("MEGASWIFT_TEST_STEP_DELAY_S", "0"))
+            if delay:  # lets the tests stop a run of a tiny model in the middle
+                time.sleep(delay)
             signal_name = stops.agreed(self.st.layout.world_size, self.device)
             if signal_name and self.step < cfg.train.steps:
                 path = self.save(start_elapsed + timer.elapsed())

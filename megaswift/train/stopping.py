@@ -7,15 +7,19 @@ agree on it (one small all-reduce, so they all stop after the same step even whe
 reached only some of them), write one checkpoint and end with `Stopped` (exit code 75), which
 the rendered Slurm script answers with a requeue. The requeued job resumes from that checkpoint.
 
-A second stop signal ends the rank at once, as the signal's default would (torchrun's agent sends
-SIGTERM once when it stops the ranks after another one failed; they then end on their own at
-the next collective with the failed rank, or at this second signal).
+The handlers go in when the train command starts (`listen`), before the model is built and the
+data read, which can take minutes: a signal then is kept for the first step boundary instead of
+killing the process (both signals' default action).
+
+A signal often comes twice, from the scheduler (which signals every process of the job) and
+again from torchrun's agent forwarding it: the flag is simply set again. When the agent stops
+the ranks because another one failed, its SIGTERM sets the flag too; they then end at the next
+collective with the failed rank, by the watchdog, or by the agent's SIGKILL after the grace time.
 
 Ctrl-C (SIGINT) is left to Python: it interrupts at once (Interrupted, exit 130).
 """
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 
@@ -27,27 +31,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class StopRequests:
     def __init__(self):
-        self.received: str | None = None  # the name of the first stop signal this rank got
+        self.received: str | None = None  # the name of the first stop signal this process got
 
-    def _on_signal(self, signum, frame) -> None:
-        if self.received:  # asked twice: do as the signal's default would, at once
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        self.received = signal.Signals(signum).name
-
-    @contextlib.contextmanager
-    def listening(self):
-        """Handle the stop signals inside the block (the main thread only can; elsewhere, e.g.
-        a test's worker thread, nothing is installed and the defaults stay)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+    def on_signal(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
 
     def agreed(self, world_size: int, device) -> str | None:
         """After a step, on every rank: the signal name if any rank was asked to stop, else None."""
@@ -56,3 +43,19 @@ class StopRequests:
         flag = torch.tensor(1.0 if self.received else 0.0, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return (self.received or "a stop signal on another rank") if flag.item() else None
+
+
+_REQUESTS = StopRequests()  # the process's: one training run per process
+
+
+def listen() -> StopRequests:
+    """Handle the stop signals from now on in this process (main thread only: signal handlers
+    cannot be installed elsewhere, e.g. in a test's worker thread, which keeps the defaults)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, _REQUESTS.on_signal)
+    return _REQUESTS
+
+
+def requests() -> StopRequests:
+    return _REQUESTS

@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -140,3 +141,52 @@ def test_dry_run_script_submits_as_printed(slurm, tiny_hf, tmp_path):
     text = log.read_text() if log.is_file() else "(no log)"
     assert state == "COMPLETED", f"{state}\n{text}\n{slurm.logs()}"
     assert "PASS" in text, text
+
+
+def test_a_job_past_its_time_limit_is_requeued_and_ends_as_if_uninterrupted(slurm, tiny_hf, tmp_path):
+    """`--requeue`: SIGUSR1 comes --signal-lead-s before the time limit; the rank finishes its
+    step, saves and exits 75, the script requeues the job, and the next run resumes from that
+    checkpoint. The losses equal those of a run that was never interrupted.
+
+    When the limit runs out is made certain: once the job has trained a few steps its limit is cut
+    to 1 minute (Slurm's least), which leaves less than the 50 s lead, and once it is requeued the
+    limit goes back to 10 minutes so that the next run can finish, and it may start at once. Steps are slowed to 0.2 s
+    (MEGASWIFT_TEST_STEP_DELAY_S) so that the tiny model is still training when the signal comes."""
+    from helpers_train import run_train
+
+    data = write_chat_data(str(tmp_path / "train.jsonl"))
+    overrides = dict(train__steps=200, checkpoint__every=1000)
+    want = run_train(0, 1, tiny_hf["llama"], data, str(tmp_path / "uninterrupted"), **overrides)
+    out_dir = str(tmp_path / "run")
+    config = str(tmp_path / "sft.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump(train_config(tiny_hf["llama"], data, out_dir, **overrides).to_dict(), f)
+    submit = slurm.run([sys.executable, "-m", "megaswift", "slurm", "--nodes", "1", "--gpus-per-node", "0",
+                        "--time", "00:10:00", "--requeue", "--signal-lead-s", "50", "--job-name", "requeue",
+                        "--log-dir", str(tmp_path / "logs"), "--", "train", "sft", "--config", config],
+                       env={"MEGASWIFT_FORCE_CPU": "1", "MEGASWIFT_TEST_STEP_DELAY_S": "0.2"}, cwd=str(tmp_path))
+    job_id = re.search(r"submitted job (\d+)", submit.stdout).group(1)
+    log = tmp_path / "logs" / f"requeue-{job_id}.out"
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+
+    def wait_for(what, ready, timeout_s=240):
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert time.monotonic() < deadline, f"{what} never happened\n{log.read_text() if log.is_file() else ''}"
+            time.sleep(0.5)
+
+    wait_for("10 steps", lambda: os.path.isfile(metrics) and sum(1 for _ in open(metrics)) >= 10)
+    slurm.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"])
+    wait_for("a requeue", lambda: "JobState=PENDING" in slurm.run(["scontrol", "show", "job", job_id]).stdout)
+    # Slurm holds a requeued job back for about two minutes (its BeginTime); waive that here
+    slurm.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10", "StartTime=now"])
+    state = slurm.wait_job(job_id, timeout_s=300)
+    text = log.read_text() if log.is_file() else "(no log)"
+    assert state == "COMPLETED", f"{state}\n{text}\n{slurm.logs()}"
+    stopped = re.search(r"megaswift: stopped: SIGUSR1 after step (\d+)", text)
+    assert stopped and 10 <= int(stopped.group(1)) < 200, text
+    assert f"resumed from {out_dir}/checkpoints/step_{stopped.group(1)}" in text, text
+    with open(metrics) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == list(range(1, 201))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in want]
