@@ -1,6 +1,7 @@
 """Time and peak memory of `import-hf` (tp=1, tp=2) and `export-hf` on a ~1 GB bf16 llama.
 
-    python benchmarks/convert_bench.py [--workdir outputs/bench_convert] [--size-gb 1.0] [--drop-caches]
+    python benchmarks/convert_bench.py [--workdir outputs/bench_convert] [--size-gb 1.0 | --layers N]
+                                       [--drop-caches] [--repeat N] [--flatness]
 
 The baseline is the floor for any converter: `safetensors.torch.load_file` of every shard plus
 `save_file` of the same tensors. Every step runs as its own subprocess; a poller reads /proc of
@@ -8,11 +9,17 @@ every process in its tree every 0.1 s, so ranks under `megaswift launch` are mea
 (`/usr/bin/time` would only see the launcher). Peak RSS is VmHWM, which also counts mmapped file
 pages (safetensors reads through mmap); "anon" is the largest RssAnon sampled, the process's own
 memory. The export is checked bitwise against the source; results also go to <workdir>/results.json.
+
+--flatness imports (tp=1, tp=2) a checkpoint of L layers and one of 4L layers of the same size
+(L from --layers or --size-gb) and prints, per rank, peak RSS, the rank's parameter bytes and
+the excess of the one over the other, with the excess's 4L / L ratio: an import that streams
+holds its parameters plus a constant, whatever the depth (<workdir>/flatness.json).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -68,6 +75,21 @@ def baseline_child(src: str, dst: str) -> None:
         save_file(load_file(path), os.path.join(dst, os.path.basename(path)), metadata={"format": "pt"})
     print(json.dumps({"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "io_s": time.perf_counter() - t}))
+
+
+def params_child(hf_dir: str, tp: int) -> None:
+    """Runs in its own process (it imports megaswift): each TP rank's parameter bytes, in MB, as
+    import-hf holds them (the checkpoint's dtype, the rank's shards and vocabulary padding)."""
+    from megaswift.commands import hf_model_config
+    from megaswift.config import load_config
+    from megaswift.convert.hf_io import HFReader
+    from megaswift.models.sharding import canonical_names, shard_layout
+
+    cfg = hf_model_config(hf_dir, load_config())
+    size = HFReader(hf_dir).dtype("model.embed_tokens.weight").itemsize
+    names = [n for group in canonical_names(cfg) for n in group]
+    print(json.dumps({f"rank{r}": sum(math.prod(shard_layout(n, cfg, tp, r).local_shape) for n in names) * size / 2**20
+                      for r in range(tp)}))
 
 
 def _proc(pid: int, name: str) -> str:
@@ -176,50 +198,120 @@ def run_step(name: str, out_dir: str, cmd: list[str], repeat: int, cold: bool) -
     return r
 
 
+def ensure_checkpoint(hf: str, layers: int) -> None:
+    """Build the source checkpoint unless one of exactly this shape is already there."""
+    stamp, want = build_spec(hf, layers)
+    if not (os.path.isfile(stamp) and json.load(open(stamp)) == want):
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--_build", hf, str(layers)], check=True)
+
+
+def pre_read(hf: str) -> None:
+    """Pull the source into the page cache: the first step should not be the only one on disk."""
+    for path in weight_files(hf):
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def megaswift_cmd() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "megaswift")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "megaswift"]
+
+
+def import_cmd(hf: str, out: str, tp: int) -> list[str]:
+    cmd = ["import-hf", hf, out, "--parallel.tp", str(tp)]
+    return megaswift_cmd() + (["launch", "--nproc-per-node", str(tp), "--"] + cmd if tp > 1 else cmd)
+
+
+def checkpoint_gb(hf: str) -> float:
+    return sum(os.path.getsize(f) for f in weight_files(hf)) / 1e9
+
+
+def flatness(w: str, layers: int, repeat: int, cold: bool) -> None:
+    """import-hf at `layers` and 4 x `layers` layers of the same size: peak RSS per rank minus the
+    rank's parameter bytes, which an import that streams keeps constant."""
+    me, rows = os.path.abspath(__file__), []
+    for n in (layers, 4 * layers):
+        hf = os.path.join(w, f"hf_{n}l")
+        ensure_checkpoint(hf, n)
+        if not cold:
+            pre_read(hf)
+        for tp in (1, 2):
+            params = json.loads(subprocess.run([sys.executable, me, "--_params", hf, str(tp)], check=True,
+                                               capture_output=True, text=True).stdout)
+            out = os.path.join(w, f"ckpt_{n}l_tp{tp}")
+            r = run_step(f"import-hf tp={tp}, {n} layers", out, import_cmd(hf, out, tp), repeat, cold)
+            shutil.rmtree(out, ignore_errors=True)  # the 4x ones are GBs each, and nothing reads them
+            excess = {k: round(v - params[k], 1) for k, v in r["peak_rss_mb"].items()}
+            rows.append({"layers": n, "tp": tp, "checkpoint_gb": round(checkpoint_gb(hf), 3), "wall_s": r["wall_s"],
+                         "peak_rss_mb": r["peak_rss_mb"], "peak_anon_mb": r["peak_anon_mb"],
+                         "params_mb": {k: round(v, 1) for k, v in params.items()}, "excess_mb": excess})
+    print(f"\nimport-hf peak RSS per rank beyond the rank's parameters, {layers} vs {4 * layers} layers of the same "
+          f"size; best of {repeat}, page cache {'cold' if cold else 'warm'}")
+    print(f"{'tp':>3}{'layers':>7}{'ckpt GB':>9}{'wall s':>8}  {'peak RSS/rank MB':<18}{'params/rank MB':<16}"
+          f"{'excess/rank MB':<16}")
+    for r in rows:
+        cols = (", ".join(f"{v:.0f}" for v in r[k].values()) for k in ("peak_rss_mb", "params_mb", "excess_mb"))
+        print(f"{r['tp']:>3}{r['layers']:>7}{r['checkpoint_gb']:>9.2f}{r['wall_s']:>8.1f}  "
+              + "".join(f"{c:<{width}}" for c, width in zip(cols, (18, 16, 16))))
+    ratios = {}
+    for tp in (1, 2):
+        one, four = (max(r["excess_mb"].values()) for r in rows if r["tp"] == tp)
+        ratios[f"tp{tp}"] = round(four / one, 2)
+        print(f"tp={tp}: largest excess per rank {one:.0f} MB at {layers} layers, {four:.0f} MB at {4 * layers}: "
+              f"{ratios[f'tp{tp}']:.2f}x")
+    with open(os.path.join(w, "flatness.json"), "w") as f:
+        json.dump({"layers": [layers, 4 * layers], "repeat": repeat, "cold": cold, "runs": rows,
+                   "excess_ratio_4x": ratios}, f, indent=2)
+    print(f"results: {os.path.join(w, 'flatness.json')}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="outputs/bench_convert")
     p.add_argument("--size-gb", type=float, default=1.0, help="target checkpoint size; scales the layer count")
+    p.add_argument("--layers", type=int, help="decoder layers of the checkpoint (instead of --size-gb)")
+    p.add_argument("--flatness", action="store_true",
+                   help="import-hf at L and 4L layers: does memory beyond the parameters grow with depth?")
     p.add_argument("--drop-caches", action="store_true", help="sync, drop the page cache before each step (root)")
     p.add_argument("--repeat", type=int, default=1, help="run each step N times; report the fastest")
     p.add_argument("--_baseline", nargs=2, help=argparse.SUPPRESS)  # internal: the baseline's own process
     p.add_argument("--_build", nargs=2, help=argparse.SUPPRESS)  # internal: build the source checkpoint
+    p.add_argument("--_params", nargs=2, help=argparse.SUPPRESS)  # internal: parameter bytes per rank
     args = p.parse_args()
     if args._baseline:
         return baseline_child(*args._baseline)
     if args._build:
         return build(args._build[0], int(args._build[1]))
+    if args._params:
+        return params_child(args._params[0], int(args._params[1]))
 
     w = os.path.abspath(args.workdir)
-    hf, base_out, tp1, tp2, export = (os.path.join(w, n) for n in ("hf", "baseline", "ckpt_tp1", "ckpt_tp2", "export"))
-    layers, me = layers_for(args.size_gb), os.path.abspath(__file__)
-    stamp, want = build_spec(hf, layers)
-    if not (os.path.isfile(stamp) and json.load(open(stamp)) == want):
-        subprocess.run([sys.executable, me, "--_build", hf, str(layers)], check=True)
+    layers, me = args.layers or layers_for(args.size_gb), os.path.abspath(__file__)
     if args.drop_caches:
         drop_caches()  # fails here, before any measurement, when not permitted
+    if args.flatness:
+        return flatness(w, layers, args.repeat, args.drop_caches)
+    hf, base_out, tp1, tp2, export = (os.path.join(w, n) for n in ("hf", "baseline", "ckpt_tp1", "ckpt_tp2", "export"))
+    ensure_checkpoint(hf, layers)
+    if args.drop_caches:
         cache_note = "cold: sync + drop_caches before each step"
     else:
-        for path in weight_files(hf):  # pre-read the source: the first step should not be the only one on disk
-            with open(path, "rb") as f:
-                while f.read(64 << 20):
-                    pass
+        pre_read(hf)
         cache_note = "warm: source pre-read; export reads the checkpoint import tp=2 just wrote"
-    exe = os.path.join(os.path.dirname(sys.executable), "megaswift")
-    ms = [exe] if os.path.exists(exe) else [sys.executable, "-m", "megaswift"]
+    ms = megaswift_cmd()
     steps = [  # startup: what every step pays before any work (interpreter + torch)
         ("startup (python -c 'import torch')", os.path.join(w, "startup"), [sys.executable, "-c", "import torch"]),
         ("baseline (load_file+save_file)", base_out, [sys.executable, me, "--_baseline", hf, base_out]),
-        ("import-hf tp=1", tp1, ms + ["import-hf", hf, tp1, "--parallel.tp", "1"]),
-        ("import-hf tp=2", tp2, ms + ["launch", "--nproc-per-node", "2", "--", "import-hf", hf, tp2,
-                                      "--parallel.tp", "2"]),
+        ("import-hf tp=1", tp1, import_cmd(hf, tp1, 1)),
+        ("import-hf tp=2", tp2, import_cmd(hf, tp2, 2)),
         ("export-hf (from tp=2)", export, ms + ["export-hf", tp2, export, "--max-shard-size", "500MB"]),
     ]
     results = {name: run_step(name, out, cmd, args.repeat, args.drop_caches) for name, out, cmd in steps}
 
     base = results["baseline (load_file+save_file)"]
     base_rss = max(base["peak_rss_mb"].values())
-    size = sum(os.path.getsize(f) for f in weight_files(hf)) / 1e9
+    size = checkpoint_gb(hf)
     print(f"\ncheckpoint: {size:.3f} GB of safetensors in {len(weight_files(hf))} files ({layers} layers); "
           f"best of {args.repeat}\npage cache {cache_note}\n"
           f"baseline I/O alone (inside its process, no startup): {base['io_s']:.1f} s")

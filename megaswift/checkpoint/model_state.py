@@ -113,9 +113,16 @@ def _first_line(e: BaseException) -> str:
         f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-def save_dcp(state: dict, path: str) -> None:
+def save_dcp(state: dict, path: str, file_per_tensor: bool = False) -> None:
+    """`file_per_tensor`: one file per tensor piece instead of one per rank. torch's writer keeps
+    every tensor it has written into a file (and its copy of a non-contiguous view) until that
+    file is done, so one file per rank holds a copy of every view to the end of the save: 1.4 GB
+    more at 32 layers of a 1 GB llama. Per tensor, the import's peak stays flat in depth, at the
+    price of more files (a training checkpoint keeps one per rank: its parameters are resident
+    anyway, and parallel file systems prefer fewer files)."""
+    writer = dcp.FileSystemWriter(path, single_file_per_rank=not file_per_tensor)
     with _quiet_single_process():
-        dcp.save(state, checkpoint_id=path, planner=CanonicalSavePlanner(), no_dist=not dist.is_initialized())
+        dcp.save(state, storage_writer=writer, planner=CanonicalSavePlanner(), no_dist=not dist.is_initialized())
 
 
 def load_dcp(state: dict, path: str, no_dist: bool | None = None) -> None:
@@ -138,7 +145,7 @@ def save_model(model, ckpt_dir: str, meta: dict, extra_files_from: str | None = 
     """Collective: every rank calls it. `extra_files_from` is a dir whose non-weight files are
     copied to `hf/` (tokenizer, generation config)."""
     with staged_dir(ckpt_dir) as tmp:
-        save_dcp(dcp_state(model), os.path.join(tmp, "model"))
+        save_dcp(dcp_state(model), os.path.join(tmp, "model"), file_per_tensor=True)  # flat in depth
         if _is_rank0():
             write_meta(tmp, meta, extra_files_from)
 

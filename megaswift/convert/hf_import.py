@@ -7,7 +7,7 @@ from megaswift.errors import CheckpointError
 from megaswift.models.config import ModelConfig
 from megaswift.models.sharding import canonical_names, flat_rows, shard_layout
 
-from .canonical import fill_from_canonical
+from .canonical import local_pieces
 from .families import FAMILIES, FamilySpec, Segment
 from .hf_io import HFReader
 
@@ -45,41 +45,54 @@ def check_hf_tensors(reader: HFReader, cfg: ModelConfig, spec: FamilySpec) -> di
     return expected
 
 
-def _read_rows(reader: HFReader, segments: list[Segment], start: int, n: int, cols: tuple[int, int] | None):
-    """Rows [start, start + n) of the (row-flattened) canonical tensor, columns `cols` of them,
-    read from the HF tensors the segments name: only those bytes when a whole HF tensor's rows
-    are wanted (a column slice), else the rows, then narrowed."""
-    parts = []
+def _read_rows(reader: HFReader, segments: list[Segment], start: int, out: torch.Tensor,
+               cols: tuple[int, int] | None) -> None:
+    """Fill `out` with rows [start, start + len(out)) of the (row-flattened) canonical tensor,
+    columns `cols` of them, from the HF tensors the segments name: only those bytes when a
+    whole HF tensor's rows are wanted (a column slice), else the rows, then narrowed."""
+    n, covered = out.shape[0], 0
     for seg in segments:
         lo, hi = max(start, seg.canon_start), min(start + n, seg.canon_start + seg.length)
         if lo >= hi:
             continue
-        first = seg.hf_start + lo - seg.canon_start
-        if cols is not None and first == 0 and hi - lo == reader.shape(seg.hf_name)[0]:
-            parts.append(reader.read(seg.hf_name, 1, *cols))
-            continue
-        t = reader.read(seg.hf_name, 0, first, hi - lo)
-        parts.append(t.narrow(1, *cols) if cols is not None else t)
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        first, dst = seg.hf_start + lo - seg.canon_start, out.narrow(0, lo - start, hi - lo)
+        covered += hi - lo
+        # `out` passed positionally: tests wrap `reader.read` in a recorder taking *args
+        if cols is None:
+            reader.read(seg.hf_name, 0, first, hi - lo, dst)
+        elif first == 0 and hi - lo == reader.shape(seg.hf_name)[0]:
+            reader.read(seg.hf_name, 1, *cols, dst)
+        else:
+            dst.copy_(reader.read(seg.hf_name, 0, first, hi - lo).narrow(1, *cols))
+    if covered != n:  # rows nobody wrote would keep whatever was in memory
+        raise CheckpointError(f"the family's segments cover {covered} of canonical rows [{start}, {start + n}) "
+                              f"({', '.join(sorted({s.hf_name for s in segments}))})")
 
 
-def read_canonical_box(reader: HFReader, segments: list[Segment], shape, offsets, sizes) -> torch.Tensor:
+def read_canonical_box(reader: HFReader, segments: list[Segment], shape, offsets, sizes,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """The box of a canonical tensor of `shape` starting at `offsets`, read from the HF tensors
-    the segments name. Segments index rows; a 3-D expert tensor's rows are flattened over its
-    experts (expert e's rows start at e x shape[1])."""
+    the segments name, into `out` (of shape `sizes`) when given, so that import writes straight
+    into a parameter and holds no copy of it. Segments index rows; a 3-D expert tensor's rows
+    are flattened over its experts (expert e's rows start at e x shape[1])."""
+    if out is None:
+        out = torch.empty(sizes, dtype=reader.dtype(segments[0].hf_name))
     if len(shape) == 3:
         rows = shape[1]
-        return torch.stack([
-            _read_rows(reader, segments, e * rows + offsets[1], sizes[1], (offsets[2], sizes[2]))
-            for e in range(offsets[0], offsets[0] + sizes[0])])
+        for i, e in enumerate(range(offsets[0], offsets[0] + sizes[0])):
+            _read_rows(reader, segments, e * rows + offsets[1], out[i], (offsets[2], sizes[2]))
+        return out
     full_cols = len(shape) == 1 or (offsets[1] == 0 and sizes[1] == shape[1])
-    return _read_rows(reader, segments, offsets[0], sizes[0], None if full_cols else (offsets[1], sizes[1]))
+    _read_rows(reader, segments, offsets[0], out, None if full_cols else (offsets[1], sizes[1]))
+    return out
 
 
 @torch.no_grad()
 def load_hf_into_model(model, hf_dir: str, reader: HFReader | None = None) -> None:
     """Fill every local parameter from its own slices of the HF tensors: a rank reads only the
-    experts, heads and rows it holds."""
+    experts, heads and rows it holds. Each slice is read into the parameter's own memory (or
+    through one slice-sized buffer when the dtype differs), so what the load holds beyond the
+    parameters does not grow with the model (issue 18 item 10)."""
     cfg = model.cfg
     spec = FAMILIES[cfg.family]
     reader = reader or HFReader(hf_dir)
@@ -87,9 +100,12 @@ def load_hf_into_model(model, hf_dir: str, reader: HFReader | None = None) -> No
     layouts = model.shard_layouts()
     for name, p in model.named_parameters():
         layout = layouts[name]
+        if tuple(layout.local_shape) != tuple(p.shape):
+            raise CheckpointError(f"{name}: the checkpoint gives this rank {list(layout.local_shape)}, "
+                                  f"the model expects {list(p.shape)}")
         segments = spec.segments(name, cfg)
-        local = fill_from_canonical(
-            lambda o, n: read_canonical_box(reader, segments, layout.canonical_shape, o, n), layout)
-        if tuple(local.shape) != tuple(p.shape):
-            raise CheckpointError(f"{name}: built {list(local.shape)} from the checkpoint, model expects {list(p.shape)}")
-        p.copy_(local.to(p.dtype))
+        local = p.detach()
+        for offsets, piece in local_pieces(local, layout):
+            read_canonical_box(reader, segments, layout.canonical_shape, offsets, tuple(piece.shape), piece)
+        if layout.pad:  # the padded vocabulary's rows past the real ones
+            local.narrow(layout.dim, local.shape[layout.dim] - layout.pad, layout.pad).zero_()

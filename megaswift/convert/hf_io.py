@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megaswift.errors import CheckpointError
@@ -38,21 +39,97 @@ def read_hf_config(hf_dir: str) -> dict:
     return read_json(path, "config.json")
 
 
-def open_safetensors(path: str):
-    """safe_open, with a damaged file (truncated, not safetensors at all) named in one line;
-    safetensors' own message does not say which file it was reading."""
-    try:
-        return safe_open(path, framework="pt")
-    except SafetensorError as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is probably truncated: "
-                              "download or export it again") from None
+# safetensors dtype names -> torch (F4 and F6 are packed formats torch has no dtype for)
+_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+    ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("C64", "complex64"))
+    if hasattr(torch, attr)}
+
+# Column slices are read in blocks of whole rows of at most this size, then narrowed; a
+# rank's extra memory for a row-parallel weight is one block, not the whole tensor.
+_BLOCK_BYTES = 16 << 20
+_MAX_HEADER = 100 << 20  # safetensors' own limit; a larger one is damage, not a header to read in
+
+
+class _Entry(NamedTuple):
+    """One tensor of a safetensors file; `start` and `end` are absolute byte offsets in it."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _damaged(path: str, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file ({why}); it is probably truncated: "
+                           "download or export it again")
+
+
+def read_safetensors_header(path: str) -> dict[str, _Entry]:
+    """Every tensor of a safetensors file (an 8-byte little-endian header length, a JSON header,
+    then the data), each checked against the file's size, so that a truncated download is named
+    here in one line and not half-way through an import."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, _MAX_HEADER):
+            raise _damaged(path, f"a header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _damaged(path, f"the header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "the header is not a JSON object")
+    base, entries = 8 + n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which torch "
+                                  f"{torch.__version__} cannot hold; megaswift reads {', '.join(_DTYPES)}")
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _damaged(path, f"tensor {name!r} has the header entry {info!r}") from None
+        if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
+            raise _damaged(path, f"tensor {name!r} has {end - start} bytes for shape {list(shape)} of {dtype}")
+        if base + end > size:
+            raise _damaged(path, f"tensor {name!r} ends at byte {base + end}, the file has {size}")
+        entries[name] = _Entry(dtype, shape, base + start, base + end)
+    return entries
+
+
+def _read_at(f, path: str, offset: int, out: torch.Tensor) -> None:
+    """Fill the contiguous CPU tensor `out` with the file's bytes from `offset` on."""
+    view = memoryview(out.detach().view(-1).view(torch.uint8).numpy())
+    f.seek(offset)
+    while view:
+        got = f.readinto(view)  # a single read(2): it may stop short of a large request
+        if not got:
+            raise _damaged(path, f"it ends before byte {offset + len(view)}")
+        view, offset = view[got:], offset + got
 
 
 class HFReader:
-    """Reads tensor slices with `safe_open(...).get_slice`, so a rank touches only its bytes."""
+    """Reads slices of the tensors of an HF checkpoint, so that a rank reads only its own bytes.
+
+    Slices are read with plain file reads into tensors this reader allocates (or into the
+    caller's `out`), never through a memory map. safetensors' `safe_open` maps the whole file,
+    and every tensor it hands out, `get_slice` ones included, is a view of that mapping: the
+    pages a read touched stay in the process's RSS for as long as the handle or any such tensor
+    lives, so an import that kept its handles held every shard it had read until it ended
+    (issue 18 item 10). Here a read holds exactly its slice, and nothing of a file is held
+    once its tensors are read; the file's pages stay in the kernel's page cache, which is
+    shared and reclaimable, and not in the rank's RSS. Only the parsed headers are kept."""
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
+        self._headers: dict[str, dict[str, _Entry]] = {}
         index = os.path.join(hf_dir, INDEX_FILE)
         if os.path.isfile(index):
             weight_map = read_json(index, INDEX_FILE).get("weight_map")
@@ -60,48 +137,73 @@ class HFReader:
                 raise CheckpointError(f"{index} has no weight_map object; restore it from the original checkpoint")
             self.weight_map = weight_map
         elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
-            with open_safetensors(os.path.join(hf_dir, SINGLE_FILE)) as f:
-                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+            self._headers[SINGLE_FILE] = read_safetensors_header(os.path.join(hf_dir, SINGLE_FILE))
+            self.weight_map = {k: SINGLE_FILE for k in self._headers[SINGLE_FILE]}
         else:
             raise CheckpointError(
                 f"{hf_dir} has no {SINGLE_FILE} or {INDEX_FILE}; megaswift reads safetensors only "
                 "(re-save .bin checkpoints with transformers' save_pretrained(safe_serialization=True))")
-        self._files: dict[str, object] = {}
 
-    def _file(self, name: str):
+    def _entry(self, name: str) -> tuple[_Entry, str]:
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.hf_dir}")
         fname = self.weight_map[name]
-        if fname not in self._files:
-            path = os.path.join(self.hf_dir, fname)
+        path = os.path.join(self.hf_dir, fname)
+        if fname not in self._headers:
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path} (listed in {INDEX_FILE} for {name!r}) does not exist")
-            self._files[fname] = open_safetensors(path)
-        return self._files[fname]
-
-    def _slice(self, name: str):
-        try:
-            return self._file(name).get_slice(name)
-        except SafetensorError:  # "File does not contain tensor ...", without the file's name
-            path = os.path.join(self.hf_dir, self.weight_map[name])
+            self._headers[fname] = read_safetensors_header(path)
+        entry = self._headers[fname].get(name)
+        if entry is None:
             raise CheckpointError(f"{path} does not hold tensor {name!r}, which {INDEX_FILE} lists in it; "
                                   "the index and the shards are from different saves: download the "
-                                  "checkpoint again") from None
+                                  "checkpoint again")
+        return entry, path
 
     def names(self) -> set[str]:
         return set(self.weight_map)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
-
-    def read(self, name: str, dim: int, start: int, n: int) -> torch.Tensor:
-        sl = self._slice(name)
-        index = [slice(None)] * len(sl.get_shape())
-        index[dim] = slice(start, start + n)
-        return sl[tuple(index)]
+        return self._entry(name)[0].shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.read(name, 0, 0, 1).dtype
+        return self._entry(name)[0].dtype
+
+    def read(self, name: str, dim: int, start: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Entries [start, start + n) along `dim` of tensor `name`, in the checkpoint's dtype; or
+        written into `out` (a tensor of the slice's shape, any dtype or device) and `out` returned.
+        A contiguous CPU `out` of the file's dtype receives the bytes directly, with no copy."""
+        entry, path = self._entry(name)
+        shape = list(entry.shape)
+        if not 0 <= dim < len(shape) or start < 0 or n < 0 or start + n > shape[dim]:
+            raise IndexError(f"{name}: [{start}, {start + n}) along dim {dim} is outside its shape {shape}")
+        shape[dim] = n
+        if out is not None and list(out.shape) != shape:  # copy_ would broadcast a wrong shape silently
+            raise ValueError(f"{name}: a slice of shape {shape} cannot fill a tensor of shape {list(out.shape)}")
+        direct = out is not None and out.dtype == entry.dtype and out.device.type == "cpu" and out.is_contiguous()
+        buf = out if direct else torch.empty(shape, dtype=entry.dtype)
+        if buf.numel():
+            with open(path, "rb", buffering=0) as f:
+                self._read_slice(f, path, entry, dim, start, n, buf.detach())
+        if out is not None and not direct:
+            out.copy_(buf)
+        return buf if out is None else out
+
+    @staticmethod
+    def _read_slice(f, path: str, entry: _Entry, dim: int, start: int, n: int, buf: torch.Tensor) -> None:
+        outer = math.prod(entry.shape[:dim])
+        inner = math.prod(entry.shape[dim + 1:]) * entry.dtype.itemsize  # bytes per entry along dim
+        if outer == 1 or n == entry.shape[dim]:  # one contiguous run of bytes
+            _read_at(f, path, entry.start + start * inner, buf)
+            return
+        row = entry.shape[dim] * inner
+        per = max(1, _BLOCK_BYTES // row)
+        take = buf.view(-1).view(torch.uint8).view(outer, n * inner)
+        block = torch.empty(min(per, outer), row, dtype=torch.uint8)
+        for o in range(0, outer, per):
+            k = min(per, outer - o)
+            _read_at(f, path, entry.start + o * row, block[:k])
+            take[o:o + k].copy_(block[:k, start * inner:(start + n) * inner])
 
 
 class ShardedSafetensorsWriter:
