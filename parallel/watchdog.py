@@ -11,7 +11,8 @@ NCCL a longer timeout (device.process_group_timeout_s) so that this watchdog spe
 
 So while a step runs, the code that makes progress (each pipeline compute, each ring hop, each
 micro batch) calls `beat()`. On CPU a beat is progress at once; on CUDA it records an event
-(device.progress_marker), and progress is the moment the device gets past it. If no progress
+(device.progress_marker, handed in by the engine), and progress is the moment the device gets
+past it. If no progress
 comes for `timeout_s` the watchdog prints what this rank was doing (and, through `detail`, the
 ranks that never finished their part) and ends the process. Under torchrun the agent then stops
 the other ranks; without one, their own watchdogs or broken connections do.
@@ -38,11 +39,10 @@ def beat() -> None:
 class Watchdog:
     def __init__(self, timeout_s: float, marker=None):
         """`marker()` returns None when the work queued so far is done, else an object whose
-        `done()` says when it is (default: device.progress_marker)."""
-        if marker is None:
-            from megaswift.device import progress_marker as marker
+        `done()` says when it is (the engine passes device.progress_marker; default: the host's
+        work is all there is, as on CPU)."""
         self.timeout_s = timeout_s
-        self.marker = marker
+        self.marker = marker or (lambda: None)
         self.last: float | None = None
         self.pending: collections.deque = collections.deque()  # markers the device has not reached yet
         self.what = ""

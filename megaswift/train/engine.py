@@ -121,7 +121,8 @@ class Trainer:
         self._moe_step: dict[int, dict] = {}
         self.pipeline = self._build_pipeline() if st.pp_size > 1 else None
         # point-to-point waits (pipeline, ring attention) never time out on gloo: see parallel/watchdog.py
-        self.watchdog = Watchdog(cfg.parallel.timeout_s) if st.layout.world_size > 1 else None
+        self.watchdog = (Watchdog(cfg.parallel.timeout_s, marker=device.progress_marker)
+                         if st.layout.world_size > 1 else None)
         self.data = algorithm.build_data(self)
         if resume_dir is not None:
             self._resume(resume_dir)
