@@ -1,8 +1,9 @@
 """Packaging for megaswift.
 
-`parallel/`, `kernels/` and `launch/` live at the top of the repository (the layout shows the
-architecture) but install as `megaswift.parallel`, `megaswift.kernels` and `megaswift.launch`,
-so no generic top-level name lands in site-packages.
+Every package lives under megaswift/: a directory with a generic name (`kernels`, `parallel`)
+at the top of the checkout shadows the installed package of that name for anything run from the
+checkout (`python -m ...` puts the working directory first on sys.path); transformers 5.25
+imports the Hugging Face `kernels` package, so a top-level `kernels/` broke it.
 
 torch is pinned loosely here on purpose: `scripts/install.sh` installs the right build first
 (CPU wheel on a machine without CUDA), and a range that build satisfies installs nothing more.
@@ -28,11 +29,6 @@ setup(
         "megaswift.kernels",
         "megaswift.launch",
     ],
-    package_dir={
-        "megaswift.parallel": "parallel",
-        "megaswift.kernels": "kernels",
-        "megaswift.launch": "launch",
-    },
     install_requires=[
         "torch>=2.6",
         "transformers>=4.51",

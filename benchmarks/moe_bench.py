@@ -65,7 +65,7 @@ def _timed(fn, box, key):
 
 
 def instrument(box: dict) -> None:
-    """Time the expert collectives and GEMMs of parallel/experts.py (this process only)."""
+    """Time the expert collectives and GEMMs of megaswift/parallel/experts.py (this process only)."""
     from megaswift.parallel import experts as ex
 
     for cls in (ex._AllToAll, ex._GatherRows, ex._ReduceScatterRows):
