@@ -7,7 +7,7 @@ import re
 import torch.distributed as dist
 
 from megaswift import device
-from megaswift.convert.hf_export import DTYPES
+from megaswift.dtypes import DTYPES
 from megaswift.errors import CheckpointError, LayoutError
 from megaswift.parallel.layout import Layout
 from megaswift.parallel.pipeline_stages import num_stages, split_layers

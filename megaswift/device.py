@@ -92,7 +92,7 @@ def _restart_safe_store(timeout) -> dict:
 def _all_ranks_started(store, rank: int, world: int, timeout_s: float) -> None:
     """Health check before the process group: every rank checks in, and a rank that has not
     within the timeout is named (the process group's own start would only time out)."""
-    from megaswift.parallel.watchdog import inject_test_fault
+    from megaswift.faults import inject_test_fault
 
     inject_test_fault(f"rank{rank}", 0)
     store.set(f"started/{rank}", "1")

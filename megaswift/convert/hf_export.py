@@ -13,6 +13,7 @@ import shutil
 import torch
 
 from megaswift.checkpoint.model_state import read_canonical, read_meta
+from megaswift.dtypes import DTYPES
 from megaswift.errors import CheckpointError
 from megaswift.models.config import ModelConfig
 from megaswift.models.sharding import canonical_names, shard_layout
@@ -20,7 +21,6 @@ from megaswift.models.sharding import canonical_names, shard_layout
 from .families import FAMILIES, FamilySpec
 from .hf_io import ShardedSafetensorsWriter
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def split_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig, spec: FamilySpec, out: dict) -> None:

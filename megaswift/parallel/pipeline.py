@@ -29,7 +29,9 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
 from megaswift.device import ComputeTimer
 from megaswift.errors import LayoutError
 
-from .watchdog import beat, inject_test_fault
+from megaswift.faults import inject_test_fault
+
+from .watchdog import beat
 
 SINGLE_STAGE = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
 MULTI_STAGE = {"interleaved": ScheduleInterleaved1F1B, "zbv": ScheduleZBVZeroBubble}

@@ -94,22 +94,3 @@ class Watchdog:
                       f"a peer stopped answering or this rank is stuck; ending this rank (the first rank to fail "
                       f"has the cause in its log){extra}", file=sys.stderr, flush=True)
                 os._exit(1)
-
-
-def inject_test_fault(where: str, step: int) -> None:
-    """MEGASWIFT_TEST_FAULT=WHERE:STEP:raise|exit|hang[:ATTEMPT] (WHERE e.g. stage1 or rank0)
-    makes that place raise, exit at once (as a crash would) or stop answering in that step, in
-    torchrun's restart ATTEMPT only when given; the failure tests use it. Free when unset."""
-    spec = os.environ.get("MEGASWIFT_TEST_FAULT")
-    if not spec:
-        return
-    at, at_step, mode, *attempt = spec.split(":")
-    if at != where or int(at_step) != step:
-        return
-    if attempt and int(attempt[0]) != int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")):
-        return
-    if mode == "exit":
-        os._exit(13)
-    if mode == "hang":
-        time.sleep(10**6)
-    raise RuntimeError(f"injected fault in {where} (MEGASWIFT_TEST_FAULT)")

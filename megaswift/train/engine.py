@@ -22,12 +22,13 @@ import torch.distributed as dist
 
 from megaswift import device
 from megaswift.checkpoint import train_state
-from megaswift.convert.hf_export import DTYPES
+from megaswift.dtypes import DTYPES
 from megaswift.checkpoint.model_state import SaveFailed
 from megaswift.errors import CheckpointError, Interrupted, Stopped
 from megaswift.parallel.data_parallel import DataParallelSet
 from megaswift.parallel.tp_comm import group_size
-from megaswift.parallel.watchdog import Watchdog, beat, inject_test_fault
+from megaswift.faults import inject_test_fault
+from megaswift.parallel.watchdog import Watchdog, beat
 
 from . import optim
 from .metrics import MetricsLogger, StepTimer, peak_flops, train_flops_per_token

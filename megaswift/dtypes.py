@@ -1,0 +1,15 @@
+"""The dtype names megaswift accepts (model.dtype, --dtype) and the torch dtypes they stand for.
+
+Which dtype each thing uses (fp32 master weights, the autocast compute dtype, a checkpoint's
+dtype) is decided in megaswift/build.py; this is only the table of names.
+"""
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype, default: str = "float32") -> str:
+    """The name of a torch dtype in DTYPES, else `default`."""
+    return {v: k for k, v in DTYPES.items()}.get(dtype, default)
