@@ -14,9 +14,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadItemType, TensorWriteData, WriteItem, WriteItemType
 
-from megaswift.convert.canonical import local_pieces
 from megaswift.errors import CheckpointError
-from megaswift.models.sharding import ShardLayout
+from megaswift.models.sharding import ShardLayout, local_pieces
 
 
 class CanonicalShards:

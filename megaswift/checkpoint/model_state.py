@@ -19,11 +19,11 @@ import shutil
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named, not caught by Exception
 
 from megaswift.errors import CheckpointError
+from megaswift.parallel.collectives import any_rank, barrier, initialized, rank, world_size
 
 from .canonical_shards import CanonicalLoadPlanner, CanonicalSavePlanner, CanonicalShards
 from .safe_load import DamagedCheckpoint, SafeFileSystemReader
@@ -33,12 +33,11 @@ META_FILE = "megaswift.json"
 
 
 def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return rank() == 0
 
 
 def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 @contextlib.contextmanager
@@ -53,7 +52,7 @@ def dcp_state(model) -> dict[str, CanonicalShards]:
     """The checkpointed tensors: every parameter, or under LoRA the adapters only (the frozen
     base stays where the run read it from)."""
     layouts = model.shard_layouts()
-    adapters_only = getattr(model, "lora_rank", 0) > 0
+    adapters_only = model.lora_rank > 0
     return {name: CanonicalShards(p.detach(), layouts[name]) for name, p in model.named_parameters()
             if p.requires_grad or not adapters_only}
 
@@ -96,13 +95,11 @@ class SaveFailed(CheckpointError):
 
 
 def _any_rank(flag: bool) -> bool:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if world_size() == 1:
         return flag
     from megaswift.device import get_device
 
-    t = torch.tensor(float(flag), device=get_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return any_rank(flag, get_device())
 
 
 def _first_line(e: BaseException) -> str:
@@ -122,13 +119,13 @@ def save_dcp(state: dict, path: str, file_per_tensor: bool = False) -> None:
     anyway, and parallel file systems prefer fewer files)."""
     writer = dcp.FileSystemWriter(path, single_file_per_rank=not file_per_tensor)
     with _quiet_single_process():
-        dcp.save(state, storage_writer=writer, planner=CanonicalSavePlanner(), no_dist=not dist.is_initialized())
+        dcp.save(state, storage_writer=writer, planner=CanonicalSavePlanner(), no_dist=not initialized())
 
 
 def load_dcp(state: dict, path: str, no_dist: bool | None = None) -> None:
     """Collective unless `no_dist` (default: when there is no process group)."""
     reader = SafeFileSystemReader(path)  # checks the metadata and files here, before any collective
-    no_dist = not dist.is_initialized() if no_dist is None else no_dist
+    no_dist = not initialized() if no_dist is None else no_dist
     with _quiet_single_process():
         dcp.load(state, storage_reader=reader, planner=CanonicalLoadPlanner(path), no_dist=no_dist)
 

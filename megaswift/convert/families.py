@@ -2,7 +2,9 @@
 
 Adding a family is adding a FamilySpec (and a test). Nothing else in the code branches on the
 family name. The four dense families share HF's Llama tensor names, so they share one weight map
-and differ only in config rules (QKV bias, q/k norms, sliding window).
+and differ only in config rules (QKV bias, q/k norms, sliding window). A spec also names the
+modules its layers are made of (token mixer, MLPs, MoE router: models/blocks.py and
+models/routers.py); a new architecture adds modules there and names them here.
 """
 from __future__ import annotations
 
@@ -60,6 +62,14 @@ class FamilySpec:
     """ModelConfig fields that differ per family: a constant, an HFKey or a Derived."""
     moe: MoENames | None = None
     """Tensor names of the MoE layers, for families with experts."""
+    token_mixer: str = "gqa"
+    """Every layer's token mixer (models/blocks.py TOKEN_MIXERS)."""
+    dense_mlp: str = "swiglu"
+    """The MLP of layers without experts (models/blocks.py MLPS)."""
+    moe_mlp: str = "moe"
+    """The MLP of layers with experts (models/blocks.py MLPS)."""
+    router: str = "softmax_topk"
+    """The router of MoE layers (models/routers.py ROUTERS)."""
 
     def required_keys(self) -> list[str]:
         """config.json keys without which the model's shape is unknown."""
@@ -107,6 +117,10 @@ class FamilySpec:
             sliding_window=hf.get("sliding_window"),
             layer_types=hf.get("layer_types"),
             extra_hf_config={k: v for k, v in hf.items() if k not in _DERIVED_HF_KEYS},
+            token_mixer=self.token_mixer,
+            dense_mlp=self.dense_mlp,
+            moe_mlp=self.moe_mlp,
+            moe_router=self.router,
             **flags,
         )
 

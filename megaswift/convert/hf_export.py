@@ -79,8 +79,10 @@ def _write(ckpt_dir: str, out_dir: str, meta: dict, cfg: ModelConfig, spec: Fami
     if "lora" in meta:
         from .lora_export import merged_reader, write_peft_adapter
 
-        if not merge_lora:
-            return write_peft_adapter(ckpt_dir, out_dir, meta, cfg, spec, torch_dtype)
+        if not merge_lora:  # the adapter, with the tokenizer files beside it
+            info = write_peft_adapter(ckpt_dir, out_dir, meta, cfg, spec, torch_dtype)
+            copy_side(ckpt_dir, out_dir)
+            return info
         read_group = merged_reader(ckpt_dir, meta, cfg, stored)
     else:
         def read_group(shapes):

@@ -5,9 +5,8 @@ import torch
 
 from megaswift.errors import CheckpointError
 from megaswift.models.config import ModelConfig
-from megaswift.models.sharding import canonical_names, flat_rows, shard_layout
+from megaswift.models.sharding import canonical_names, flat_rows, local_pieces, shard_layout
 
-from .canonical import local_pieces
 from .families import FAMILIES, FamilySpec, Segment
 from .hf_io import HFReader
 

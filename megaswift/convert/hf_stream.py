@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 
-from megaswift.models.sharding import canonical_names, lora_layout, shard_layout
+from megaswift.models.sharding import box_of, canonical_names, local_pieces, lora_layout, shard_layout
+from megaswift.parallel.collectives import all_reduce, rank, world_size
 
-from .canonical import box_of, local_pieces
 from .families import FAMILIES
 from .hf_export import hf_tensors
 from .lora_export import merge_adapters
@@ -34,7 +33,7 @@ def stream_hf_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple
     layouts = model.shard_layouts()
     dev = next(model.parameters()).device
     spec = FAMILIES[cfg.family]
-    lora = getattr(model, "lora_meta", None) if model.lora_rank else None
+    lora = model.lora_meta if model.lora_rank else None
     if model.lora_rank and lora is None:
         raise ValueError("a LoRA model without lora_meta (alpha, rank): attach adapters with train.build.attach_lora")
     for group in canonical_names(cfg):
@@ -56,8 +55,8 @@ def stream_hf_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple
 def _assemble(local, layout, canonical, dev) -> torch.Tensor:
     """The canonical tensor from every rank's pieces (see the module docstring); `local` None on
     ranks that do not hold it."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    me = dist.get_rank() + 1 if world > 1 else 1
+    world = world_size()
+    me = rank() + 1 if world > 1 else 1
     full = torch.zeros(canonical.canonical_shape, dtype=torch.float32, device=dev)
     mark = torch.zeros(canonical.canonical_shape, dtype=torch.int32, device=dev)
     if local is not None:
@@ -65,9 +64,9 @@ def _assemble(local, layout, canonical, dev) -> torch.Tensor:
             box_of(full, offsets, piece.shape).copy_(piece)
             box_of(mark, offsets, piece.shape).fill_(me)
     if world > 1:
-        dist.all_reduce(mark, op=dist.ReduceOp.MAX)
+        all_reduce(mark, "max")
         full.masked_fill_(mark != me, 0)
-        dist.all_reduce(full)
+        all_reduce(full)
     return full
 
 

@@ -61,9 +61,6 @@ def write_peft_adapter(ckpt_dir: str, out_dir: str, meta: dict, cfg, spec, dtype
               "use_rslora": False, "init_lora_weights": True}
     with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
-    from .hf_export import copy_side
-
-    copy_side(ckpt_dir, out_dir)
     return {"tensors": sum(t.numel() * t.element_size() for t in tensors.values()), "files": 1, "adapter": True}
 
 

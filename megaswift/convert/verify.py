@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from megaswift.parallel.collectives import all_gather_object, broadcast_object, initialized
 from megaswift.parallel.tp_comm import gather_from_tp_region
 
 from .hf_import import load_hf_into_model
@@ -16,11 +16,11 @@ def megaswift_logits(model, tokens) -> torch.Tensor | None:
     st, cfg = model.st, model.cfg
     model.eval()
     tokens = tokens.to(st.device)
-    if hasattr(model, "forward_logits"):  # pipeline stages
-        logits = model.forward_logits(tokens)
-    else:
-        logits = gather_from_tp_region(model(tokens), st.tp_group, dim=-1)[..., : cfg.vocab_size]
-    return None if logits is None else logits.float().cpu()
+    out = model.forward_without_schedule(input_ids=tokens)  # None on ranks without the last stage
+    if out is None:
+        return None
+    logits = gather_from_tp_region(out, st.tp_group, dim=-1)[..., : cfg.vocab_size]
+    return logits.float().cpu()
 
 
 @torch.no_grad()
@@ -42,18 +42,14 @@ def verify(hf_dir, model, dtype, seq_len=64, batch_size=2, seed=0, attention_bac
     # one reference model is enough: the first rank holding full logits compares, the rest wait
     st = model.st
     judge = _first_rank_with_logits(ours is not None)
-    result = [None]
+    result = None
     if st.rank == judge:
         diff = (ours - hf_logits(hf_dir, dtype, tokens)).abs()
-        result = [{"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item()}]
-    if dist.is_initialized():
-        dist.broadcast_object_list(result, src=judge)
-    return result[0]
+        result = {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item()}
+    return broadcast_object(result, src=judge)
 
 
 def _first_rank_with_logits(have: bool) -> int:
-    if not dist.is_initialized():
+    if not initialized():
         return 0
-    flags = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, have)
-    return flags.index(True)
+    return all_gather_object(have).index(True)

@@ -2,6 +2,8 @@
 
 Families (megaswift/convert/families.py) build it from a Hugging Face config.json; presets can
 build it directly. Only what changes the maths lives here; parallel degrees live in the layout.
+Which modules a layer is made of (token mixer, MLP, router) is named here and looked up in
+models/blocks.py and models/routers.py.
 """
 from __future__ import annotations
 
@@ -55,6 +57,17 @@ class ModelConfig:
     """HF router_aux_loss_coef: weight of the load-balancing loss."""
     moe_output_router_logits: bool = False
     """HF output_router_logits: transformers adds the load-balancing loss only when it is set."""
+    token_mixer: str = "gqa"
+    """Token mixer of every layer, by name in models/blocks.py TOKEN_MIXERS: 'gqa' (grouped-query
+    self-attention with RoPE)."""
+    dense_mlp: str = "swiglu"
+    """MLP of the layers without experts, by name in models/blocks.py MLPS: 'swiglu'."""
+    moe_mlp: str = "moe"
+    """MLP of the layers in moe_layers, by name in models/blocks.py MLPS: 'moe' (routed SwiGLU
+    experts, optional shared expert)."""
+    moe_router: str = "softmax_topk"
+    """Router of the MoE layers, by name in models/routers.py ROUTERS: 'softmax_topk' (softmax over
+    a linear gate, top-k, optional renormalisation)."""
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     extra_hf_config: dict = field(default_factory=dict)
@@ -84,9 +97,19 @@ class ModelConfig:
             return self.sliding_window
         return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
 
+    def token_mixer_for_layer(self, i: int) -> str:
+        """The name of layer i's token mixer (models/blocks.py)."""
+        return self.token_mixer
+
+    def mlp_for_layer(self, i: int) -> str:
+        """The name of layer i's MLP block (models/blocks.py): moe_mlp for a layer with experts."""
+        return self.moe_mlp if i in self.moe_layers else self.dense_mlp
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """Also the dicts of checkpoints saved before a field existed: its default reproduces the
+        model they were saved from (token_mixer, dense_mlp, moe_mlp, moe_router)."""
         return cls(**d)

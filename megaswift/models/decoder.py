@@ -1,8 +1,14 @@
-"""GPTModel: the one Megatron-style decoder behind every dense family.
+"""GPTModel: the one Megatron-style decoder behind every family.
 
 Parameter names follow megatron-core (`embedding.word_embeddings`, `decoder.layers.N....`,
 `decoder.final_layernorm`, `output_layer`), and layers live in a ModuleDict keyed by their global
-index, so names stay the same when a pipeline stage holds only some of the layers.
+index, so names stay the same when a pipeline stage holds only some of the layers. What each
+layer is made of (token mixer, MLP, router) comes from the config through models/blocks.py.
+
+GPTModel (a whole model) and PipelineModel (this rank's pipeline stages) both satisfy
+models/protocol.py's `Model`, which is all the engine, the algorithms and the tools use. The
+model keeps no gradient communication: the training engine completes the gradients with
+parallel/grads.py's `finalize_grads(model)`.
 """
 from __future__ import annotations
 
@@ -13,15 +19,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megaswift.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaswift.parallel.grads import mark_tp_partial_grad
 from megaswift.parallel.state import ParallelState
-from megaswift.parallel.tp_layers import (ColumnParallelLinear, VocabParallelEmbedding,
-                                         allreduce_tp_partial_grads, mark_tp_partial_grad)
+from megaswift.parallel.tp_comm import copy_to_tp_region, gather_from_sp_region
+from megaswift.parallel.tp_layers import ColumnParallelLinear, SequenceParallelLayer, VocabParallelEmbedding
 
 from .config import ModelConfig
-from .layers import RMSNorm, TransformerLayer
-from .moe import AttachAuxLoss, aux_loss_parts, stats_width
+from .layers import TransformerLayer
+from .lora import adapters_disabled, apply_lora
+from .moe import AttachAuxLoss, MoELayer, aux_loss_parts, stats_width
+from .norm import RMSNorm
 from .rope import RotaryEmbedding
-from .sharding import ShardLayout, layout_on
+from .sharding import ShardLayout, box_of, fill_from_canonical, layout_on
 
 
 class Embedding(nn.Module):
@@ -68,8 +77,11 @@ class GPTModel(nn.Module):
         st = st or ParallelState.single()
         self.cfg, self.st = cfg, st
         self.lora_rank = 0  # models/lora.py sets it when adapters are attached
+        self.lora_meta: dict | None = None  # {rank, alpha, dropout, targets}: set by whoever attaches adapters
         self.logits_temperature = 1.0
         self.generating = False  # generation_mode()
+        self.moe_options = {"aux": 0.0, "z": 0.0, "scale": 1.0}  # set_moe_options
+        self.moe_last: dict | None = None  # router statistics of the last forward with labels
         self.pre_process, self.post_process = pre_process, post_process
         tied_output = post_process and cfg.tie_word_embeddings
         self.embedding = Embedding(cfg, st, dtype, device) if pre_process or tied_output else None
@@ -124,6 +136,32 @@ class GPTModel(nn.Module):
         loss = vocab_parallel_cross_entropy(logits, labels, self.st.tp_group)
         return self._attach_moe_losses(loss, moe_stats) if track else loss
 
+    # -- models/protocol.py: a whole model is a pipeline of one stage ----------------------------
+    num_stages = 1
+    schedule: str | None = None  # no pipeline schedule
+
+    @property
+    def is_pipeline(self) -> bool:
+        return False
+
+    @property
+    def chunks(self) -> list["GPTModel"]:
+        """The GPTModels this rank runs, in model order: itself."""
+        return [self]
+
+    def forward_without_schedule(self, **inputs):
+        """The model's output on one micro batch (its forward)."""
+        return self(**inputs)
+
+    def stage_modules(self) -> list[tuple[int, nn.Module]]:
+        return [(0, StageModule(self))]
+
+    def owner(self, stage: int) -> int:
+        """The pp rank that runs `stage`: this one runs the only stage."""
+        if stage != 0:
+            raise ValueError(f"a whole model has one stage, not stage {stage}")
+        return self.st.pp_rank
+
     # -- mixture of experts ----------------------------------------------------------------------
     def set_moe_options(self, *, aux_loss_coef: float | None = None, z_loss_coef: float = 0.0,
                         capacity_factor: float | None = None, backend: str = "auto", grad_scale: float = 1.0):
@@ -134,12 +172,12 @@ class GPTModel(nn.Module):
         if aux_loss_coef is None:
             aux_loss_coef = cfg.moe_aux_loss_coef if cfg.moe_output_router_logits else 0.0
         self.moe_options = {"aux": aux_loss_coef, "z": z_loss_coef, "scale": grad_scale}
-        for layer in self.decoder.layers.values():
-            if layer.moe_row is not None:
-                layer.mlp.capacity_factor, layer.mlp.backend = capacity_factor, backend
+        for m in self.modules():
+            if isinstance(m, MoELayer):
+                m.set_moe_options(capacity_factor=capacity_factor, backend=backend)
 
     def _attach_moe_losses(self, loss, moe_stats):
-        opts = getattr(self, "moe_options", None) or {"aux": 0.0, "z": 0.0, "scale": 1.0}
+        opts = self.moe_options
         aux, z, values = aux_loss_parts(moe_stats, self.cfg.num_moe_experts, (self.st.tp_group, self.st.dp_cp_group))
         self.moe_last = values
         extra = opts["aux"] * aux + opts["z"] * z
@@ -150,7 +188,7 @@ class GPTModel(nn.Module):
     def pop_moe_stats(self) -> dict | None:
         """The router statistics of the last forward with labels (this stage's model must be the
         last): {'aux', 'z', 'counts' [MoE layers, E]}, reduced over the micro batch's ranks."""
-        out, self.moe_last = getattr(self, "moe_last", None), None
+        out, self.moe_last = self.moe_last, None
         return out
 
     def _output(self, x):
@@ -161,8 +199,6 @@ class GPTModel(nn.Module):
         return self._mask_vocab_padding(logits)
 
     def _tied_output(self, x):
-        from megaswift.parallel.tp_comm import copy_to_tp_region, gather_from_sp_region
-
         tp = self.st.tp_group
         x = gather_from_sp_region(x, tp, dim=1) if self.sp_active else copy_to_tp_region(x, tp)
         return torch.nn.functional.linear(x, self.embedding.word_embeddings.weight)
@@ -177,13 +213,9 @@ class GPTModel(nn.Module):
         return logits.masked_fill(mask, float("-inf"))
 
     def add_lora(self, rank: int, alpha: float, dropout: float, targets: list[str], seed: int = 0) -> int:
-        from .lora import apply_lora
-
         return apply_lora(self, rank, alpha, dropout, targets, seed)
 
     def adapters_disabled(self):
-        from .lora import adapters_disabled
-
         return adapters_disabled(self)
 
     @property
@@ -197,8 +229,8 @@ class GPTModel(nn.Module):
         token per row, which does not split over tp; the column/row layers all-reduce instead,
         the same sums) and MoE layers route every token on every tp rank (no 1/tp split of a
         sequence of one). No gradients flow here, so the partial-gradient marks do not matter."""
-        saved = [(m, m.sequence_parallel) for m in self.modules() if hasattr(m, "sequence_parallel")]
-        moe = [m for m in self.modules() if hasattr(m, "whole_sequence")]
+        saved = [(m, m.sequence_parallel) for m in self.modules() if isinstance(m, SequenceParallelLayer)]
+        moe = [m for m in self.modules() if isinstance(m, MoELayer)]
         for m, _ in saved:
             m.sequence_parallel = False
         for m in moe:
@@ -229,43 +261,6 @@ class GPTModel(nn.Module):
             layer.self_attention.recompute_core = mode == "selective"
 
     # -- gradients -------------------------------------------------------------------------------
-    def finalize_grads(self) -> None:
-        """Complete the gradients that TP leaves partial; call after backward, before the step.
-
-        Norm weights under sequence parallelism (and q/k norms, which see only a rank's heads)
-        hold partial sums, as do the KV rows of linear_qkv when several ranks replicate a KV head
-        (each replica back-propagates only its own query heads)."""
-        allreduce_tp_partial_grads(self, self.st.tp_group)
-        allreduce_tp_partial_grads(self, self.st.etp_group, marker="etp_partial_grad")
-        self._sum_replicated_kv_grads()
-
-    def _sum_replicated_kv_grads(self) -> None:
-        cfg, st = self.cfg, self.st
-        ng = cfg.num_query_groups
-        if st.tp_size <= ng:
-            return
-        # Every rank holds one KV head g; its KV rows come last in linear_qkv ([q_sub, k, v]).
-        # One all-reduce over tp of a [ng, n] buffer where each rank fills only row g sums the
-        # replicas of each head (and keeps the heads apart) without extra process groups.
-        g = st.tp_rank // (st.tp_size // ng)
-        kv_rows = 2 * cfg.kv_channels
-        grads = []
-        for layer in self.decoder.layers.values():  # the tensors with qkv output rows (not lora.A)
-            qkv = layer.self_attention.linear_qkv
-            rows = [qkv.weight, qkv.bias] + ([qkv.lora.B] if qkv.lora is not None else [])
-            grads += [p.grad for p in rows if p is not None and p.grad is not None]
-        if not grads:
-            return
-        kv = [gr.narrow(0, gr.shape[0] - kv_rows, kv_rows) for gr in grads]
-        flat = torch.cat([t.reshape(-1) for t in kv])
-        buf = flat.new_zeros(ng, flat.numel())
-        buf[g] = flat
-        torch.distributed.all_reduce(buf, group=st.tp_group)
-        offset = 0
-        for t in kv:
-            t.copy_(buf[g, offset: offset + t.numel()].view_as(t))
-            offset += t.numel()
-
     def grad_norm_weights(self) -> dict[nn.Parameter, float | torch.Tensor]:
         """Per parameter, 1 / (number of TP ranks holding the same canonical element), so a global
         gradient norm summed over TP counts each element once: norms are replicated on every
@@ -306,8 +301,6 @@ class GPTModel(nn.Module):
     def reset_parameters(self, seed: int | None = None):
         """Random init (normal(0, std) for matrices, ones for norms, zeros for biases), drawn for the
         canonical tensor and sliced, so every layout starts from the same weights."""
-        from megaswift.convert.canonical import box_of, fill_from_canonical
-
         gen = torch.Generator().manual_seed(0 if seed is None else seed)
 
         def canonical(name, layout: ShardLayout):
@@ -322,3 +315,22 @@ class GPTModel(nn.Module):
                 layout = layout_on(name, self.cfg, self.st, self.lora_rank)
                 full = canonical(name, layout)
                 p.copy_(fill_from_canonical(lambda o, n, full=full: box_of(full, o, n), layout))
+
+
+class StageModule(nn.Module):
+    """What a PipelineStage runs: the first stage takes token ids, the others the hidden states
+    of the stage before (and, for MoE models, the router statistics, models/moe.py);
+    position/document ids, token mask and labels come to every stage as keyword arguments (each
+    stage's attention needs them; only the last uses the labels)."""
+
+    def __init__(self, chunk: GPTModel):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, x, moe_stats=None, *, position_ids, document_ids=None, labels=None, cp_index=None,
+                token_mask=None):
+        kw = dict(position_ids=position_ids, document_ids=document_ids, labels=labels, cp_index=cp_index,
+                  token_mask=token_mask)
+        if self.chunk.pre_process:
+            return self.chunk(x, **kw)
+        return self.chunk(None, hidden_states=x, moe_stats=moe_stats, **kw)

@@ -15,7 +15,7 @@ import torch
 from megaswift.errors import ConfigError
 from megaswift.parallel import lora as plora
 
-from .sharding import layout_on
+from .sharding import box_of, fill_from_canonical, layout_on
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 COLUMN = ("linear_qkv", "linear_fc1")
@@ -35,8 +35,6 @@ def apply_lora(model, rank: int, alpha: float, dropout: float, targets: list[str
     """Adapters on every targeted layer of a GPTModel; every other parameter frozen. A is drawn
     for the canonical tensor from a generator seeded by the parameter's name and sliced, so any
     layout starts from the same adapters; B is zero. Returns the number of layers adapted."""
-    from megaswift.convert.canonical import box_of, fill_from_canonical
-
     wanted = target_set(targets)
     cfg, st = model.cfg, model.st
     model.lora_rank = rank

@@ -1,7 +1,8 @@
-"""Mixture-of-experts MLP: top-k router, SwiGLU experts, and the load-balancing loss.
+"""Mixture-of-experts MLP: a router, SwiGLU experts, and the load-balancing loss.
 
-Routing follows transformers' Qwen3-MoE and Mixtral exactly (softmax in fp32 over a linear
-gate, top-k, optional renormalisation), so `megaswift verify` compares logits with theirs.
+The router comes from the registry in models/routers.py (ModelConfig.moe_router); today's
+`softmax_topk` follows transformers' Qwen3-MoE and Mixtral exactly (softmax in fp32 over a
+linear gate, top-k, optional renormalisation), so `megaswift verify` compares logits with theirs.
 
 The load-balancing loss is transformers' `load_balancing_loss_func`: with f_e the share of
 top-k assignments that go to expert e and P_e the mean router probability of e, both taken over
@@ -20,26 +21,18 @@ global micro batch, whatever the layout.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megaswift.parallel.collectives import all_reduce
 from megaswift.parallel.experts import capacity_keep, dispatch_combine
+from megaswift.parallel.grads import mark_tp_partial_grad
 from megaswift.parallel.state import ParallelState
 from megaswift.parallel.tp_comm import gather_from_tp_region, group_size, scatter_to_sp_region
-from megaswift.parallel.tp_layers import mark_tp_partial_grad
 
 from .config import ModelConfig
+from .mlp import MLP
+from .routers import build_router
 from .sharding import layout_on
-
-
-def route(logits: Tensor, topk: int, norm_topk_prob: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(probs [T, E] fp32, top-k weights [T, k] fp32, expert ids [T, k]) from router logits."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, topk, dim=-1)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return probs, weights, ids
 
 
 def stats_width(num_experts: int) -> int:
@@ -78,7 +71,7 @@ def aux_loss_parts(stats: Tensor, num_experts: int, group_list) -> tuple[Tensor,
         glob = stats.detach().clone()
         for group in group_list:
             if group_size(group) > 1:
-                dist.all_reduce(glob, group=group)
+                all_reduce(glob, group=group)
     counts, tokens = glob[:, E + 1: 2 * E + 1].sum(0), glob[:, -1].sum().clamp_min(1)
     aux_part = load_balancing_loss(counts, stats[:, :E].sum(0), tokens, E)
     # z-loss (Zoph et al. 2022) per layer, mean over tokens, summed over layers as in Megatron
@@ -131,23 +124,19 @@ class Experts(nn.Module):
         self.linear_fc2 = GroupedLinear(layout_on(p + "linear_fc2.weight", cfg, st).local_shape, dtype, device)
 
 
-class Router(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.num_moe_experts, cfg.hidden_size, dtype=dtype, device=device))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
-
-
 class MoELayer(nn.Module):
-    """Router + experts for one layer. Takes [b, s, h] (or [b, s/tp, h] under sequence
-    parallelism) and returns the same shape and the layer's statistics row."""
+    """Router + experts for one layer: the `moe` MLP block (models/blocks.py). Takes [b, s, h]
+    (or [b, s/tp, h] under sequence parallelism) and returns the same shape, with the layer's
+    router statistics added to its row `stats_row` of `moe_stats` (when given).
+
+    Run-time switches, set in __init__: `capacity_factor` and `backend` (set_moe_options),
+    `whole_sequence` (generation: every tp rank routes all tokens itself)."""
 
     def __init__(self, cfg: ModelConfig, st: ParallelState, layer_idx: int, dtype=None, device=None):
         super().__init__()
         self.cfg, self.st = cfg, st
-        self.router = Router(cfg, dtype, device)
+        self.stats_row = cfg.moe_layers.index(layer_idx)
+        self.router = build_router(cfg, dtype, device)
         self.experts = Experts(cfg, st, layer_idx, dtype, device)
         self.capacity_factor: float | None = None  # set_moe_options
         self.backend = "auto"
@@ -158,18 +147,24 @@ class MoELayer(nn.Module):
             mark_tp_partial_grad(self.router.weight)
         self.shared_expert = self.shared_expert_gate = None
         if cfg.moe_shared_expert_ffn_hidden_size:  # Qwen2-MoE: every token also takes a gated dense MLP
-            from .layers import MLP
-
-            self.shared_expert = MLP(cfg, st, dtype, device, width=cfg.moe_shared_expert_ffn_hidden_size)
+            self.shared_expert = MLP(cfg, st, layer_idx, dtype, device, width=cfg.moe_shared_expert_ffn_hidden_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, device=device)
             if st.sp:  # the gate sees only this rank's sequence shard
                 mark_tp_partial_grad(self.shared_expert_gate.weight)
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def set_moe_options(self, capacity_factor: float | None = None, backend: str = "auto") -> None:
+        self.capacity_factor, self.backend = capacity_factor, backend
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None,
+                moe_stats: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         out, row = self._routed(x, token_mask)
         if self.shared_expert is not None:  # on the layer's input as it comes (tp-split like any MLP)
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out, row
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)[0]
+        if moe_stats is not None:
+            hot = torch.zeros(moe_stats.shape[0], 1, device=row.device)
+            hot[self.stats_row] = 1
+            moe_stats = moe_stats + hot * row
+        return out, moe_stats
 
     def _routed(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         st, cfg = self.st, self.cfg
@@ -180,8 +175,7 @@ class MoELayer(nn.Module):
             token_mask = token_mask.chunk(st.tp_size, dim=1)[st.tp_rank]
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
-        logits = self.router(flat)
-        probs, weights, ids = route(logits, cfg.moe_router_topk, cfg.moe_norm_topk_prob)
+        logits, probs, weights, ids = self.router(flat)
         keep = None
         if self.capacity_factor is not None:
             keep = capacity_keep(ids, weights, cfg.num_moe_experts, self.capacity_factor)

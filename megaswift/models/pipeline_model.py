@@ -1,16 +1,17 @@
 """This rank's share of a pipeline-parallel model: one GPTModel per stage it runs.
 
 `PipelineModel` answers the same questions as a whole `GPTModel` (named parameters under their
-canonical names, shard layouts, gradient fix-ups, norm weights), so the engine, the checkpoint
-code and the HF import treat both alike. The schedule itself lives in `parallel/pipeline.py`.
+canonical names, shard layouts, norm weights: models/protocol.py's `Model`), so the engine, the
+checkpoint code and the HF import treat both alike. The schedule itself lives in
+`parallel/pipeline.py`, the gradient sums in `parallel/grads.py`.
 
 Tied embeddings: the first stage owns `embedding.word_embeddings` for the input and the last
 stage a copy of it for the output, under the same name (a checkpoint stores it once). When both
 stages sit on one rank (the ZBV schedule puts stage 0 and stage S-1 on pp rank 0) they share one
 Parameter. Otherwise the two copies start equal (both are loaded from the same tensor), their
 gradients are summed over the embedding group {first pp rank, last pp rank} before the
-data-parallel reduction, as Megatron's embedding group does, and equal gradients keep the copies
-equal through every AdamW step.
+data-parallel reduction (parallel/grads.py, for the copy marked here), as Megatron's embedding
+group does, and equal gradients keep the copies equal through every AdamW step.
 """
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megaswift.parallel import pipeline_stages
+from megaswift.parallel.collectives import recv, send
+from megaswift.parallel.grads import mark_embedding_group_grad
 from megaswift.parallel.state import ParallelState
-from megaswift.parallel.tp_comm import gather_from_tp_region
 
 from .config import ModelConfig
-from .decoder import GPTModel
+from .decoder import GPTModel, StageModule
 from .sharding import ShardLayout
 
 TIED = "embedding.word_embeddings.weight"
@@ -48,6 +49,19 @@ class PipelineModel:
             self.chunks[-1].embedding = self.chunks[0].embedding  # one Parameter, gradients add up
         # the copy of the tied embedding whose gradient comes from the other end of the pipeline
         self.tied_copy = (cfg.tie_word_embeddings and st.pp_size > 1 and (self.has_first != self.has_last))
+        if self.tied_copy:
+            mark_embedding_group_grad(self.get_parameter(TIED))
+        self.lora_meta: dict | None = None  # {rank, alpha, dropout, targets}: set by whoever attaches adapters
+
+    # -- models/protocol.py ------------------------------------------------------------------------
+    @property
+    def is_pipeline(self) -> bool:
+        return True
+
+    def forward_without_schedule(self, **inputs) -> torch.Tensor | None:
+        """The last stage's output on one micro batch, the stages run one after another
+        (`forward_stages`, no gradients); None on ranks without the last stage."""
+        return self.forward_stages(**inputs)
 
     # -- the nn.Module questions the engine and the checkpoint code ask -----------------------------
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -123,17 +137,6 @@ class PipelineModel:
         return self.train(False)
 
     # -- gradients -------------------------------------------------------------------------------
-    def finalize_grads(self) -> None:
-        """TP fix-ups per chunk, then the tied-embedding sum. Every step here is a sum, so it
-        may run on the local gradients before the data-parallel reduction (the engine does that
-        under PP: with ZeRO-1 the first and last stage shard their buckets differently)."""
-        for chunk in self.chunks:
-            chunk.finalize_grads()
-        if self.cfg.tie_word_embeddings and self.st.pp_size > 1 and (self.has_first or self.has_last):
-            tied = self.get_parameter(TIED)
-            if not (self.has_first and self.has_last) and tied.requires_grad:  # frozen under LoRA
-                dist.all_reduce(tied.grad, group=self.st.embedding_group)
-
     def grad_norm_weights(self) -> dict[nn.Parameter, float | torch.Tensor]:
         """As GPTModel's; the last stage's copy of a tied embedding counts 0, so the norm summed
         over pp counts its elements once (the first stage's copy holds the same gradient)."""
@@ -173,41 +176,15 @@ class PipelineModel:
             me, prev = self.owner(stage), self.owner(stage - 1) if stage else None
             if stage and me == st.pp_rank and prev != st.pp_rank:
                 h = torch.empty(b, seq, cfg.hidden_size, dtype=self._dtype(), device=input_ids.device)
-                dist.recv(h, src=ranks[prev], group=st.pp_group)
+                recv(h, src=ranks[prev], group=st.pp_group)
             elif stage and prev == st.pp_rank and me != st.pp_rank:
-                dist.send(h.contiguous(), dst=ranks[me], group=st.pp_group)
+                send(h, dst=ranks[me], group=st.pp_group)
             if me == st.pp_rank:
                 h = local[stage](input_ids, position_ids=position_ids, hidden_states=h, **kwargs)
                 if isinstance(h, tuple):  # MoE router statistics: not needed without a loss to train
                     h = h[0]
         return h if self.has_last else None
 
-    @torch.no_grad()
-    def forward_logits(self, input_ids: torch.Tensor, position_ids=None) -> torch.Tensor | None:
-        """Full-vocab logits [b, s, vocab] on the ranks of the last stage, None elsewhere."""
-        h = self.forward_stages(input_ids, position_ids)
-        if h is None:
-            return None
-        return gather_from_tp_region(h, self.st.tp_group, dim=-1)[..., : self.cfg.vocab_size]
-
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-
-class StageModule(nn.Module):
-    """What a PipelineStage runs: the first stage takes token ids, the others the hidden states
-    of the stage before (and, for MoE models, the router statistics, models/moe.py);
-    position/document ids, token mask and labels come to every stage as keyword arguments (each
-    stage's attention needs them; only the last uses the labels)."""
-
-    def __init__(self, chunk: GPTModel):
-        super().__init__()
-        self.chunk = chunk
-
-    def forward(self, x, moe_stats=None, *, position_ids, document_ids=None, labels=None, cp_index=None,
-                token_mask=None):
-        kw = dict(position_ids=position_ids, document_ids=document_ids, labels=labels, cp_index=cp_index,
-                  token_mask=token_mask)
-        if self.chunk.pre_process:
-            return self.chunk(x, **kw)
-        return self.chunk(None, hidden_states=x, moe_stats=moe_stats, **kw)

@@ -12,12 +12,22 @@ ranges of a KV head are held by several ranks (replicas); everything else is hel
 Experts are 3-D canonical tensors [experts, rows, cols] (Megatron's grouped `linear_fc1` /
 `linear_fc2`): a rank holds the experts of its ep rank (`outer`, along dim 0) and, under expert
 tensor parallelism, its etp slice of each of them (`ranges`, along dim 1 or 2).
+
+`fill_from_canonical` assembles a rank's local tensor from boxes of a canonical tensor, and
+`local_pieces` takes them back out. `read(offsets, sizes)` returns the box of the canonical tensor
+that starts at `offsets`, from wherever the canonical tensor lives (an HF safetensors file, a
+tensor in memory), so the same code serves import, random init and checkpoints.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from .config import ModelConfig
+
+Box = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -195,3 +205,28 @@ def canonical_names(cfg: ModelConfig) -> list[list[str]]:
     groups += [layer_param_names(cfg, i) for i in range(cfg.num_layers)]
     groups.append(["decoder.final_layernorm.weight"] + ([] if cfg.tie_word_embeddings else ["output_layer.weight"]))
     return groups
+
+
+# -- local tensors <-> boxes of the canonical tensor ------------------------------------------------
+def fill_from_canonical(read: Callable[[Box, Box], torch.Tensor], layout: ShardLayout) -> torch.Tensor:
+    pieces = [read(offsets, sizes) for offsets, sizes in layout.boxes()]
+    if layout.pad:
+        shape = list(layout.local_shape)
+        shape[layout.dim] = layout.pad
+        ref = pieces[0] if pieces else None
+        pieces.append(torch.zeros(shape, dtype=ref.dtype if ref is not None else torch.float32))
+    return torch.cat(pieces, dim=layout.dim) if len(pieces) > 1 else pieces[0]
+
+
+def local_pieces(local: torch.Tensor, layout: ShardLayout) -> list[tuple[Box, torch.Tensor]]:
+    """(canonical offsets, view of `local`) for every range the rank holds; the padding rows are
+    left out because they are not part of the canonical tensor."""
+    out, at = [], 0
+    for (offsets, _), (_, n) in zip(layout.boxes(), layout.ranges):
+        out.append((offsets, local.narrow(layout.dim, at, n)))
+        at += n
+    return out
+
+
+def box_of(full: torch.Tensor, offsets: Box, sizes: Box) -> torch.Tensor:
+    return full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]

@@ -6,7 +6,9 @@ barrier) goes through these helpers, so that the one place to read for "what cro
 network, and when" is parallel/. Each helper is a no-op where the group has one rank or
 torch.distributed is not initialised, so a single process runs the same code.
 
-`group=None` means the whole world (torch's default group), as in torch.distributed.
+Groups: the default, `WORLD`, is every rank; a process group as ParallelState holds it; or
+None, which (as everywhere in parallel/) stands for a group of one rank, so the helper does
+nothing. Note the difference from torch.distributed, where None means the world.
 """
 from __future__ import annotations
 
@@ -16,36 +18,61 @@ import torch.distributed as dist
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def world_size(group=None) -> int:
-    """Ranks in `group` (the world for None); 1 without torch.distributed."""
-    if not dist.is_available() or not dist.is_initialized():
+class _World:
+    def __repr__(self) -> str:
+        return "WORLD"
+
+
+WORLD = _World()
+"""Every rank of the job (torch's default group)."""
+
+
+def _pg(group):
+    return None if group is WORLD else group
+
+
+def world_size(group=WORLD) -> int:
+    """Ranks in `group`: 1 for None, or without torch.distributed."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
-    return dist.get_world_size(group)
+    return dist.get_world_size(_pg(group))
 
 
-def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+def initialized() -> bool:
+    """Whether this process has a torch.distributed process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group=WORLD) -> int:
+    """This process's rank in `group`: 0 for None, or without torch.distributed."""
+    if group is None or not initialized():
+        return 0
+    return dist.get_rank(_pg(group))
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group=WORLD) -> torch.Tensor:
     """In place over `group`; returns the tensor. Skipped where the group has one rank."""
     if world_size(group) > 1:
-        dist.all_reduce(tensor, op=_OPS[op], group=group)
+        dist.all_reduce(tensor, op=_OPS[op], group=_pg(group))
     return tensor
 
 
-def all_reduce_values(values: list[float], device, op: str = "sum", group=None) -> list[float]:
+def all_reduce_values(values: list[float], device, op: str = "sum", group=WORLD) -> list[float]:
     """Python numbers reduced over `group` in float64, in one collective."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     return all_reduce(t, op, group).tolist()
 
 
-def any_rank(flag: bool, device, group=None) -> bool:
+def any_rank(flag: bool, device, group=WORLD) -> bool:
     """True on every rank when `flag` is True on any rank of `group`."""
     t = torch.tensor(float(flag), device=device)
     return bool(all_reduce(t, "max", group).item())
 
 
-def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+def broadcast(tensor: torch.Tensor, src: int, group=WORLD) -> torch.Tensor:
     """In place from global rank `src`; returns the tensor."""
     if world_size(group) > 1:
-        dist.broadcast(tensor, src=src, group=group)
+        dist.broadcast(tensor, src=src, group=_pg(group))
     return tensor
 
 
@@ -72,12 +99,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def send(tensor: torch.Tensor, dst: int, group=None) -> None:
-    dist.send(tensor.contiguous(), dst=dst, group=group)
+def send(tensor: torch.Tensor, dst: int, group=WORLD) -> None:
+    dist.send(tensor.contiguous(), dst=dst, group=_pg(group))
 
 
-def recv(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
-    dist.recv(tensor, src=src, group=group)
+def recv(tensor: torch.Tensor, src: int, group=WORLD) -> torch.Tensor:
+    dist.recv(tensor, src=src, group=_pg(group))
     return tensor
 
 
@@ -99,7 +126,7 @@ def store_get(key: str, default: str | None = None) -> str | None:
     return store.get(full).decode()
 
 
-def agree_on_error(message: str | None, key: str, device, group=None) -> str | None:
+def agree_on_error(message: str | None, key: str, device, group=WORLD) -> str | None:
     """Error hand-off: a rank that failed passes its message, the others None; every rank gets
     one failed rank's message (or None when none failed), so all of them can stop with the same
     line instead of the healthy ones waiting in the next collective until the timeout. The

@@ -22,19 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grads import mark_tp_partial_grad, mark_tp_replicated_rows
 from .tp_comm import reduce_from_tp_region, reduce_scatter_to_sp_region
-from .tp_layers import mark_tp_partial_grad
+from .tp_layers import SequenceParallelLayer
 
 
-class LoRA(nn.Module):
+class LoRA(SequenceParallelLayer):
     def __init__(self, a_shape, b_shape, *, rank: int, alpha: float, dropout: float, tp_group=None,
                  sequence_parallel: bool = False, dtype=None, device=None):
-        super().__init__()
+        super().__init__(sequence_parallel)
         self.scale, self.enabled = alpha / rank, True
         self.A = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        self.tp_group = tp_group
 
     def column(self, x: torch.Tensor) -> torch.Tensor:
         """x: the layer's full input (already gathered/copied) -> this rank's output rows."""
@@ -66,6 +67,9 @@ def attach(layer: nn.Module, kind: str, a_shape, b_shape, **kwargs) -> LoRA:
     lora = LoRA(a_shape, b_shape, dtype=layer.weight.dtype, device=layer.weight.device, **kwargs)
     if kind == "column" and kwargs.get("tp_group") is not None:
         mark_tp_partial_grad(lora.A)
+    replicated = getattr(layer.weight, "tp_replicated_rows", None)
+    if kind == "column" and replicated is not None:  # B's rows are the weight's: so are its replicas
+        mark_tp_replicated_rows(lora.B, *replicated)
     if kind == "row" and kwargs.get("sequence_parallel"):
         mark_tp_partial_grad(lora.B)
     layer.lora = lora

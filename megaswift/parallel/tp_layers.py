@@ -7,13 +7,11 @@ created empty: the model initialises it (`reset_parameters`) or the converter co
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .grads import mark_tp_partial_grad
 from .tp_comm import (
     copy_to_tp_region,
     gather_from_sp_region,
@@ -24,38 +22,21 @@ from .tp_comm import (
 )
 
 
-def mark_tp_partial_grad(param: nn.Parameter) -> nn.Parameter:
-    """Mark a parameter replicated over tp whose gradient each rank computes only in part: under
-    sequence parallelism norm weights and a row-parallel bias see one sequence shard; q/k norms
-    always see only the rank's heads. Such gradients are summed over tp before the optimizer
-    step (`allreduce_tp_partial_grads`), as Megatron does for layernorms under SP."""
-    param.tp_partial_grad = True
-    return param
+class SequenceParallelLayer(nn.Module):
+    """A layer that, under sequence parallelism, takes or returns sequence shards `[b, s/tp, h]`.
+    `sequence_parallel` is set here and may be switched off at run time (a model's
+    generation_mode: a decode step of one token per row does not split over tp)."""
 
-
-def allreduce_tp_partial_grads(module: nn.Module, tp_group, marker: str = "tp_partial_grad") -> None:
-    """Sum the gradients of every marked parameter over tp (or, with marker `etp_partial_grad`,
-    over expert tp), one all-reduce per dtype."""
-    if group_size(tp_group) == 1:
-        return
-    buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-    for p in module.parameters():
-        if getattr(p, marker, False) and p.grad is not None:
-            buckets[(p.grad.dtype, p.grad.device)].append(p.grad)
-    for grads in buckets.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one buffer, one collective
-        dist.all_reduce(flat, group=tp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    def __init__(self, sequence_parallel: bool = False):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
 
 
 def _bias(n: int, bias: bool, dtype, device) -> nn.Parameter | None:
     return nn.Parameter(torch.empty(n, dtype=dtype, device=device)) if bias else None
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(SequenceParallelLayer):
     """Y = X A^T with A split by rows (output features): this rank computes its slice of Y.
 
     The caller passes the per-rank output size, because the model knows how it splits (for a fused
@@ -64,9 +45,8 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features_per_rank: int, *, tp_group, bias: bool = False,
                  sequence_parallel: bool = False, gather_output: bool = False, dtype=None, device=None):
-        super().__init__()
+        super().__init__(sequence_parallel)
         self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel
         self.gather_output = gather_output
         self.weight = nn.Parameter(torch.empty(out_features_per_rank, in_features, dtype=dtype, device=device))
         self.bias = _bias(out_features_per_rank, bias, dtype, device)
@@ -91,21 +71,20 @@ class ColumnParallelLinear(nn.Module):
         return y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(SequenceParallelLayer):
     """Y = X A^T with A split by columns (input features): the input arrives already split along
     its last dim (from a column-parallel linear), each rank computes a partial Y, and the partials
     are summed (or, under sequence parallelism, summed and split along the sequence).
 
     The bias is replicated and added after the sum, so it is counted once. Under sequence
     parallelism each rank adds it only to its sequence shard, so its gradient is partial: it is
-    marked for `allreduce_tp_partial_grads`, as Megatron does.
+    marked for `grads.allreduce_tp_partial_grads`, as Megatron does.
     """
 
     def __init__(self, in_features_per_rank: int, out_features: int, *, tp_group, bias: bool = False,
                  sequence_parallel: bool = False, dtype=None, device=None):
-        super().__init__()
+        super().__init__(sequence_parallel)
         self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, in_features_per_rank, dtype=dtype, device=device))
         self.bias = _bias(out_features, bias, dtype, device)
         self.lora = None  # parallel/lora.py
@@ -130,7 +109,7 @@ class RowParallelLinear(nn.Module):
         return y
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(SequenceParallelLayer):
     """An embedding whose rows (the padded vocabulary) are split over tp: rank r holds rows
     [r * V_local, (r + 1) * V_local). Each rank looks up the tokens it owns, writes zeros for the
     others, and the sum over ranks is the full lookup (reduce-scattered along the sequence under
@@ -138,7 +117,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings_padded: int, embedding_dim: int, *, tp_group, tp_rank: int, tp_size: int,
                  sequence_parallel: bool = False, dtype=None, device=None):
-        super().__init__()
+        super().__init__(sequence_parallel)
         if num_embeddings_padded % tp_size:
             raise ValueError(
                 f"padded vocabulary size {num_embeddings_padded} is not divisible by tp ({tp_size});"
@@ -148,7 +127,6 @@ class VocabParallelEmbedding(nn.Module):
             raise ValueError(f"tp_size {tp_size} does not match the tp group's size {group_size(tp_group)}")
         self.tp_group = tp_group
         self.tp_size = tp_size
-        self.sequence_parallel = sequence_parallel
         self.num_embeddings_per_rank = num_embeddings_padded // tp_size
         self.vocab_start = tp_rank * self.num_embeddings_per_rank
         self.vocab_end = self.vocab_start + self.num_embeddings_per_rank

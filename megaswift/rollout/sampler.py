@@ -7,8 +7,8 @@ step feeds one token per row. Layouts:
 - TP: every tp rank gathers the last position's vocab-parallel logits ([rows, vocab], small) and
   samples the same token with the same generator, so the ranks stay in step without a broadcast.
   Sequence parallelism and the MoE 1/tp token split are off while generating (generation_mode).
-- PP: the stages run one after another (PipelineModel.forward_stages); the last stage samples and
-  broadcasts tokens and log-probabilities over the pp group.
+- PP: the stages run one after another (the model's forward_without_schedule); the last stage
+  samples and broadcasts tokens and log-probabilities over the pp group.
 - CP: every cp rank generates the same rows (weights are whole on each), so nothing is split.
 - DP: each dp rank generates its own rows.
 
@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from megaswift.models.kv_cache import KVCache
+from megaswift.parallel.collectives import all_reduce, broadcast
 from megaswift.parallel.tp_comm import gather_from_tp_region, group_size
 
 
@@ -114,9 +114,8 @@ def _device(model) -> torch.device:
 
 
 def _forward(model, ids, positions, cache):
-    if hasattr(model, "forward_stages"):  # PipelineModel: None on ranks without the last stage
-        return model.forward_stages(ids, position_ids=positions, kv_cache=cache)
-    return model(ids, position_ids=positions, kv_cache=cache)
+    """The last stage's logits; None on ranks without it (pipeline stages)."""
+    return model.forward_without_schedule(input_ids=ids, position_ids=positions, kv_cache=cache)
 
 
 def _sample_on_last_stage(model, logits, params: SamplingParams, u) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +131,7 @@ def _sample_on_last_stage(model, logits, params: SamplingParams, u) -> tuple[tor
     if group_size(st.pp_group) > 1:  # the last stage's owner tells the other stages
         owner = st.group_ranks["pp"][model.owner(model.num_stages - 1)]
         buf = result.to(_device(model))
-        dist.broadcast(buf, src=owner, group=st.pp_group)
+        broadcast(buf, src=owner, group=st.pp_group)
         result = buf.cpu()
     return result[:, 0].long(), result[:, 1]
 
@@ -183,6 +182,6 @@ def _all_done(done: torch.Tensor, model) -> bool:
     finished = bool(done.all())
     if st.ep_size > 1 and group_size(st.dp_group) > 1:
         flag = torch.tensor([0.0 if finished else 1.0], device=_device(model))
-        dist.all_reduce(flag, group=st.dp_group)
+        all_reduce(flag, group=st.dp_group)
         finished = flag.item() == 0
     return finished

@@ -13,7 +13,7 @@ from megaswift.testing.dist import run_distributed
 
 
 def _stream(rank, world, hf_dir, overrides):
-    from megaswift.commands import build_model, hf_model_config, plan_layout
+    from megaswift.setup import build_model, hf_model_config, plan_layout
     from megaswift.config import load_config
     from megaswift.convert.hf_import import load_hf_into_model
     from megaswift.convert.hf_stream import stream_hf_weights
@@ -71,9 +71,9 @@ def _check(results, hf_dir):
 def _stream_lora(rank, world, hf_dir, overrides):
     """A LoRA model (rank 4, all-linear) whose B matrices are random (as after training), drawn
     for the canonical tensors so every layout holds the same adapters."""
-    from megaswift.commands import build_model, hf_model_config, plan_layout
+    from megaswift.setup import build_model, hf_model_config, plan_layout
     from megaswift.config import load_config
-    from megaswift.convert.canonical import box_of, fill_from_canonical
+    from megaswift.models.sharding import box_of, fill_from_canonical
     from megaswift.convert.hf_import import load_hf_into_model
     from megaswift.convert.hf_stream import stream_hf_weights
     from megaswift.parallel.state import ParallelState

@@ -10,12 +10,11 @@ from megaswift.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab
 from megaswift.parallel.layout import Layout
 from megaswift.parallel.state import ParallelState
 from megaswift.parallel.tp_comm import reduce_scatter_to_sp_region, scatter_to_sp_region
+from megaswift.parallel.grads import allreduce_tp_partial_grads, mark_tp_partial_grad
 from megaswift.parallel.tp_layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    allreduce_tp_partial_grads,
-    mark_tp_partial_grad,
 )
 from megaswift.testing.dist import run_distributed
 

@@ -7,12 +7,11 @@ from torch import nn
 
 from megaswift.parallel import tp_comm
 from megaswift.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_log_probs
+from megaswift.parallel.grads import allreduce_tp_partial_grads, mark_tp_partial_grad
 from megaswift.parallel.tp_layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    allreduce_tp_partial_grads,
-    mark_tp_partial_grad,
 )
 
 TOL = dict(rtol=1e-5, atol=1e-6)
