@@ -80,7 +80,7 @@ def baseline_child(src: str, dst: str) -> None:
 def params_child(hf_dir: str, tp: int) -> None:
     """Runs in its own process (it imports megaswift): each TP rank's parameter bytes, in MB, as
     import-hf holds them (the checkpoint's dtype, the rank's shards and vocabulary padding)."""
-    from megaswift.commands import hf_model_config
+    from megaswift.setup import hf_model_config
     from megaswift.config import load_config
     from megaswift.convert.hf_io import HFReader
     from megaswift.models.sharding import canonical_names, shard_layout

@@ -85,8 +85,8 @@ def worker(rank, world, hf_dir, out_dir, args, ep):
     class RandomTokensSFT(SFT):
         reads_data_path = False
 
-        def build_data(self, trainer):
-            return RandomBatches(1, args.micro_batch, args.seq_len, trainer.model.cfg.vocab_size)
+        def build_data(self, ctx):
+            return RandomBatches(1, args.micro_batch, args.seq_len, ctx.model.cfg.vocab_size)
 
     box: dict = {}
     instrument(box)

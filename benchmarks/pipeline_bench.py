@@ -73,8 +73,8 @@ def worker(rank, world, hf_dir, out_dir, args, schedule, vpp):
     class RandomTokensSFT(SFT):
         reads_data_path = False
 
-        def build_data(self, trainer):
-            return RandomBatches(args.micro_batches, args.micro_batch, args.seq_len, trainer.model.cfg.vocab_size)
+        def build_data(self, ctx):
+            return RandomBatches(args.micro_batches, args.micro_batch, args.seq_len, ctx.model.cfg.vocab_size)
 
     base = {"model": {"hf_path": hf_dir, "attention_backend": "sdpa"},
             "data": {"seq_len": args.seq_len},

@@ -75,7 +75,7 @@ def bench_transformers(hf_dir: str, a) -> float:
 
 
 def bench_megaswift(rank, world, hf_dir: str, a) -> float:
-    from megaswift.commands import hf_model_config
+    from megaswift.setup import hf_model_config
     from megaswift.config import load_config
     from megaswift.convert.hf_import import load_hf_into_model
     from megaswift.models.decoder import GPTModel

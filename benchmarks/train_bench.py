@@ -90,13 +90,13 @@ def run_transformers(args) -> dict:
 def run_megaswift(args) -> dict:
     from megaswift.config import load_config
     from megaswift.train.build import build_trainer
-    from megaswift.train.engine import Algorithm
+    from megaswift.train.algorithm import Algorithm
 
     class Synthetic(Algorithm):
         name = "bench"
         reads_data_path = False
 
-        def build_data(self, trainer):
+        def build_data(self, ctx):
             return None
 
         def count(self, mb):
@@ -152,7 +152,7 @@ def main(argv=None):
         result = run_transformers(args) if args.side == "transformers" else run_megaswift(args)
         print(json.dumps(result))
         return
-    from megaswift.commands import hf_model_config
+    from megaswift.setup import hf_model_config
     from megaswift.config import load_config
     from megaswift.train.metrics import matmul_params, peak_flops, train_flops_per_token
 

@@ -16,6 +16,8 @@ _WRAPPERS = ("launch", "slurm")  # commands that run another megaswift command g
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megaswift.train.registry import ALGORITHMS
+
     p = argparse.ArgumentParser(prog="megaswift", description="Megatron-style parallel training on PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -28,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="optimizer steps (default: the tuned recipe)")
 
     s = with_config(sub.add_parser("train", help="train a model (run it under `megaswift launch` for several ranks)"))
-    s.add_argument("algorithm", choices=["sft", "dpo", "grpo"])
+    s.add_argument("algorithm", choices=list(ALGORITHMS), help="train/registry.py")
 
     s = with_config(sub.add_parser("import-hf", help="convert an HF checkpoint into a megaswift checkpoint"))
     s.add_argument("hf_dir")
@@ -94,6 +96,27 @@ def parse(argv: list[str]):
     return ns, cfg
 
 
+def check_subcommand(sub_argv: list[str], world_size: int) -> None:
+    """`launch` and `slurm`: check the command they will run on `world_size` ranks (config,
+    layout, model shape; a training run's whole plan) before any process starts."""
+    from megaswift import setup
+
+    if not sub_argv:
+        raise MegaswiftError("megaswift launch needs a subcommand after --, e.g. -- verify HF_DIR --parallel.tp 2")
+    if sub_argv[0] in ("launch", "slurm"):
+        raise MegaswiftError(f"the subcommand after -- cannot be {sub_argv[0]}")
+    ns, cfg = parse(sub_argv)
+    if cfg is None:
+        return
+    if sub_argv[0] == "train":
+        from megaswift.train.plan import plan_training
+
+        plan_training(cfg, world_size, algorithm=ns.algorithm, quiet=True)
+        return
+    model_cfg = setup.hf_model_config(ns.hf_dir, cfg) if sub_argv[0] in ("verify", "import-hf") else None
+    setup.plan_layout(cfg, world_size, model_cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # transformers' per-file progress bars drown the one-line results of these commands
@@ -127,11 +150,11 @@ def _run(ns, cfg) -> int:
     if ns.command == "launch":
         from megaswift.launch.torchrun import launch
 
-        return launch(ns, ns.sub_argv)
+        return launch(ns, ns.sub_argv, check=check_subcommand)
     if ns.command == "slurm":
         from megaswift.launch.slurm import slurm_command
 
-        return slurm_command(ns, ns.sub_argv)
+        return slurm_command(ns, ns.sub_argv, check=check_subcommand)
     if ns.command == "tiny-hf":
         from megaswift.testing.tiny import make_tiny_hf
 

@@ -1,4 +1,5 @@
-"""What the conversion commands do once their arguments are parsed (the CLI stays a parser)."""
+"""What `import-hf`, `export-hf`, `verify` and `train` do once their arguments are parsed (the CLI
+stays a parser); everything they build comes from the setup layer (megaswift/setup.py)."""
 from __future__ import annotations
 
 import os
@@ -6,78 +7,26 @@ import re
 
 import torch.distributed as dist
 
-from megaswift import device
+from megaswift import device, setup
 from megaswift.dtypes import DTYPES
 from megaswift.errors import CheckpointError, LayoutError
-from megaswift.parallel.layout import Layout
-from megaswift.parallel.pipeline_stages import num_stages, split_layers
 
 
-def hf_model_config(hf_dir: str, cfg):
-    from megaswift.convert.families import family_for
-    from megaswift.convert.hf_io import read_hf_config
-
-    hf = read_hf_config(hf_dir)
-    return family_for(hf).model_config(hf, cfg.model.make_vocab_size_divisible_by,
-                                       source=os.path.join(hf_dir, "config.json"))
-
-
-def plan_layout(cfg, world_size: int, model_cfg=None) -> Layout:
-    """Every check that needs no process group: run before torchrun starts anything."""
-    p = cfg.parallel
-    ulysses = {"ring": 1, "ulysses": p.cp, "hybrid": p.ulysses}[p.cp_comm]
-    if p.cp_comm == "hybrid" and p.cp > 1 and not 1 < p.ulysses < p.cp:
-        raise LayoutError(f"cp_comm hybrid runs parallel.ulysses ranks inside a ring: need 1 < ulysses < cp, got "
-                          f"ulysses={p.ulysses}, cp={p.cp} (use cp_comm ring or ulysses for the ends)")
-    layout = Layout(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp,
-                    ulysses=ulysses if p.cp > 1 else 1)
-    if p.pp == 1 and (p.vpp > 1 or p.pp_layers):
-        raise LayoutError(f"parallel.vpp={p.vpp} / parallel.pp_layers={p.pp_layers} need parallel.pp > 1")
-    stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
-    if model_cfg is not None:
-        layout.check_model(model_cfg)
-        if p.pp > 1:
-            split_layers(model_cfg.num_layers, stages, p.pp_layers)
-    return layout
-
-
-def build_model(cfg, model_cfg, st, dtype):
-    """The whole GPTModel, or under pp > 1 this rank's pipeline stages (a PipelineModel)."""
-    from megaswift.models.decoder import GPTModel
-    from megaswift.models.pipeline_model import PipelineModel
-
-    if st.pp_size == 1:
-        return GPTModel(model_cfg, st, dtype=dtype, device=st.device)
-    p = cfg.parallel
-    return PipelineModel(model_cfg, st, schedule=p.pp_schedule, vpp=p.vpp, pp_layers=p.pp_layers, dtype=dtype,
-                         device=st.device)
-
-
-def setup_parallel(cfg, model_cfg):
-    from megaswift.parallel.state import ParallelState
-
-    layout = plan_layout(cfg, device.world_size_from_env(), model_cfg)
-    device.init_distributed(cfg.parallel.timeout_s)
-    return ParallelState.build(layout, device.get_device())
-
-
-def _checkpoint_dtype(hf_dir: str, model_cfg) -> str:
-    from megaswift.convert.hf_io import HFReader
-
-    t = HFReader(hf_dir).dtype("model.embed_tokens.weight")
-    return {v: k for k, v in DTYPES.items()}.get(t, "float32")
+def _setup(cfg, model_cfg):
+    layout = setup.plan_layout(cfg, device.world_size_from_env(), model_cfg)
+    return setup.setup_parallel(cfg, layout)
 
 
 def import_command(ns, cfg) -> int:
     from megaswift.checkpoint.model_state import save_model
     from megaswift.convert.hf_import import load_hf_into_model
 
-    model_cfg = hf_model_config(ns.hf_dir, cfg)
+    model_cfg = setup.hf_model_config(ns.hf_dir, cfg)
     if os.path.exists(ns.ckpt_dir) and os.listdir(ns.ckpt_dir) and not ns.overwrite:
         raise CheckpointError(f"{ns.ckpt_dir} exists and is not empty; choose another directory or pass --overwrite")
-    st = setup_parallel(cfg, model_cfg)
-    dtype = ns.dtype or _checkpoint_dtype(ns.hf_dir, model_cfg)
-    model = build_model(cfg, model_cfg, st, DTYPES[dtype])
+    st = _setup(cfg, model_cfg)
+    dtype = ns.dtype or setup.checkpoint_dtype(ns.hf_dir)
+    model = setup.build_model(cfg, model_cfg, st, DTYPES[dtype])
     load_hf_into_model(model, ns.hf_dir)
     meta = {"family": model_cfg.family, "model_config": model_cfg.to_dict(), "dtype": dtype,
             "saved_layout": st.layout.describe(), "source": os.path.abspath(ns.hf_dir)}
@@ -113,11 +62,11 @@ def export_command(ns) -> int:
 def verify_command(ns, cfg) -> int:
     from megaswift.convert.verify import verify
 
-    model_cfg = hf_model_config(ns.hf_dir, cfg)
-    st = setup_parallel(cfg, model_cfg)
+    model_cfg = setup.hf_model_config(ns.hf_dir, cfg)
+    st = _setup(cfg, model_cfg)
     st.layout.check_seq_len(ns.seq_len, moe=bool(model_cfg.moe_layers))
     tol = ns.tolerance if ns.tolerance is not None else (1e-4 if ns.dtype == "float32" else 5e-2)
-    model = build_model(cfg, model_cfg, st, DTYPES[ns.dtype])
+    model = setup.build_model(cfg, model_cfg, st, DTYPES[ns.dtype])
     result = verify(ns.hf_dir, model, DTYPES[ns.dtype], ns.seq_len, ns.batch_size, ns.seed,
                     attention_backend=cfg.model.attention_backend)
     ok = result["max_abs_diff"] <= tol
@@ -131,11 +80,12 @@ def verify_command(ns, cfg) -> int:
 
 
 def train_command(ns, cfg) -> int:
-    from megaswift.train import dpo, grpo, sft, stopping
+    from megaswift.train import stopping
+    from megaswift.train.build import run
     from megaswift.train.metrics import format_summary
 
     stopping.listen()  # from the start: building the model and reading data may take minutes
-    summary = {"sft": sft.run, "dpo": dpo.run, "grpo": grpo.run}[ns.algorithm](cfg)
+    summary = run(cfg, ns.algorithm)
     if device.rank() == 0:
         print(format_summary(ns.algorithm, summary, cfg), flush=True)
     if dist.is_initialized():

@@ -1,190 +1,37 @@
-"""Typed run config: one dataclass per YAML section, filled from a file, then from
-`--section.key value` overrides, and checked when built, so a typo or a bad value fails with a
-one-line ConfigError before any process group starts.
-
-Adding a section (e.g. `dpo`) means writing a `_Checked` dataclass with `_section = "dpo"` and
-adding one field to `Config`; loading, overrides, checking and `to_dict` walk the fields
-generically.
+"""The run config: the core sections (model, parallel, moe, data, train, optim, checkpoint, log)
+and one section per algorithm (declared by the algorithm, train/registry.py), filled from a
+YAML file, then from `--section.key value` overrides, and checked when built
+(megaswift/section.py), so a typo or a bad value fails with a one-line ConfigError before any
+process group starts.
 """
 
 import copy
 import dataclasses
-import difflib
-import functools
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 import yaml
 
 from megaswift.errors import ConfigError
+from megaswift.section import Section, _hints, _join, _parse, _require_field, at_least
 
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
-_NONE = ("none", "null")
-
-
-def _at_least(low, default):
-    """A field whose value (when not None) must be >= `low`; checked in `_Checked.__post_init__`."""
-    return field(default=default, metadata={"min": low})
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-@functools.cache
-def _hints(cls) -> dict:
-    # get_type_hints resolves string annotations and is slow-ish; every build needs it.
-    return typing.get_type_hints(cls)
-
-
-def _optional_inner(tp):
-    """`X` for `X | None` (or Optional[X]), else None."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        rest = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0]
-    return None
-
-
-def _type_name(tp) -> str:
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return f"{_type_name(inner)} or None"
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return type(args[0]).__name__
-    if origin is list:
-        return f"list[{_type_name(args[0])}]"
-    return tp.__name__
-
-
-def _check(value, tp, key: str, shown=None):
-    """Return `value` if it fits `tp` (an int becomes a float for a float field), else raise.
-    `shown` is the declared type to name in the message ('int or None', not just 'int')."""
-    shown = shown or tp
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return None if value is None else _check(value, inner, key, shown)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        # compare types too: True == 1, but `zero: true` is a mistake, not ZeRO-1
-        if not any(value == a and type(value) is type(a) for a in args):
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, list):
-            try:
-                return [_check(v, args[0], key) for v in value]
-            except ConfigError:
-                pass  # report the whole list below, not one element
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML follows YAML 1.1, which reads `lr: 1e-5` (no dot) as the string '1e-5'
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is int:
-        # bool is a subclass of int; `steps: true` is a mistake
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, tp):
-        return value
-    raise ConfigError(f"config key '{key}' expects {_type_name(shown)}, got {value!r}")
-
-
-def _parse(text: str, tp, key: str, shown=None):
-    """Convert one command-line string to `tp`; the section's __post_init__ then checks it."""
-    shown = shown or tp
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return None if text.strip().lower() in _NONE else _parse(text, inner, key, shown)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return _parse(text, type(args[0]), key, shown)
-    if origin is list:
-        # accept the YAML flow form `[1, 2]` and the shell-friendly `1,2`
-        body = text.strip()
-        if body.startswith("[") and body.endswith("]"):
-            body = body[1:-1]
-        items = [s.strip().strip("'\"") for s in body.split(",")]
-        try:
-            return [_parse(s, args[0], key) for s in items if s]
-        except ConfigError:  # name the whole list, not one element
-            raise ConfigError(
-                f"config key '{key}' expects {_type_name(shown)}, got {text!r}"
-            ) from None
-    if tp is bool:
-        if text.strip().lower() in _TRUE:
-            return True
-        if text.strip().lower() in _FALSE:
-            return False
-    elif tp is str:
-        return text
-    else:
-        try:
-            return tp(text)
-        except ValueError:
-            pass
-    raise ConfigError(f"config key '{key}' expects {_type_name(shown)}, got {text!r}")
-
-
-def _require_field(cls, name: str, prefix: str, tail: str = "") -> None:
-    """Raise unless `cls` has field `name`; `tail` is the rest of a dotted override key, kept so
-    the message shows the whole key the user typed ('paralel.tp' -> 'parallel.tp')."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    if name in names:
-        return
-    # match on this component alone: a shared 'parallel.' prefix would make every key look close
-    close = difflib.get_close_matches(name, names, n=1)
-    if close:
-        hint = f"did you mean '{_join(prefix, close[0])}{tail}'?"
-    else:
-        hint = "valid keys: " + ", ".join(_join(prefix, n) for n in names)
-    raise ConfigError(f"unknown config key '{_join(prefix, name)}{tail}'; {hint}")
+REMOVED_KEYS = {
+    "model.preset": "model.preset was removed (no presets existed): set model.hf_path to an HF checkpoint",
+    "model.trust_remote_code": "model.trust_remote_code was removed: megaswift never runs code shipped with a "
+                               "checkpoint; its families are built in (convert/families.py)",
+}
 
 
 @dataclass(kw_only=True)
-class _Checked:
-    """Base of every section: checks each field against its annotation and `_at_least` bound."""
-
-    _section: ClassVar[str] = ""
-    """Dotted name of this section, used in error messages ('' for the root Config)."""
-
-    def __post_init__(self):
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
-            key, tp, value = _join(self._section, f.name), hints[f.name], getattr(self, f.name)
-            if dataclasses.is_dataclass(tp):
-                if not isinstance(value, tp):
-                    raise ConfigError(f"config key '{key}' expects a {tp.__name__}, got {value!r}")
-                continue
-            value = _check(value, tp, key)
-            low = f.metadata.get("min")
-            if low is not None and value is not None and value < low:
-                raise ConfigError(f"{key} must be >= {low}; got {value}")
-            setattr(self, f.name, value)
-
-    def to_dict(self) -> dict:
-        """Plain nested dicts and lists, safe for yaml.safe_dump and `load_config(base=...)`."""
-        return dataclasses.asdict(self)
-
-
-@dataclass(kw_only=True)
-class LoraSection(_Checked):
+class LoraSection(Section):
     _section: ClassVar[str] = "model.lora"
 
-    rank: int = _at_least(0, 0)
+    rank: int = at_least(0, 0)
     """LoRA rank; 0 turns LoRA off and trains every parameter."""
     alpha: float = 16.0
     """Adapter scale numerator: the adapter output is multiplied by alpha / rank."""
-    dropout: float = _at_least(0.0, 0.0)
+    dropout: float = at_least(0.0, 0.0)
     """Dropout probability on the adapter input."""
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
     """Layers to adapt, by Megatron name (linear_qkv, linear_proj, linear_fc1, linear_fc2),
@@ -192,13 +39,11 @@ class LoraSection(_Checked):
 
 
 @dataclass(kw_only=True)
-class ModelSection(_Checked):
+class ModelSection(Section):
     _section: ClassVar[str] = "model"
 
     hf_path: str | None = None
     """Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)."""
-    preset: str | None = None
-    """Name of a YAML model preset in configs/models/ (file name without .yaml)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype. verify and import-hf: the parameters' dtype. Training: the master weights
     stay float32 and this is the autocast dtype, on CUDA (on CPU only with cpu_autocast);
@@ -209,55 +54,53 @@ class ModelSection(_Checked):
     attention_backend: Literal["auto", "reference", "sdpa", "flash_attn"] = "auto"
     """Attention kernel; 'auto' picks the fastest one available, 'reference' is the plain torch
     version that tests compare against."""
-    make_vocab_size_divisible_by: int = _at_least(1, 128)
+    make_vocab_size_divisible_by: int = at_least(1, 128)
     """Pad the vocabulary to a multiple of this times tp, so embedding shards are equal."""
-    trust_remote_code: bool = False
-    """Let transformers run code shipped with the checkpoint; off unless the user trusts it."""
     lora: LoraSection = field(default_factory=LoraSection)
     """Low-rank adapters (model.lora.*)."""
 
 
 @dataclass(kw_only=True)
-class ParallelSection(_Checked):
+class ParallelSection(Section):
     _section: ClassVar[str] = "parallel"
 
-    tp: int = _at_least(1, 1)
+    tp: int = at_least(1, 1)
     """Tensor-parallel degree."""
-    pp: int = _at_least(1, 1)
+    pp: int = at_least(1, 1)
     """Pipeline-parallel degree (stages)."""
-    vpp: int = _at_least(1, 1)
+    vpp: int = at_least(1, 1)
     """Virtual pipeline chunks per stage (interleaved schedules)."""
     pp_schedule: Literal["1f1b", "interleaved", "zbv", "gpipe"] = "1f1b"
     """Pipeline schedule."""
     pp_layers: list[int] | None = None
     """Decoder layers on each pipeline chunk, in order; None splits the layers evenly."""
-    cp: int = _at_least(1, 1)
+    cp: int = at_least(1, 1)
     """Context-parallel degree: the sequence is split across this many ranks."""
     cp_comm: Literal["ring", "ulysses", "hybrid"] = "ring"
     """How context parallelism exchanges keys/values: ring, Ulysses all-to-all, or both."""
-    ulysses: int = _at_least(1, 1)
+    ulysses: int = at_least(1, 1)
     """Ulysses degree inside cp when cp_comm is 'hybrid' (the rest of cp runs as a ring)."""
-    ep: int = _at_least(1, 1)
+    ep: int = at_least(1, 1)
     """Expert-parallel degree (MoE models)."""
-    etp: int = _at_least(1, 1)
+    etp: int = at_least(1, 1)
     """Tensor-parallel degree inside each expert."""
     sp: bool = False
     """Sequence parallelism: shard activations outside attention/MLP along the sequence over tp."""
-    timeout_s: int = _at_least(1, 600)
+    timeout_s: int = at_least(1, 600)
     """Seconds a collective may wait before the job fails, so a dead or hung rank ends the run."""
-    ddp_bucket_size: int = _at_least(1, 40_000_000)
+    ddp_bucket_size: int = at_least(1, 40_000_000)
     """Gradient elements per data-parallel bucket: a bucket's reduction starts as soon as
     backward has produced all of its gradients, overlapping communication with compute."""
 
 
 @dataclass(kw_only=True)
-class MoESection(_Checked):
+class MoESection(Section):
     _section: ClassVar[str] = "moe"
 
-    aux_loss_coef: float | None = _at_least(0.0, None)
+    aux_loss_coef: float | None = at_least(0.0, None)
     """Load-balancing loss weight; None follows transformers: the checkpoint's
     router_aux_loss_coef when its output_router_logits is true, else no load-balancing loss."""
-    z_loss_coef: float = _at_least(0.0, 0.0)
+    z_loss_coef: float = at_least(0.0, 0.0)
     """Router z-loss weight (ST-MoE): mean squared log-sum-exp of the router logits per layer."""
     capacity_factor: float | None = None
     """None routes every token to its top-k experts (drop-less); a number caps each expert at
@@ -274,122 +117,28 @@ class MoESection(_Checked):
 
 
 @dataclass(kw_only=True)
-class DPOSection(_Checked):
-    _section: ClassVar[str] = "dpo"
-
-    beta: float = _at_least(0.0, 0.1)
-    """Strength of the KL anchor to the reference model (TRL's beta)."""
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
-    """DPO (sigmoid), SLiC (hinge), IPO, or robust DPO with label smoothing."""
-    label_smoothing: float = _at_least(0.0, 0.0)
-    """Probability that a pair's preference is flipped (robust); must be below 0.5."""
-    rpo_alpha: float = _at_least(0.0, 0.0)
-    """Weight of an NLL term on the chosen response (RPO): its mean token negative log-likelihood."""
-    reference: Literal["auto", "copy", "adapters"] = "auto"
-    """Where reference log-probabilities come from when not precomputed: a frozen copy of the
-    starting model sharded like the policy, or the policy with its LoRA adapters switched off
-    (auto: adapters under LoRA, else a copy)."""
-    precompute_ref: bool = False
-    """Compute every pair's reference log-probabilities once before training (with the starting
-    weights) and keep them with the run, so no reference model is held during training."""
-    ref_path: str | None = None
-    """Reference weights (an HF directory or a megaswift checkpoint); default: the weights the
-    run starts from (model.hf_path, or a weights-only checkpoint.load)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.loss_type == "robust" and not self.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing must be below 0.5 for the robust loss; got {self.label_smoothing}")
-        if self.beta <= 0:
-            raise ConfigError(f"dpo.beta must be > 0; got {self.beta}")
-
-
-@dataclass(kw_only=True)
-class GRPOSection(_Checked):
-    _section: ClassVar[str] = "grpo"
-
-    num_generations: int = _at_least(2, 8)
-    """Completions sampled per prompt (the group G); train.global_batch_size counts completions."""
-    max_new_tokens: int = _at_least(1, 64)
-    """Completion length limit in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature (> 0); log-probabilities for the loss use the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the most likely tokens whose probability reaches top_p."""
-    top_k: int = _at_least(0, 0)
-    """Keep only the top_k most likely tokens; 0 = off."""
-    stop_strings: list[str] = field(default_factory=list)
-    """A completion also ends once it contains one of these (the EOS token always ends it)."""
-    generation_batch_size: int | None = _at_least(1, None)
-    """Completions generated together on a rank; None = all of the rank's completions of a step."""
-    reward_funcs: list[str] = field(default_factory=list)
-    """Reward functions, `module:function` or `path/to/file.py:function` (see rollout/rewards.py),
-    e.g. megaswift.rewards:accuracy."""
-    reward_weights: list[float] | None = None
-    """One weight per reward function (default 1 each); the reward is the weighted sum."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Divide advantages by the group's reward std, the whole batch's, or not at all (Dr. GRPO)."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """How per-token losses are averaged (train/grpo_loss.py); dapo is TRL's default."""
-    importance_sampling_level: Literal["token", "sequence"] = "token"
-    """Importance ratio per token (GRPO) or per sequence (GSPO)."""
-    epsilon: float = _at_least(0.0, 0.2)
-    """Lower clip range of the importance ratio: 1 - epsilon."""
-    epsilon_high: float | None = _at_least(0.0, None)
-    """Upper clip range, 1 + epsilon_high (DAPO's clip-higher); None = epsilon."""
-    beta: float = _at_least(0.0, 0.0)
-    """Weight of the k3 KL penalty to the reference model; 0 = no reference model at all."""
-    num_iterations: int = _at_least(1, 1)
-    """Policy updates (optimizer steps) per rollout batch (PPO epochs, mu in the GRPO paper)."""
-    dynamic_sampling: bool = False
-    """DAPO's dynamic sampling: drop groups whose rewards are all equal (zero advantage) and
-    sample more prompts to fill the batch, up to dynamic_sampling_max_rounds rollouts a step."""
-    dynamic_sampling_max_rounds: int = _at_least(1, 3)
-    """Rollout rounds a step may take to fill its batch; short batches are topped up with
-    zero-variance groups."""
-    reference: Literal["auto", "copy", "adapters"] = "auto"
-    """Reference for the KL term (beta > 0): a frozen copy of the starting model, or the policy
-    with its LoRA adapters off (auto: adapters under LoRA, else a copy)."""
-    ref_path: str | None = None
-    """Reference weights; default the weights the run starts from."""
-    sync_check: bool = True
-    """After each rollout, compare the rollout engine's log-probabilities with the trainer's on
-    one micro batch and stop on a mismatch (stale or corrupted rollout weights)."""
-    sync_check_tol: float | None = None
-    """Largest allowed mean |log-prob difference| per token; None = 1e-3 in float32, 5e-2 in
-    bf16/fp16 (measured differences: see README)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.temperature <= 0:
-            raise ConfigError(f"grpo.temperature must be > 0; got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"grpo.top_p must be in (0, 1]; got {self.top_p}")
-
-
-@dataclass(kw_only=True)
-class DataSection(_Checked):
+class DataSection(Section):
     _section: ClassVar[str] = "data"
 
     path: str | None = None
     """Dataset file or directory."""
-    seq_len: int = _at_least(1, 2048)
+    seq_len: int = at_least(1, 2048)
     """Tokens per training sequence."""
     packing: bool = False
     """Pack several samples into one seq_len row instead of padding each sample."""
-    max_prompt_len: int | None = _at_least(1, None)
+    max_prompt_len: int | None = at_least(1, None)
     """Prompt length limit in tokens (DPO/GRPO); None means only seq_len bounds it."""
 
 
 @dataclass(kw_only=True)
-class TrainSection(_Checked):
+class TrainSection(Section):
     _section: ClassVar[str] = "train"
 
-    steps: int = _at_least(1, 100)
+    steps: int = at_least(1, 100)
     """Optimizer steps to run."""
-    micro_batch_size: int = _at_least(1, 1)
+    micro_batch_size: int = at_least(1, 1)
     """Samples per forward/backward pass on each dp rank."""
-    global_batch_size: int | None = _at_least(1, None)
+    global_batch_size: int | None = at_least(1, None)
     """Samples per optimizer step; None means micro_batch_size * dp (no gradient accumulation)."""
     seed: int = 1234
     """Random seed for initialisation, data order and dropout."""
@@ -400,7 +149,7 @@ class TrainSection(_Checked):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A step whose loss or gradient norm is inf/NaN (on any rank): stop names the step and the
     last good checkpoint and ends the run; skip drops that step's update and goes on."""
-    max_skipped_steps: int = _at_least(1, 5)
+    max_skipped_steps: int = at_least(1, 5)
     """With on_nonfinite skip: how many non-finite steps in a row end the run anyway."""
 
     def global_batch(self, dp: int) -> int:
@@ -409,18 +158,18 @@ class TrainSection(_Checked):
 
 
 @dataclass(kw_only=True)
-class OptimSection(_Checked):
+class OptimSection(Section):
     _section: ClassVar[str] = "optim"
 
-    lr: float = _at_least(0.0, 1e-5)
+    lr: float = at_least(0.0, 1e-5)
     """Peak learning rate."""
-    min_lr: float = _at_least(0.0, 0.0)
+    min_lr: float = at_least(0.0, 0.0)
     """Learning rate at the end of the decay."""
-    warmup_steps: int = _at_least(0, 0)
+    warmup_steps: int = at_least(0, 0)
     """Steps of linear warmup from 0 to lr."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay from lr to min_lr after warmup."""
-    weight_decay: float = _at_least(0.0, 0.0)
+    weight_decay: float = at_least(0.0, 0.0)
     """Decoupled (AdamW) weight decay."""
     adam_beta1: float = 0.9
     """Adam first-moment decay."""
@@ -428,7 +177,7 @@ class OptimSection(_Checked):
     """Adam second-moment decay."""
     adam_eps: float = 1e-8
     """Adam denominator epsilon."""
-    clip_grad: float = _at_least(0.0, 1.0)
+    clip_grad: float = at_least(0.0, 1.0)
     """Clip the global gradient norm to this; 0 disables clipping."""
     zero: Literal[0, 1] = 0
     """ZeRO stage: 0 replicates optimizer state on every dp rank, 1 shards it across dp."""
@@ -447,12 +196,12 @@ class OptimSection(_Checked):
 
 
 @dataclass(kw_only=True)
-class CheckpointSection(_Checked):
+class CheckpointSection(Section):
     _section: ClassVar[str] = "checkpoint"
 
-    every: int = _at_least(0, 0)
+    every: int = at_least(0, 0)
     """Save every N steps; 0 saves only at the end."""
-    keep: int | None = _at_least(1, None)
+    keep: int | None = at_least(1, None)
     """How many recent checkpoints to keep; None keeps all."""
     load: str | None = None
     """Checkpoint directory to resume from, or 'latest' for the newest one in output_dir."""
@@ -467,31 +216,40 @@ class CheckpointSection(_Checked):
 
 
 @dataclass(kw_only=True)
-class LogSection(_Checked):
+class LogSection(Section):
     _section: ClassVar[str] = "log"
 
     wandb: bool = False
     """Send metrics to Weights & Biases."""
     tensorboard: bool = False
     """Write TensorBoard event files to output_dir."""
-    every: int = _at_least(1, 1)
+    every: int = at_least(1, 1)
     """Print and send to trackers every N steps."""
 
 
-@dataclass(kw_only=True)
-class Config(_Checked):
-    """The whole run config. Field names are the YAML section names."""
+CORE_SECTIONS = {"model": ModelSection, "parallel": ParallelSection, "moe": MoESection, "data": DataSection,
+                 "train": TrainSection, "optim": OptimSection, "checkpoint": CheckpointSection, "log": LogSection}
 
-    model: ModelSection = field(default_factory=ModelSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
-    moe: MoESection = field(default_factory=MoESection)
-    dpo: DPOSection = field(default_factory=DPOSection)
-    grpo: GRPOSection = field(default_factory=GRPOSection)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    log: LogSection = field(default_factory=LogSection)
+
+_CLASSES: dict = {}
+
+
+def config_class():
+    """The whole run config's class: the core sections, then each registered algorithm's
+    (`cfg.dpo`, `cfg.grpo`). Field names are the YAML section names. Built once per set of
+    registered algorithms."""
+    from megaswift.train.registry import ALGORITHMS, config_sections
+
+    key = tuple(sorted(ALGORITHMS.items()))
+    if key not in _CLASSES:
+        sections = {**CORE_SECTIONS, **config_sections()}
+        fields = [(name, cls, field(default_factory=cls)) for name, cls in sections.items()]
+        _CLASSES[key] = dataclasses.make_dataclass("Config", fields, bases=(Section,), kw_only=True,
+                                                   namespace={"__module__": __name__})
+    return _CLASSES[key]
+
+
+Config = config_class()  # with the algorithms megaswift ships
 
 
 def _build(cls, raw, prefix: str):
@@ -503,6 +261,7 @@ def _build(cls, raw, prefix: str):
     hints, kwargs = _hints(cls), {}
     for name, value in raw.items():
         name = str(name)
+        _check_removed(_join(prefix, name))
         _require_field(cls, name, prefix)
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
@@ -511,15 +270,21 @@ def _build(cls, raw, prefix: str):
     return cls(**kwargs)
 
 
+def _check_removed(key: str) -> None:
+    if key in REMOVED_KEYS:
+        raise ConfigError(REMOVED_KEYS[key])
+
+
 def config_from_dict(d: dict) -> Config:
     """Build a Config from nested dicts (as `Config.to_dict` or a YAML file gives), checking every
     key and value."""
-    return _build(Config, d, "")
+    return _build(config_class(), d, "")
 
 
 def _resolve(dotted: str):
     """The declared type of a dotted override key such as 'model.lora.rank'."""
-    tp, prefix, parts = Config, "", dotted.split(".")
+    _check_removed(dotted)
+    tp, prefix, parts = config_class(), "", dotted.split(".")
     for i, name in enumerate(parts):
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"unknown config key '{dotted}'; '{prefix}' has no sub-keys")

@@ -161,3 +161,8 @@ class PreferenceLoader(SFTLoader):
         batch = self._collate_rows([[chosen] for chosen, _ in pairs] + [[rejected] for _, rejected in pairs])
         batch["pair_index"] = torch.tensor([item[0] for item in items], dtype=torch.long)
         return batch
+
+    def collate_pairs(self, pair_indices: list[int]) -> dict:
+        """The micro batch of these pairs (in this order), outside the stream: for computing
+        every pair's reference log-probabilities before training."""
+        return self._collate([[i] for i in pair_indices])

@@ -133,10 +133,9 @@ def render(ns, sub_argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def slurm_command(ns, sub_argv: list[str]) -> int:
-    from .torchrun import check_subcommand
-
-    check_subcommand(sub_argv, ranks_per_node(ns) * ns.nodes)  # a bad layout fails here, not after queueing
+def slurm_command(ns, sub_argv: list[str], check) -> int:
+    """`check(sub_argv, world_size)`: the subcommand's plan (megaswift/cli.py)."""
+    check(sub_argv, ranks_per_node(ns) * ns.nodes)  # a bad layout fails here, not after queueing
     script = render(ns, sub_argv)
     try:
         os.makedirs(ns.log_dir, exist_ok=True)

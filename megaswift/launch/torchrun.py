@@ -12,29 +12,6 @@ import sys
 
 from megaswift.errors import MegaswiftError
 
-# subcommands whose first positional argument is an HF checkpoint whose shape we can check
-_HF_FIRST = {"verify", "import-hf"}
-
-
-def check_subcommand(sub_argv: list[str], world_size: int) -> None:
-    from megaswift.cli import parse
-    from megaswift.commands import hf_model_config, plan_layout
-
-    if not sub_argv:
-        raise MegaswiftError("megaswift launch needs a subcommand after --, e.g. -- verify HF_DIR --parallel.tp 2")
-    if sub_argv[0] in ("launch", "slurm"):
-        raise MegaswiftError(f"the subcommand after -- cannot be {sub_argv[0]}")
-    ns, cfg = parse(sub_argv)
-    if cfg is None:
-        return
-    if sub_argv[0] == "train":
-        from megaswift.train.build import plan_training
-
-        plan_training(cfg, world_size, algorithm=ns.algorithm, quiet=True)
-        return
-    model_cfg = hf_model_config(ns.hf_dir, cfg) if sub_argv[0] in _HF_FIRST else None
-    plan_layout(cfg, world_size, model_cfg)
-
 
 def fill_from_scheduler_env(ns, env=os.environ) -> None:
     """Multi-node settings not given on the command line come from what Slurm (SLURM_NNODES,
@@ -72,13 +49,14 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def launch(ns, sub_argv: list[str]) -> int:
+def launch(ns, sub_argv: list[str], check) -> int:
+    """`check(sub_argv, world_size)`: the subcommand's plan (megaswift/cli.py), run here first."""
     # SIGUSR1 kills a process that does not handle it; torchrun handles it once it starts the ranks
     # (--signals-to-handle), and until then (the plan below, the rendezvous) it is ignored: Slurm's
     # SIGTERM at the time limit still stops the ranks with a checkpoint
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     fill_from_scheduler_env(ns)
-    check_subcommand(sub_argv, ns.nproc_per_node * ns.nnodes)
+    check(sub_argv, ns.nproc_per_node * ns.nnodes)
     # torchrun would force 1 thread per rank (and warn); share out the cores this process may
     # use (under Slurm its task's --cpus-per-task, not the whole node that cpu_count() reports)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // ns.nproc_per_node)))

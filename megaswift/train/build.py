@@ -1,166 +1,19 @@
-"""Everything before the first step: checks, process groups, the model and where it comes from.
-
-`plan_training` needs no process group, so `megaswift launch` runs it before spawning ranks and a
-bad config is one line, not a traceback per rank.
+"""Everything before the first step: the plan (train/plan.py), the process groups, the model
+and where its weights come from, then the Trainer. `run` is what `megaswift train` calls.
 """
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 
-from megaswift import device
-from megaswift.checkpoint import train_state
-from megaswift.checkpoint.model_state import load_model, read_meta
-from megaswift.convert.hf_export import default_export_dtype
-from megaswift.errors import ConfigError, DataError
-from megaswift.models.config import ModelConfig
+from megaswift import device, setup
+from megaswift.checkpoint.model_state import load_model
 
 from .optim import schedule_warnings
-
-
-@dataclass
-class Plan:
-    layout: object
-    model_cfg: ModelConfig
-    resume_dir: str | None     # a training checkpoint to continue
-    weights_dir: str | None    # a weights-only megaswift checkpoint to start from
-    hf_dir: str | None         # an HF checkpoint to start from
-    side_files: str | None     # tokenizer and generation files
-    export_dtype: str
-    lora_base: str | None = None  # a resumed LoRA run: where its frozen base weights come from
-
-
-def restart_attempt() -> int:
-    """torchrun's restart count (`megaswift launch --max-restarts N`): 0 on the first attempt."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-
-
-def plan_training(cfg, world_size: int, reads_data_path: bool = True, algorithm: str = "sft",
-                  quiet: bool = False) -> Plan:
-    """`quiet`: `launch`'s check before it spawns the ranks, whose rank 0 plans (and says) again."""
-    from megaswift.commands import _checkpoint_dtype, hf_model_config, plan_layout
-
-    load = cfg.checkpoint.load
-    # an elastic restart, or a Slurm job requeued after it stopped with a checkpoint (stopping.py),
-    # goes on from where the job got to
-    if load is None and (restart_attempt() > 0 or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0):
-        load = "latest"
-    load = train_state.resolve_load(load, cfg.train.output_dir, announce=not quiet)
-    resume_dir = weights_dir = hf_dir = lora_base = None
-    if load is not None:
-        meta = read_meta(load)
-        model_cfg = ModelConfig.from_dict(meta["model_config"])
-        resume_dir, weights_dir = (load, None) if "train" in meta else (None, load)
-        saved_lora = meta.get("lora")
-        if saved_lora and not cfg.model.lora.rank:
-            raise ConfigError(f"{load} holds LoRA adapters (rank {saved_lora['rank']}); resume it with the same "
-                              f"model.lora settings, or export it (export-hf --merge-lora) to train the merged weights")
-        if resume_dir and cfg.model.lora.rank and not saved_lora:
-            raise ConfigError(f"{load} is a full-weight training checkpoint; a LoRA run starts from weights: "
-                              f"export it, or pass its model/ as a weights checkpoint")
-        if saved_lora:
-            for key in ("rank", "alpha", "targets"):
-                if saved_lora[key] != getattr(cfg.model.lora, key):
-                    raise ConfigError(f"{load} was trained with model.lora.{key}={saved_lora[key]!r}; this run "
-                                      f"has {getattr(cfg.model.lora, key)!r}: resume with the same adapters")
-            lora_base = saved_lora["base"]
-        side = os.path.join(load, "hf")
-        export_dtype = default_export_dtype(meta)
-    elif cfg.model.hf_path:
-        hf_dir = cfg.model.hf_path
-        model_cfg = hf_model_config(hf_dir, cfg)
-        side, export_dtype = hf_dir, _checkpoint_dtype(hf_dir, model_cfg)
-    else:
-        raise ConfigError("nothing to train: set model.hf_path (an HF checkpoint) or checkpoint.load "
-                          "(a megaswift checkpoint, or 'latest' to resume in train.output_dir)")
-    if cfg.model.dtype == "float16":
-        raise ConfigError("model.dtype=float16 cannot train: megaswift has no loss scaling, and float16 gradients "
-                          "underflow to zero without one; use bfloat16 (A100, H100 and newer) or float32")
-    layout = plan_layout(cfg, world_size, model_cfg)
-    layout.check_seq_len(cfg.data.seq_len, moe=bool(model_cfg.moe_layers))
-    t = cfg.train
-    gbs = t.global_batch(layout.dp)
-    if gbs % (t.micro_batch_size * layout.dp):
-        raise ConfigError(f"train.global_batch_size={gbs} must be a multiple of micro_batch_size x dp = "
-                          f"{t.micro_batch_size} x {layout.dp} = {t.micro_batch_size * layout.dp}")
-    if algorithm == "dpo" and cfg.data.packing:
-        raise ConfigError("data.packing is not supported by dpo: a micro batch holds whole pairs, one per row; "
-                          "set data.packing false (pairs are padded to data.seq_len)")
-    if algorithm == "grpo":
-        _check_grpo(cfg, layout.dp, gbs)
-    if layout.pp > 1 and layout.cp > 1 and cfg.data.packing:
-        raise ConfigError("data.packing with both pp > 1 and cp > 1 is not supported yet: the pipeline needs one "
-                          "shape per step, and cp pads each packed document; turn packing off or use pp or cp alone")
-    if layout.pp > 1:
-        from megaswift.parallel.pipeline import check_microbatches
-
-        check_microbatches(cfg.parallel.pp_schedule, layout.pp, gbs // (t.micro_batch_size * layout.dp))
-    if reads_data_path and not cfg.data.path:
-        raise ConfigError("data.path is not set: point it at a .jsonl or .parquet file or a directory of them")
-    if reads_data_path and not os.path.exists(cfg.data.path):
-        raise DataError(f"data.path {cfg.data.path} does not exist")
-    _check_outputs(cfg, load)
-    return Plan(layout, model_cfg, resume_dir, weights_dir, hf_dir, side if os.path.isdir(side) else None,
-                export_dtype, lora_base)
-
-
-def _check_grpo(cfg, dp: int, gbs: int) -> None:
-    """GRPO's batch and length rules, and its reward functions importable, before launch."""
-    from megaswift.rollout.rewards import load_reward_funcs
-
-    g = cfg.grpo
-    if gbs % (g.num_generations * dp):
-        raise ConfigError(f"train.global_batch_size={gbs} (completions per step) must be a multiple of "
-                          f"grpo.num_generations x dp = {g.num_generations} x {dp} = {g.num_generations * dp}: "
-                          f"each dp rank samples whole groups")
-    if cfg.data.packing:
-        raise ConfigError("data.packing is not supported by grpo: each row is one prompt and its completion")
-    room = cfg.data.seq_len - g.max_new_tokens
-    if room < 1 or (cfg.data.max_prompt_len or 0) > room:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must hold data.max_prompt_len "
-                          f"({cfg.data.max_prompt_len or 'at least 1'}) + grpo.max_new_tokens ({g.max_new_tokens})")
-    load_reward_funcs(g.reward_funcs, g.reward_weights)
-
-
-def _check_outputs(cfg, load: str | None) -> None:
-    """Where the run writes: train.output_dir must be a directory (or not exist yet), and an
-    export at the end must be one that will succeed, so the run fails now, not after training."""
-    from megaswift.convert.hf_export import check_export_target, export_sources
-
-    out = os.path.realpath(cfg.train.output_dir)
-    first = out
-    while not os.path.exists(first):  # the nearest existing ancestor is where makedirs starts
-        first = os.path.dirname(first)
-    if not os.path.isdir(first):
-        raise ConfigError(f"train.output_dir={cfg.train.output_dir}: {first} is a file, not a directory; "
-                          "choose another train.output_dir")
-    c = cfg.checkpoint
-    if not c.export_hf:
-        return
-    target = c.export_dir or os.path.join(cfg.train.output_dir, "hf")
-    sources = [cfg.model.hf_path, cfg.dpo.ref_path, cfg.grpo.ref_path]
-    if load:
-        sources += export_sources(read_meta(load))
-    check_export_target(target, c.export_overwrite, [p for p in sources if p], None,
-                        "set checkpoint.export_overwrite=true")
-    real = os.path.realpath(target)
-    if not c.export_overwrite and (out + os.sep).startswith(real.rstrip(os.sep) + os.sep):
-        raise ConfigError(f"checkpoint.export_dir={target} holds train.output_dir={cfg.train.output_dir}, so it will "
-                          "not be empty when the run exports; export elsewhere (the default is <train.output_dir>/hf)")
-
-
-def load_weights(model, path: str) -> None:
-    """Fill the model from a megaswift checkpoint or, failing that, an HF checkpoint directory."""
-    from megaswift.checkpoint.model_state import META_FILE
-    from megaswift.convert.hf_import import load_hf_into_model
-
-    if os.path.isfile(os.path.join(path, META_FILE)):
-        load_model(model, path)
-    else:
-        load_hf_into_model(model, path)
+from .plan import Plan, plan_training, restart_attempt
+from .registry import algorithm_class
 
 
 def attach_lora(cfg, model, plan: Plan) -> None:
@@ -169,7 +22,7 @@ def attach_lora(cfg, model, plan: Plan) -> None:
     lora = cfg.model.lora
     if plan.resume_dir is not None:
         base = plan.lora_base
-        load_weights(model, base)
+        setup.load_weights(model, base)
     else:
         base = os.path.abspath(plan.hf_dir or plan.weights_dir)
     model.add_lora(lora.rank, lora.alpha, lora.dropout, lora.targets, seed=cfg.train.seed)
@@ -179,24 +32,21 @@ def attach_lora(cfg, model, plan: Plan) -> None:
 
 def build_trainer(cfg, algorithm):
     """Plan, start the process groups, build and fill the model, and hand over to the Trainer."""
-    from megaswift.commands import build_model
     from megaswift.convert.hf_import import load_hf_into_model
-    from megaswift.parallel.state import ParallelState
 
     from .engine import Trainer
 
-    plan = plan_training(cfg, device.world_size_from_env(), algorithm.reads_data_path, algorithm.name)
+    plan = plan_training(cfg, device.world_size_from_env(), type(algorithm))
     if os.environ.get("RANK", "0") == "0":  # once, not per rank; `launch`'s own plan stays quiet
         for line in schedule_warnings(cfg.optim, cfg.train.steps):
             print(f"megaswift: warning: {line}", file=sys.stderr, flush=True)
     if restart_attempt() > 0 and os.environ.get("RANK", "0") == "0":  # before the process group exists
         where = f"resuming from {plan.resume_dir}" if plan.resume_dir else "no checkpoint yet, starting over"
         print(f"restart {restart_attempt()} (launch --max-restarts): {where}", flush=True)
-    device.init_distributed(cfg.parallel.timeout_s)
-    st = ParallelState.build(plan.layout, device.get_device())
+    st = setup.setup_parallel(cfg, plan.layout)
     torch.manual_seed(cfg.train.seed)
     # fp32 master weights on every device; bf16/fp16 (model.dtype) is the autocast compute dtype
-    model = build_model(cfg, plan.model_cfg, st, torch.float32)
+    model = setup.build_model(cfg, plan.model_cfg, st, setup.MASTER_DTYPE)
     if plan.hf_dir:
         load_hf_into_model(model, plan.hf_dir)
     elif plan.weights_dir:
@@ -207,3 +57,8 @@ def build_trainer(cfg, algorithm):
     trainer = Trainer(cfg, algorithm, model, st, source_dir=plan.side_files, export_dtype=plan.export_dtype,
                       resume_dir=plan.resume_dir)
     return trainer
+
+
+def run(cfg, algorithm: str) -> dict:
+    """Train with the named algorithm (train/registry.py); the end-of-run summary."""
+    return build_trainer(cfg, algorithm_class(algorithm)()).train()

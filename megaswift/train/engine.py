@@ -1,4 +1,4 @@
-"""The training engine: one loop that SFT uses now and DPO/GRPO plug into later.
+"""The training engine: one loop for every algorithm (train/algorithm.py is the contract).
 
 An algorithm supplies the data (an object with `next_global_batch()`, `state_dict()`,
 `load_state_dict()`) and, per micro batch, a loss *sum* and the number of units it is summed over.
@@ -18,77 +18,21 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
-from megaswift import device
+from megaswift import device, setup
 from megaswift.checkpoint import train_state
-from megaswift.dtypes import DTYPES
 from megaswift.checkpoint.model_state import SaveFailed
 from megaswift.errors import CheckpointError, Interrupted, Stopped
-from megaswift.parallel.data_parallel import DataParallelSet
-from megaswift.parallel.tp_comm import group_size
 from megaswift.faults import inject_test_fault
+from megaswift.parallel import collectives
+from megaswift.parallel.data_parallel import DataParallelSet
+from megaswift.parallel.grads import finalize_grads
 from megaswift.parallel.watchdog import Watchdog, beat
 
-from . import optim
+from . import optim, stopping
+from .algorithm import Algorithm, TrainContext
 from .metrics import MetricsLogger, StepTimer, peak_flops, train_flops_per_token
 from .nonfinite import NonFiniteError, NonFiniteGuard, all_finite
-from . import stopping
-
-
-class Algorithm:
-    """What differs between SFT, DPO and GRPO. Subclasses fill these in."""
-
-    name = "base"
-    reads_data_path = True  # plan_training checks data.path exists
-
-    def build_data(self, trainer: "Trainer"):
-        raise NotImplementedError
-
-    def count(self, micro_batch: dict) -> int:
-        """Units (e.g. loss tokens) the loss of this micro batch sums over."""
-        raise NotImplementedError
-
-    def forward_inputs(self, mb: dict) -> dict:
-        """The model's arguments, token ids first (under PP the first stage's positional input;
-        the others go to every stage as keyword arguments): by default the token rows of a
-        language-model batch."""
-        return {"input_ids": mb["input_ids"], "position_ids": mb["position_ids"],
-                "document_ids": mb.get("document_ids"), "labels": mb["labels"], "cp_index": mb.get("cp_index"),
-                "token_mask": mb.get("token_mask")}
-
-    def loss_from_output(self, output, micro_batch: dict) -> tuple[torch.Tensor, dict]:
-        """(sum of the per-unit losses, extra metrics as sums over units) from the model's output
-        (under PP: the last stage's)."""
-        raise NotImplementedError
-
-    metrics: tuple[str, ...] = ()
-    """Names of the extra metrics `loss_from_output` returns (every rank must know them under
-    pipeline parallelism, where only the last stage computes them)."""
-    loss_replicated_over_cp = False
-    """True when each micro batch's loss is whole on every cp rank (a per-sequence loss such as
-    DPO's, computed from all-reduced sums) instead of split by tokens: the gradient is then
-    normalised by the units of one cp rank, and the reported sums by cp."""
-
-    def before_step(self, micro_batches: list[dict]) -> None:
-        """Called with the step's micro batches (sharded, on the device) before any forward:
-        e.g. to attach reference log-probabilities."""
-
-    def step_metrics(self, data_s: float, step_s: float) -> dict:
-        """Extra metrics of the step just taken (rank 0 logs them), given the seconds spent
-        getting its batch and the whole step's."""
-        return {}
-
-    def loss_sum(self, model, micro_batch: dict) -> tuple[torch.Tensor, dict]:
-        inputs = self.forward_inputs(micro_batch)
-        return self.loss_from_output(model(**inputs), micro_batch)
-
-
-def _all_reduce_sum(values: list[float], group, dev) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    if group_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t.tolist()
 
 
 class Trainer:
@@ -124,7 +68,10 @@ class Trainer:
         # point-to-point waits (pipeline, ring attention) never time out on gloo: see parallel/watchdog.py
         self.watchdog = (Watchdog(cfg.parallel.timeout_s, marker=device.progress_marker)
                          if st.layout.world_size > 1 else None)
-        self.data = algorithm.build_data(self)
+        self.ctx = TrainContext(cfg=cfg, st=st, model=model, device=self.device, source_dir=source_dir,
+                                output_dir=self.output_dir, resume_dir=resume_dir,
+                                prepare_micro_batch=self.prepare_micro_batch)
+        self.data = algorithm.build_data(self.ctx)
         if resume_dir is not None:
             self._resume(resume_dir)
         if cfg.model.dtype != "float32" and self.compute_dtype == torch.float32 and device.rank() == 0:
@@ -150,18 +97,11 @@ class Trainer:
     # -- one optimizer step ----------------------------------------------------------------------
     @property
     def compute_dtype(self) -> torch.dtype:
-        """What the forward and backward compute in (the master weights are always fp32). CPU
-        trains in fp32 unless model.cpu_autocast: CPU bf16 kernels are slower than fp32 ones and
-        the CPU path is the numerical reference for every parity test."""
-        if self.device.type != "cuda" and not self.cfg.model.cpu_autocast:
-            return torch.float32
-        return DTYPES[self.cfg.model.dtype]
+        """What the forward and backward compute in (the master weights are always fp32)."""
+        return setup.compute_dtype(self.cfg, self.device)
 
     def _autocast(self):
-        dtype = self.compute_dtype
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return setup.autocast(self.cfg, self.device)
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """Forward/backward over this rank's micro batches, gradient reduction, clipping, step."""
@@ -169,7 +109,7 @@ class Trainer:
         local_tokens = sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro_batches)
         micro_batches = [self.prepare_micro_batch(mb) for mb in micro_batches]
         local_units = sum(self.alg.count(mb) for mb in micro_batches)  # a cp shard counts its own tokens
-        total_units, total_tokens = _all_reduce_sum([local_units, local_tokens], st.dp_cp_group, self.device)
+        total_units, total_tokens = collectives.all_reduce_values([local_units, local_tokens], self.device, group=st.dp_cp_group)
         total_tokens /= st.cp_size  # every cp rank counted the whole micro batches
         # a loss whole on every cp rank: each rank back-propagates it through its own tokens only,
         # so the gradient is normalised by one cp rank's units (the sums over cp reach the reports)
@@ -191,9 +131,9 @@ class Trainer:
         with self._watched_sync():
             if self.pipeline is None:
                 dp.finish_grad_sync()
-                self.model.finalize_grads()
+                finalize_grads(self.model)
             else:  # PP: the fix-ups are sums, so they run on the local gradients first; then dp reduces
-                self.model.finalize_grads()
+                finalize_grads(self.model)
                 dp.finish_grad_sync()
             # on CUDA the collectives above are only queued: this is where the host waits for them
             grad_norm = dp.grad_norm(self.norm_weights).item()
@@ -211,9 +151,10 @@ class Trainer:
         self.step += 1
         # declared, not read off extra_acc: under PP only the last stage computes them
         keys = sorted(set(self.alg.metrics) | set(extra_acc))
-        sums = _all_reduce_sum([loss_acc] + [extra_acc.get(k, 0.0) for k in keys], st.dp_cp_group, self.device)
+        sums = collectives.all_reduce_values([loss_acc] + [extra_acc.get(k, 0.0) for k in keys], self.device,
+                                             group=st.dp_cp_group)
         if self.pipeline is not None:  # the losses live on the last stage; the others add zeros
-            sums = _all_reduce_sum(sums, st.pp_group, self.device)
+            sums = collectives.all_reduce_values(sums, self.device, group=st.pp_group)
         out = {"loss": sums[0] / max(total_units, 1), "grad_norm": grad_norm, "lr": lr,
                "tokens": int(round(total_tokens)), "loss_tokens": int(round(grad_units))}
         out.update({k: v / max(total_units, 1) for k, v in zip(keys, sums[1:])})
@@ -251,8 +192,7 @@ class Trainer:
                 t[1] += stats["z"]
                 t[2:] += stats["counts"].reshape(-1).to(t)
         self._moe_step = {}
-        if self.st.pp_size > 1:
-            dist.all_reduce(t, group=self.st.pp_group)
+        collectives.all_reduce(t, group=self.st.pp_group)
         counts = t[2:].view(n_layers, n_exp)
         load = (counts.max(1).values / counts.mean(1).clamp_min(1e-9)).tolist()
         return {"moe_aux_loss": t[0].item() / self.n_micro, "moe_z_loss": t[1].item() / self.n_micro,
@@ -266,18 +206,12 @@ class Trainer:
         """Record in the job's store that this rank finished the step's forward and backward, so
         a rank whose collective fails can name the ranks that never got there."""
         if self.st.layout.world_size > 1:
-            dist.distributed_c10d._get_default_store().set(f"megaswift/computed/{self.st.rank}", str(self.step + 1))
+            collectives.store_set(f"computed/{self.st.rank}", str(self.step + 1))
 
     def _laggards(self) -> list[int]:
         """Ranks that have not finished this step's forward and backward, from the job's store."""
-        store = dist.distributed_c10d._get_default_store()
-        behind = []
-        for r in range(self.st.layout.world_size):
-            key = f"megaswift/computed/{r}"
-            done = int(store.get(key)) if store.check([key]) else 0
-            if done < self.step + 1:
-                behind.append(r)
-        return behind
+        return [r for r in range(self.st.layout.world_size)
+                if int(collectives.store_get(f"computed/{r}", "0")) < self.step + 1]
 
     def _laggards_error(self, err: Exception) -> Exception:
         if self.st.layout.world_size == 1:
@@ -372,7 +306,7 @@ class Trainer:
         st = self.st
         mine = torch.zeros(2 * st.pp_size, dtype=torch.float64, device=self.device)
         mine[st.pp_rank], mine[st.pp_size + st.pp_rank] = timing["busy_s"], timing["wall_s"]
-        dist.all_reduce(mine, group=st.pp_group)
+        collectives.all_reduce(mine, group=st.pp_group)
         busy, wall = mine[: st.pp_size].tolist(), mine[st.pp_size:].tolist()
         return {"pp_bubble": 1.0 - sum(busy) / (st.pp_size * max(wall)), "pp_stage_compute_s": busy,
                 "pp_schedule_s": max(wall)}
@@ -491,11 +425,9 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - re-raised below, once the other ranks know
                 failed = e
         # the other ranks learn of a failed export instead of waiting for rank 0 until the timeout
-        flag = torch.tensor(float(failed is not None), device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        any_failed = collectives.any_rank(failed is not None, self.device)
         if failed is not None:
             raise failed
-        if flag.item():
+        if any_failed:
             raise CheckpointError(f"the export to {out} failed on rank 0 (its message says why)")
         return out

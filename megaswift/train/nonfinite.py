@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from megaswift.errors import MegaswiftError
+from megaswift.parallel import collectives
 
 
 class NonFiniteError(MegaswiftError):
@@ -41,8 +41,7 @@ class NonFiniteGuard:
         """The ranks whose own loss is not finite, agreed by all ranks."""
         flags = torch.zeros(self.world_size, device=self.device)
         flags[self.rank] = 0.0 if math.isfinite(local_loss) else 1.0
-        if self.world_size > 1:
-            dist.all_reduce(flags)
+        collectives.all_reduce(flags)
         return [r for r, f in enumerate(flags.tolist()) if f]
 
     def check(self, step: int, local_loss: float, grad_norm: float, last_good: str | None) -> bool:
@@ -70,7 +69,4 @@ class NonFiniteGuard:
 
 def all_finite(tensors: list[torch.Tensor], device) -> bool:
     """Whether every tensor on every rank is free of inf/NaN: one flag per rank, reduced."""
-    bad = torch.tensor(float(any(not bool(torch.isfinite(t).all()) for t in tensors)), device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad)
+    return not collectives.any_rank(any(not bool(torch.isfinite(t).all()) for t in tensors), device)

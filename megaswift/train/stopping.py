@@ -23,8 +23,7 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
+from megaswift.parallel import collectives
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -40,9 +39,8 @@ class StopRequests:
         """After a step, on every rank: the signal name if any rank was asked to stop, else None."""
         if world_size == 1:
             return self.received
-        flag = torch.tensor(1.0 if self.received else 0.0, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return (self.received or "a stop signal on another rank") if flag.item() else None
+        asked = collectives.any_rank(self.received is not None, device)
+        return (self.received or "a stop signal on another rank") if asked else None
 
 
 _REQUESTS = StopRequests()  # the process's: one training run per process

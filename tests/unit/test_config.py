@@ -374,3 +374,15 @@ def test_schedule_warnings_state_the_last_lr():
     assert "its last step trains at lr 0.001 of optim.lr=0.001;" in line  # equal: warmup ends on the last step
     assert schedule_warnings(OptimSection(lr=0.0), 10) == [
         "optim.lr=0: AdamW's updates are scaled by the learning rate, so the weights never change"]
+
+
+@pytest.mark.parametrize("key", ["model.preset", "model.trust_remote_code"])
+def test_removed_settings_say_so(key, tmp_path):
+    """Settings that were never read are gone; setting one says why, in one line."""
+    section, name = key.split(".")
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"{section}:\n  {name}: true\n")
+    for args in ((str(yaml_file), []), (None, [f"--{key}", "x"])):
+        with pytest.raises(ConfigError, match=rf"^{key} was removed") as e:
+            load_config(*args)
+        assert "\n" not in str(e.value)
