@@ -79,7 +79,7 @@ export -f verify_all
 phase verify 90 bash -c verify_all
 
 # 3. a short SFT on one GPU under bf16 autocast, packed rows
-"$PY" -c "import sys; sys.path.insert(0, 'tests'); from helpers_train import write_chat_data; write_chat_data('$WORK/train.jsonl', n=256)"
+"$PY" -c "from tests.helpers.train import write_chat_data; write_chat_data('$WORK/train.jsonl', n=256)"
 sft() {
   "$PY" -m megaswift train sft --model.hf_path "$WORK/qwen3" --data.path "$WORK/train.jsonl" --data.seq_len 256 \
     --data.packing true --model.dtype bfloat16 --model.attention_backend "$BACKEND" --train.steps 30 \

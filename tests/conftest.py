@@ -1,5 +1,4 @@
 import os
-import sys
 
 import pytest
 import torch
@@ -7,9 +6,6 @@ import torch
 # Tests are fp32 on CPU and must not depend on a GPU being present.
 os.environ.setdefault("MEGASWIFT_FORCE_CPU", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-# make tests/ helpers importable as plain modules from any test directory
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 def pytest_configure(config):

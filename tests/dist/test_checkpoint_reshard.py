@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megaswift.checkpoint.model_state import load_model, read_meta, save_model
-from megaswift.commands import hf_model_config
+from megaswift.setup import hf_model_config
 from megaswift.config import load_config
 from megaswift.convert.hf_import import load_hf_into_model
 from megaswift.models.decoder import GPTModel

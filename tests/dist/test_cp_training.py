@@ -4,7 +4,7 @@ rank; packed rows get padding after each document, which must leave the loss unc
 import numpy as np
 import pytest
 
-from helpers_train import run_steps, write_chat_data
+from tests.helpers.train import run_steps, write_chat_data
 from megaswift.testing.dist import run_distributed
 
 RTOL = 1e-5
@@ -50,7 +50,7 @@ def test_context_parallel_training_matches_single_process(name, data, tmp_path, 
 
 def test_checkpoint_does_not_depend_on_cp(tiny_hf, data, tmp_path):
     """Saved at cp=2 after 3 steps, resumed in one process: steps 4-6 equal the straight cp=2 run."""
-    from helpers_train import run_train
+    from tests.helpers.train import run_train
 
     hf = tiny_hf["llama"]
     straight = run_distributed(run_train, 2, hf, data, str(tmp_path / "a"), train__steps=6, checkpoint__every=3,

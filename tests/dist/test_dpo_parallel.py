@@ -6,7 +6,7 @@ about 1e-6 x 50, so they are compared with atol 1e-5."""
 import numpy as np
 import pytest
 
-from helpers_train import run_dpo_steps, write_preference_data
+from tests.helpers.train import run_dpo_steps, write_preference_data
 from megaswift.testing.dist import run_distributed
 
 RTOL = 1e-5

@@ -6,7 +6,7 @@ at the first update, is compared with atol 1e-6 (see ATOL)."""
 import numpy as np
 import pytest
 
-from helpers_train import run_grpo_steps, write_prompt_data
+from tests.helpers.train import run_grpo_steps, write_prompt_data
 from megaswift.testing.dist import run_distributed
 
 RTOL = 1e-5
@@ -69,7 +69,7 @@ def test_grpo_on_experts_matches_single_process(moe_hf, data, tmp_path, layout, 
 
 
 def test_a_reward_failing_on_one_rank_stops_every_rank_with_its_message(tiny_hf, data, tmp_path):
-    from helpers_train import GRPO_REWARDS
+    from tests.helpers.train import GRPO_REWARDS
 
     with pytest.raises(RuntimeError) as e:
         run_distributed(run_grpo_steps, 2, tiny_hf["llama"], data, str(tmp_path), steps=1, timeout_s=120,

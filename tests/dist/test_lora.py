@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_train import run_steps, run_train, write_chat_data
+from tests.helpers.train import run_steps, run_train, write_chat_data
 from megaswift.testing.dist import run_distributed
 
 RTOL = 1e-5
@@ -118,7 +118,7 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes(lora_run, tiny_hf, data
 
 def _lora_logits(ckpt, hf_dir, tokens):
     from megaswift.checkpoint.model_state import load_model, read_meta
-    from megaswift.commands import hf_model_config
+    from megaswift.setup import hf_model_config
     from megaswift.config import load_config
     from megaswift.convert.hf_import import load_hf_into_model
     from megaswift.convert.verify import megaswift_logits

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_train import run_grpo_steps, run_steps, write_chat_data, write_prompt_data
+from tests.helpers.train import run_grpo_steps, run_steps, write_chat_data, write_prompt_data
 from megaswift.testing.dist import run_distributed
 
 BF16_RTOL = 5e-3
@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 def test_attention_gets_one_dtype_under_autocast(family, tiny_hf):
     """RoPE's fp32 cos/sin and the q/k norms' fp32 weights must not promote q and k beside the
     bf16 v (kernels/attention.py refuses mixed dtypes, so the forward would raise)."""
-    from megaswift.commands import hf_model_config
+    from megaswift.setup import hf_model_config
     from megaswift.config import load_config
     from megaswift.convert.hf_import import load_hf_into_model
     from megaswift.models.decoder import GPTModel

@@ -6,7 +6,7 @@ each gradient's scale) against the single-process run.
 import pytest
 import torch
 
-from helpers_model import assemble, batch, run_model
+from tests.helpers.model import assemble, batch, run_model
 from megaswift.convert.verify import hf_logits
 from megaswift.testing.dist import run_distributed
 

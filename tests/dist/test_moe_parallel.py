@@ -18,7 +18,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers_train import run_steps, run_train, write_chat_data
+from tests.helpers.train import run_steps, run_train, write_chat_data
 from megaswift.testing.dist import run_distributed
 
 RTOL = 1e-5
@@ -29,7 +29,7 @@ def _model(world, hf_dir, overrides):
     """An empty model for this rank at the layout the `--key=value` overrides give."""
     import torch
 
-    from megaswift.commands import build_model, hf_model_config, plan_layout
+    from megaswift.setup import build_model, hf_model_config, plan_layout
     from megaswift.config import load_config
     from megaswift.parallel.state import ParallelState
 

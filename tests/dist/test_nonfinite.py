@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers_train import train_config, write_chat_data
+from tests.helpers.train import train_config, write_chat_data
 from megaswift.testing.dist import run_distributed
 
 

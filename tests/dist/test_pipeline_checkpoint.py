@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers_train import run_train, write_chat_data
+from tests.helpers.train import run_train, write_chat_data
 from megaswift.checkpoint.train_state import completed_steps
 from megaswift.convert.hf_export import export_hf
 from megaswift.testing.dist import run_distributed

@@ -8,7 +8,7 @@ micro batches per step at dp=1 (2 at dp=2), enough for 1F1B at pp=4.
 import numpy as np
 import pytest
 
-from helpers_train import run_steps, write_chat_data
+from tests.helpers.train import run_steps, write_chat_data
 from megaswift.testing.dist import run_distributed
 
 RTOL = 1e-5
@@ -73,7 +73,7 @@ def _logits(rank, world, hf, schedule, vpp):
     from megaswift.models.pipeline_model import PipelineModel
     from megaswift.parallel.layout import Layout
     from megaswift.parallel.state import ParallelState
-    from megaswift.commands import hf_model_config
+    from megaswift.setup import hf_model_config
 
     cfg = hf_model_config(hf, load_config())
     st = ParallelState.build(Layout(world_size=world, pp=world))

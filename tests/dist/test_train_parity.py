@@ -8,7 +8,7 @@ the global gradient norm of every step (after 4 AdamW updates, so the weights ar
 import numpy as np
 import pytest
 
-from helpers_train import run_steps, write_chat_data
+from tests.helpers.train import run_steps, write_chat_data
 from megaswift.testing.dist import run_distributed
 
 RTOL = 1e-5

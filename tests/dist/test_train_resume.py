@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers_train import run_train, train_config, write_chat_data
+from tests.helpers.train import run_train, train_config, write_chat_data
 from megaswift.checkpoint.train_state import completed_steps
 from megaswift.testing.dist import run_distributed
 
@@ -112,7 +112,7 @@ def test_weights_only_checkpoint_starts_a_new_run(tiny_hf, data, tmp_path):
     """checkpoint.load at an import-hf checkpoint (no training state) starts from its weights:
     the same losses as starting from the HF checkpoint itself."""
     from megaswift.checkpoint.model_state import save_model
-    from megaswift.commands import hf_model_config
+    from megaswift.setup import hf_model_config
     from megaswift.config import load_config
     from megaswift.convert.hf_import import load_hf_into_model
     from megaswift.models.decoder import GPTModel

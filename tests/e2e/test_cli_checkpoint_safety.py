@@ -8,8 +8,8 @@ import shutil
 import pytest
 import yaml
 
-from helpers_train import run_train, train_config, write_chat_data
-from test_cli_convert import megaswift
+from tests.helpers.train import run_train, train_config, write_chat_data
+from tests.helpers.cli import megaswift
 
 
 @pytest.fixture(scope="module")

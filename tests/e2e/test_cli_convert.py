@@ -1,31 +1,16 @@
 """The CLI as a user runs it: launch -> import-hf (tp=2) -> export-hf, verify at tp=2, error paths."""
-import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.helpers.cli import megaswift, one_line_error
+from tests.helpers.hf import tensors
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-
-
-def megaswift(*args, check=True, timeout=300):
-    env = {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "megaswift", *args], capture_output=True, text=True, env=env, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"megaswift {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def tensors(d):
-    out = {}
-    for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -92,21 +77,13 @@ def test_verify_fails_with_exit_1_on_wrong_weights(tiny_hf, tmp_path):
     assert proc.returncode == 1 and "FAIL" in proc.stdout
 
 
-def _one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("megaswift: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_layout_errors_name_the_numbers(tiny_hf):
-    _one_line_error(megaswift("launch", "--nproc-per-node", "3", "--", "verify", tiny_hf["llama"],
-                              "--parallel.tp", "2", check=False), "world size 3", "tp(2)")
+    one_line_error(megaswift("launch", "--nproc-per-node", "3", "--", "verify", tiny_hf["llama"],
+                             "--parallel.tp", "2", check=False), "world size 3", "tp(2)")
     # qwen3 tiny: 8 heads, tp=3 does not divide them
-    _one_line_error(megaswift("launch", "--nproc-per-node", "3", "--", "verify", tiny_hf["qwen3"],
-                              "--parallel.tp", "3", check=False), "num_attention_heads (8)", "tp (3)")
-    _one_line_error(megaswift("verify", tiny_hf["llama"], "--parallel.tpp", "2", check=False), "parallel.tpp")
+    one_line_error(megaswift("launch", "--nproc-per-node", "3", "--", "verify", tiny_hf["qwen3"],
+                             "--parallel.tp", "3", check=False), "num_attention_heads (8)", "tp (3)")
+    one_line_error(megaswift("verify", tiny_hf["llama"], "--parallel.tpp", "2", check=False), "parallel.tpp")
 
 
 def test_bad_checkpoints_name_the_tensor_or_type(tiny_hf, tmp_path):
@@ -118,7 +95,7 @@ def test_bad_checkpoints_name_the_tensor_or_type(tiny_hf, tmp_path):
     cfg = json.load(open(unknown / "config.json"))
     cfg["model_type"] = "gpt_bigcode"
     json.dump(cfg, open(unknown / "config.json", "w"))
-    _one_line_error(megaswift("import-hf", str(unknown), str(tmp_path / "o1"), check=False), "gpt_bigcode", "llama")
+    one_line_error(megaswift("import-hf", str(unknown), str(tmp_path / "o1"), check=False), "gpt_bigcode", "llama")
 
     missing = tmp_path / "missing"
     shutil.copytree(src, missing)
@@ -129,7 +106,7 @@ def test_bad_checkpoints_name_the_tensor_or_type(tiny_hf, tmp_path):
     save_file(t, str(missing / idx["weight_map"][name]), metadata={"format": "pt"})
     del idx["weight_map"][name]
     json.dump(idx, open(missing / idx_name, "w"))
-    _one_line_error(megaswift("import-hf", str(missing), str(tmp_path / "o2"), check=False), name)
+    one_line_error(megaswift("import-hf", str(missing), str(tmp_path / "o2"), check=False), name)
 
     shaped = tmp_path / "shaped"
     shutil.copytree(src, shaped)
@@ -138,14 +115,14 @@ def test_bad_checkpoints_name_the_tensor_or_type(tiny_hf, tmp_path):
     t = load_file(str(shaped / idx["weight_map"][name]))
     t[name] = t[name][:-1].contiguous()
     save_file(t, str(shaped / idx["weight_map"][name]), metadata={"format": "pt"})
-    _one_line_error(megaswift("import-hf", str(shaped), str(tmp_path / "o3"), check=False), name, "[87, 64]")
+    one_line_error(megaswift("import-hf", str(shaped), str(tmp_path / "o3"), check=False), name, "[87, 64]")
 
 
 def test_import_refuses_to_overwrite(tiny_hf, tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "keep.txt").write_text("precious")
-    _one_line_error(megaswift("import-hf", tiny_hf["llama"], str(ckpt), check=False), "--overwrite")
+    one_line_error(megaswift("import-hf", tiny_hf["llama"], str(ckpt), check=False), "--overwrite")
     assert (ckpt / "keep.txt").read_text() == "precious"
 
 
@@ -177,11 +154,11 @@ def test_moe_verify_and_layout_errors(moe_hf):
                      "--parallel.ep", "2")
     assert "PASS" in proc.stdout and "ep=2" in proc.stdout, proc.stdout
     # mixtral tiny: 4 experts
-    _one_line_error(megaswift("launch", "--nproc-per-node", "3", "--", "verify", moe_hf["mixtral"],
-                              "--parallel.ep", "3", check=False), "number of experts (4)", "ep (3)")
-    _one_line_error(megaswift("launch", "--nproc-per-node", "2", "--", "verify", moe_hf["mixtral"],
-                              "--parallel.ep", "2", "--parallel.etp", "2", check=False),
-                    "world size 2", "ep(2) * etp(2) = 4")
+    one_line_error(megaswift("launch", "--nproc-per-node", "3", "--", "verify", moe_hf["mixtral"],
+                             "--parallel.ep", "3", check=False), "number of experts (4)", "ep (3)")
+    one_line_error(megaswift("launch", "--nproc-per-node", "2", "--", "verify", moe_hf["mixtral"],
+                             "--parallel.ep", "2", "--parallel.etp", "2", check=False),
+                   "world size 2", "ep(2) * etp(2) = 4")
 
 
 def test_damaged_checkpoint_files_are_named(tiny_hf, tmp_path):
@@ -201,23 +178,23 @@ def test_damaged_checkpoint_files_are_named(tiny_hf, tmp_path):
         with open(d / shard, "r+b") as f:
             f.truncate(os.path.getsize(d / shard) // 2)
 
-    _one_line_error(damaged("truncated", truncate), f"{tmp_path / 'truncated' / shard} is not a readable safetensors",
-                    "truncated")
+    one_line_error(damaged("truncated", truncate), f"{tmp_path / 'truncated' / shard} is not a readable safetensors",
+                   "truncated")
 
     def drop_tensor(d):
         t = load_file(str(d / shard))
         del t[name]
         save_file(t, str(d / shard), metadata={"format": "pt"})
 
-    _one_line_error(damaged("lacks", drop_tensor), f"{tmp_path / 'lacks' / shard} does not hold tensor {name!r}",
-                    "model.safetensors.index.json lists")
+    one_line_error(damaged("lacks", drop_tensor), f"{tmp_path / 'lacks' / shard} does not hold tensor {name!r}",
+                   "model.safetensors.index.json lists")
 
-    _one_line_error(damaged("notjson", lambda d: (d / "config.json").write_text('{"hidden_size": 64,\n')),
-                    f"{tmp_path / 'notjson' / 'config.json'} is not valid JSON", "line 2")
+    one_line_error(damaged("notjson", lambda d: (d / "config.json").write_text('{"hidden_size": 64,\n')),
+                   f"{tmp_path / 'notjson' / 'config.json'} is not valid JSON", "line 2")
 
     def drop_key(d):
         cfg = json.load(open(d / "config.json"))
         del cfg["hidden_size"]
         json.dump(cfg, open(d / "config.json", "w"))
 
-    _one_line_error(damaged("nokey", drop_key), f"{tmp_path / 'nokey' / 'config.json'} lacks hidden_size")
+    one_line_error(damaged("nokey", drop_key), f"{tmp_path / 'nokey' / 'config.json'} lacks hidden_size")

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from helpers_train import write_chat_data
-from test_cli_convert import megaswift
+from tests.helpers.train import write_chat_data
+from tests.helpers.cli import megaswift
 
 
 @pytest.fixture

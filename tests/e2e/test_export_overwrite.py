@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megaswift.convert import hf_export
-from test_cli_convert import _one_line_error, megaswift, tensors
+from tests.helpers.cli import megaswift, one_line_error
+from tests.helpers.hf import tensors
 
 
 def _digest(d) -> dict:
@@ -36,8 +37,8 @@ def test_non_empty_directory_is_refused(ckpts, tmp_path):
     out = tmp_path / "export"
     megaswift("export-hf", ckpts["old"], str(out), "--max-shard-size", "100KB")
     before = _digest(out)
-    _one_line_error(megaswift("export-hf", ckpts["new"], str(out), check=False),
-                    f"export directory {out} exists and is not empty", "--overwrite")
+    one_line_error(megaswift("export-hf", ckpts["new"], str(out), check=False),
+                   f"export directory {out} exists and is not empty", "--overwrite")
     assert _digest(out) == before  # not one file touched
 
 
@@ -77,10 +78,10 @@ def test_source_directory_is_refused_even_with_overwrite(tiny_hf, tmp_path):
     megaswift("import-hf", str(src), ckpt)
     before = _digest(src)
     for target in (str(src), os.path.relpath(src) + "/"):  # the same directory, spelled another way
-        _one_line_error(megaswift("export-hf", ckpt, target, "--overwrite", check=False),
-                        "is the source of the weights being exported", "even if you pass --overwrite")
-    _one_line_error(megaswift("export-hf", ckpt, os.path.join(ckpt, "hf"), "--overwrite", check=False),
-                    "inside the checkpoint being exported")
+        one_line_error(megaswift("export-hf", ckpt, target, "--overwrite", check=False),
+                       "is the source of the weights being exported", "even if you pass --overwrite")
+    one_line_error(megaswift("export-hf", ckpt, os.path.join(ckpt, "hf"), "--overwrite", check=False),
+                   "inside the checkpoint being exported")
     assert _digest(src) == before
 
 

@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from helpers_train import train_config, write_chat_data
+from tests.helpers.train import train_config, write_chat_data
 
 
 def _run(config, *launch_args, fault=None):

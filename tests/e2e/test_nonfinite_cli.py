@@ -6,8 +6,8 @@ at step 2 with one line naming it and the last good checkpoint, which is still t
 import json
 import os
 
-from helpers_train import write_chat_data
-from test_cli_convert import megaswift
+from tests.helpers.train import write_chat_data
+from tests.helpers.cli import megaswift
 
 BLOW_UP = ["--optim.lr", "1e5", "--train.steps", "10", "--checkpoint.every", "1", "--checkpoint.keep", "2",
            "--checkpoint.export_hf", "true", "--data.seq_len", "64", "--train.micro_batch_size", "2",

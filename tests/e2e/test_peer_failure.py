@@ -15,8 +15,8 @@ import time
 import pytest
 import yaml
 
-from helpers_launch import run_megaswift
-from helpers_train import train_config, write_chat_data
+from tests.helpers.cli import megaswift
+from tests.helpers.train import train_config, write_chat_data
 from megaswift.testing.dist import free_port
 
 TIMEOUT_S = 30  # parallel.timeout_s of these runs
@@ -40,8 +40,9 @@ def config(tiny_hf, tmp_path_factory):
 
 
 def _launch(config, fault):
-    return run_megaswift(["launch", "--nproc-per-node", "2", "--", "train", "sft", "--config", config], _env(fault),
-                         TIMEOUT_S + SLACK_S)
+    proc = megaswift("launch", "--nproc-per-node", "2", "--", "train", "sft", "--config", config, env=_env(fault),
+                     timeout=TIMEOUT_S + SLACK_S, check=False, merge_output=True)
+    return proc, proc.stdout
 
 
 def _env(fault):

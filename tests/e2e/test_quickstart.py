@@ -2,7 +2,7 @@
 CPU processes, exports, and transformers answers held-out addition questions from the export."""
 import json
 
-from test_cli_convert import megaswift
+from tests.helpers.cli import megaswift
 
 MIN_ACCURACY = 0.5  # measured 99.5% with this recipe (README); chance is about 1%
 

@@ -7,8 +7,8 @@ import time
 import pytest
 import yaml
 
-from helpers_launch import run_megaswift
-from helpers_train import train_config, write_chat_data
+from tests.helpers.cli import megaswift
+from tests.helpers.train import train_config, write_chat_data
 
 TIMEOUT_S = 20
 SLACK_S = 60
@@ -28,8 +28,9 @@ def config(tiny_hf, tmp_path_factory):
 
 def _launch4(config, fault):
     env = {"MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore", "MEGASWIFT_TEST_FAULT": fault}
-    return run_megaswift(["launch", "--nproc-per-node", "4", "--", "train", "sft", "--config", config], env,
-                         TIMEOUT_S + SLACK_S)
+    proc = megaswift("launch", "--nproc-per-node", "4", "--", "train", "sft", "--config", config, env=env,
+                     timeout=TIMEOUT_S + SLACK_S, check=False, merge_output=True)
+    return proc, proc.stdout
 
 
 @pytest.mark.parametrize("mode", ["exit", "hang"])

@@ -1,4 +1,4 @@
-"""`megaswift slurm` against a real Slurm (tests/slurm_cluster.py): a 2-node SFT job, one srun
+"""`megaswift slurm` against a real Slurm (tests/helpers/slurm_cluster.py): a 2-node SFT job, one srun
 task per node, each running `megaswift launch` with the rendezvous on the first node, submitted
 through sbatch, run to completion under slurmctld, leaving its metrics and its HF export.
 
@@ -16,9 +16,9 @@ import time
 import pytest
 import yaml
 
-from helpers_train import train_config, write_chat_data
+from tests.helpers.train import train_config, write_chat_data
 from megaswift.launch.slurm import add_arguments, render
-from slurm_cluster import LocalSlurm, Unavailable
+from tests.helpers.slurm_cluster import LocalSlurm, Unavailable
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_a_job_past_its_time_limit_is_requeued_and_ends_as_if_uninterrupted(slur
     to 1 minute (Slurm's least), which leaves less than the 50 s lead, and once it is requeued the
     limit goes back to 10 minutes so that the next run can finish, and it may start at once. Steps are slowed to 0.2 s
     (MEGASWIFT_TEST_STEP_DELAY_S) so that the tiny model is still training when the signal comes."""
-    from helpers_train import run_train
+    from tests.helpers.train import run_train
 
     data = write_chat_data(str(tmp_path / "train.jsonl"))
     overrides = dict(train__steps=200, checkpoint__every=1000)

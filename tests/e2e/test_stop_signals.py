@@ -16,8 +16,8 @@ import time
 import pytest
 import yaml
 
-from helpers_launch import _tree
-from helpers_train import train_config, write_chat_data
+from tests.helpers.cli import process_tree
+from tests.helpers.train import train_config, write_chat_data
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def _signal_after_two_steps(proc, out_dir, send, timeout_s=120):
         log = proc.communicate(timeout=timeout_s)[0]
         return proc.returncode, log
     finally:
-        for pid in _tree(proc.pid) + [proc.pid]:
+        for pid in process_tree(proc.pid) + [proc.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

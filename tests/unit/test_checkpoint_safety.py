@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 
-from helpers_train import run_train, write_chat_data
+from tests.helpers.train import run_train, write_chat_data
 from megaswift.checkpoint.canonical_shards import CanonicalLoadPlanner
 from megaswift.checkpoint.model_state import read_canonical
 from megaswift.checkpoint.train_state import resolve_load

@@ -19,8 +19,8 @@ SEQ = 16
 
 
 def _model_config(hf_dir, overrides):
-    from helpers_train import train_config
-    from megaswift.commands import hf_model_config
+    from tests.helpers.train import train_config
+    from megaswift.setup import hf_model_config
 
     cfg = train_config(hf_dir, "unused.jsonl", "unused", **overrides)
     return cfg, hf_model_config(hf_dir, cfg)
@@ -49,7 +49,7 @@ def _to(mb: dict, dev) -> dict:
 def _build_and_run_on_meta(rank, world, hf_dir, overrides, lora, packed, generate):
     """Build this rank's part of the model on meta, check placement, run forward and backward
     (and, for rollouts, a decode step through the KV cache) on meta inputs."""
-    from megaswift.commands import build_model, plan_layout
+    from megaswift.setup import build_model, plan_layout
     from megaswift.models.kv_cache import KVCache
     from megaswift.parallel.context_parallel import shard_batch
     from megaswift.parallel.state import ParallelState
@@ -122,7 +122,7 @@ def test_dense_model_lives_on_its_device(family, layout, tiny_hf):
 
 
 def _moe_built_on_meta(rank, world, hf_dir, overrides):
-    from megaswift.commands import build_model, plan_layout
+    from megaswift.setup import build_model, plan_layout
     from megaswift.parallel.state import ParallelState
 
     cfg, mc = _model_config(hf_dir, overrides)

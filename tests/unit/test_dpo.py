@@ -1,7 +1,6 @@
 """DPO on one process: the losses against TRL's DPOTrainer, the preference data formats and their
 errors, and the reference log-probabilities of the three reference modes."""
 import json
-import os
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -141,10 +140,7 @@ def test_preference_dataset_renders_with_the_chat_template(tmp_path, tiny_hf):
 def test_reference_modes_agree(tmp_path, tiny_hf):
     """A frozen copy, the precomputed table and (under LoRA) the policy with adapters off give the
     same reference log-probabilities (the policy starts at the reference weights)."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from helpers_train import train_config, write_preference_data
+    from tests.helpers.train import train_config, write_preference_data
 
     from megaswift.train.build import build_trainer
     from megaswift.train.dpo import DPO
@@ -164,13 +160,10 @@ def test_reference_modes_agree(tmp_path, tiny_hf):
 
 
 def test_dpo_refuses_packing_before_any_process_starts(tmp_path, tiny_hf):
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from helpers_train import train_config, write_preference_data
+    from tests.helpers.train import train_config, write_preference_data
 
     from megaswift.errors import ConfigError
-    from megaswift.train.build import plan_training
+    from megaswift.train.plan import plan_training
 
     cfg = train_config(tiny_hf["llama"], write_preference_data(str(tmp_path / "p.jsonl"), n=4), str(tmp_path),
                        data__packing=True)

@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers_train import GRPO_REWARDS, grpo_config, write_prompt_data  # noqa: E402
+from tests.helpers.train import GRPO_REWARDS, grpo_config, write_prompt_data
 
 from megaswift.data.prompts import PromptOrder  # noqa: E402
 
@@ -48,7 +47,7 @@ def test_sync_check_passes_on_the_policy_and_stops_a_stale_rollout_model(tiny_hf
     with torch.no_grad():
         for p in stale.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    tr.alg.rollout_model = stale
+    tr.alg.engine.model = stale
     with pytest.raises(RolloutMismatchError, match="rollout engine and trainer disagree"):
         tr.train_step(tr.data.next_global_batch())
 
@@ -57,7 +56,7 @@ def test_num_iterations_reuses_a_rollout_batch(tiny_hf, tmp_path):
     tr = _trainer(tiny_hf["llama"], tmp_path, grpo__num_iterations=3)
     batches = [tr.data.next_global_batch() for _ in range(4)]
     assert batches[0] is batches[1] is batches[2] and batches[3] is not batches[0]
-    assert tr.alg.rollouts == 2
+    assert tr.alg.engine.rollouts == 2
 
 
 def _group_spread(mbs):
@@ -126,7 +125,7 @@ def test_a_run_resumes_with_the_prompt_order_and_rollout_count(tiny_hf, tmp_path
                           GRPO())
     assert again.step == 2 and again.data.state_dict() == state
     summary = again.train()
-    assert again.alg.rollouts == 3 and summary["steps"] == 1 and summary["reward"] is not None
+    assert again.alg.engine.rollouts == 3 and summary["steps"] == 1 and summary["reward"] is not None
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -146,7 +145,7 @@ def test_a_run_resumes_with_the_prompt_order_and_rollout_count(tiny_hf, tmp_path
 ])
 def test_plan_refuses_bad_grpo_settings_before_any_process_starts(tiny_hf, tmp_path, overrides, message):
     from megaswift.errors import ConfigError
-    from megaswift.train.build import plan_training
+    from megaswift.train.plan import plan_training
 
     data = write_prompt_data(str(tmp_path / "prompts.jsonl"))
     cfg = grpo_config(tiny_hf["llama"], data, str(tmp_path / "out"), **overrides)
@@ -159,7 +158,7 @@ def test_completions_stop_on_every_eos_the_checkpoint_lists(tmp_path):
 
     from transformers import GenerationConfig
 
-    from megaswift.train.grpo import stop_token_ids
+    from megaswift.rollout.generation import stop_token_ids
 
     tok = SimpleNamespace(eos_token_id=2)
     assert stop_token_ids(str(tmp_path), tok) == (2,)  # no generation_config.json

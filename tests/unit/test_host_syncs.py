@@ -40,8 +40,8 @@ def depths(tmp_path_factory):
 
 def _syncs_of_a_step(rank, world, hf_dir, overrides):
     """Host syncs of one forward + backward of this rank's model on a packed micro batch."""
-    from helpers_train import train_config
-    from megaswift.commands import build_model, hf_model_config, plan_layout
+    from tests.helpers.train import train_config
+    from megaswift.setup import build_model, hf_model_config, plan_layout
     from megaswift.parallel.context_parallel import shard_batch
     from megaswift.parallel.state import ParallelState
 
@@ -74,7 +74,7 @@ def test_host_syncs_do_not_grow_with_depth(family, layout, depths):
 def test_router_statistics_stay_on_the_device(moe_hf):
     """The load-balancing and z-loss values of a forward are tensors; the engine reads them once
     per step, not once per micro batch."""
-    from megaswift.commands import hf_model_config
+    from megaswift.setup import hf_model_config
     from megaswift.config import load_config
     from megaswift.models.decoder import GPTModel
 

@@ -28,7 +28,7 @@ BOUND = LAYER_BYTES  # what the excess over the parameters may grow by from 2 to
 
 _LOAD = r"""
 import sys, torch
-from megaswift.commands import hf_model_config
+from megaswift.setup import hf_model_config
 from megaswift.config import load_config
 from megaswift.convert.hf_import import load_hf_into_model
 from megaswift.models.decoder import GPTModel

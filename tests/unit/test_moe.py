@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megaswift.errors import LayoutError
-from megaswift.models.moe import layer_stats, load_balancing_loss, route
+from megaswift.models.moe import layer_stats, load_balancing_loss
+from megaswift.models.routers import route
 from megaswift.parallel.experts import capacity_keep, dispatch_combine, expert_swiglu
 from megaswift.parallel.layout import Layout
 
@@ -93,7 +94,7 @@ def test_model_aux_loss_and_router_grads_equal_transformers(moe_hf):
     equals ours (per-token loss / tokens, with the load-balancing loss attached)."""
     from transformers import AutoModelForCausalLM
 
-    from megaswift.commands import hf_model_config
+    from megaswift.setup import hf_model_config
     from megaswift.config import load_config
     from megaswift.convert.hf_import import load_hf_into_model
     from megaswift.models.decoder import GPTModel

@@ -4,8 +4,8 @@ model's. No communication here; the pipeline schedule is tested on gloo separate
 import pytest
 import torch
 
-from helpers_model import batch
-from megaswift.commands import hf_model_config
+from tests.helpers.model import batch
+from megaswift.setup import hf_model_config
 from megaswift.config import load_config
 from megaswift.convert.hf_import import load_hf_into_model
 from megaswift.models.decoder import GPTModel

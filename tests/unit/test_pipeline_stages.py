@@ -62,7 +62,7 @@ def test_micro_batch_counts_the_schedules_accept():
 def test_training_plan_refuses_bad_pipelines(tiny_hf, tmp_path):
     """The checks `megaswift launch` runs before any process starts (the tiny models have 2 layers)."""
     from megaswift.config import load_config
-    from megaswift.train.build import plan_training
+    from megaswift.train.plan import plan_training
 
     data = tmp_path / "d.jsonl"
     data.write_text("{}\n")

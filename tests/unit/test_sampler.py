@@ -5,7 +5,7 @@ sampling is reproducible per row seed whatever the batch holds."""
 import pytest
 import torch
 
-from megaswift.commands import hf_model_config
+from megaswift.setup import hf_model_config
 from megaswift.config import load_config
 from megaswift.convert.hf_import import load_hf_into_model
 from megaswift.models.decoder import GPTModel

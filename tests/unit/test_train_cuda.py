@@ -3,7 +3,7 @@ train like fp32, packed documents through every attention backend, GRPO's bf16 r
 import numpy as np
 import pytest
 
-from helpers_train import run_steps, write_chat_data
+from tests.helpers.train import run_steps, write_chat_data
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_cuda_matches_cpu_in_fp32(on_cuda, tiny_hf, tmp_path, monkeypatch):
 def test_grpo_on_cuda_bf16_passes_its_sync_check(on_cuda, tiny_hf, tmp_path):
     """Rollouts on CUDA under bf16 autocast (the sampler moves only the last position's logits to
     the CPU) train, and the weight-sync check's default bf16 tolerance holds."""
-    from helpers_train import run_grpo_steps, write_prompt_data
+    from tests.helpers.train import run_grpo_steps, write_prompt_data
 
     data = write_prompt_data(str(tmp_path / "prompts.jsonl"))
     steps = run_grpo_steps(0, 1, tiny_hf["qwen3"], data, str(tmp_path / "a"), model__dtype="bfloat16")

@@ -1,4 +1,6 @@
-"""Reward plugins for the GRPO tests (named by file path in grpo.reward_funcs)."""
+"""Reward plugins for the GRPO tests, named BY FILE PATH in grpo.reward_funcs (train.GRPO_REWARDS);
+not imported by the tests. Tests assert on messages naming "grpo_rewards.py:<function>": keep the
+file name."""
 
 
 def multiples_of_three(completion_ids, **kwargs):

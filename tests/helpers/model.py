@@ -1,10 +1,11 @@
 """Shared by the model parity tests: run the megaswift model on one rank and return plain tensors."""
 import torch
 
-from megaswift.commands import hf_model_config
+from megaswift.setup import hf_model_config
 from megaswift.config import load_config
 from megaswift.convert.hf_import import load_hf_into_model
 from megaswift.models.decoder import GPTModel
+from megaswift.parallel.grads import finalize_grads
 from megaswift.parallel.layout import Layout
 from megaswift.parallel.state import ParallelState
 from megaswift.parallel.tp_comm import gather_from_tp_region
@@ -41,7 +42,7 @@ def run_model(hf_dir: str, tp: int, sp: bool, world: int, backend: str = "refere
     full = gather_from_tp_region(logits, st.tp_group, dim=-1)[..., : mc.vocab_size].detach()
     loss = model(tokens, labels=labels, **kwargs).sum()
     loss.backward()
-    model.finalize_grads()
+    finalize_grads(model)
     layouts = model.shard_layouts()
     grads = {}
     for name, p in model.named_parameters():

@@ -1,4 +1,5 @@
-"""Shared by the training tests: a small generated chat data set and a Trainer run on one rank."""
+"""Shared by the training tests: small generated data sets (chat, preference, prompt), configs,
+and Trainer runs on one rank (SFT, DPO, GRPO)."""
 import json
 import os
 import random
@@ -111,6 +112,7 @@ def write_prompt_data(path: str, n: int = 16, seed: int = 0) -> str:
     return path
 
 
+# the reward plugins, named by file path as a user names theirs (the trainer loads the file itself)
 GRPO_REWARDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo_rewards.py")
 
 

@@ -1,0 +1,1 @@
+"""The CLI as a user runs it (`python -m megaswift ...`)."""
