@@ -8,12 +8,11 @@ rewards/accuracies 0.562 over the first 10 DPO steps, 1.000 over the last 10; he
 0.885 after SFT, 0.950 after DPO."""
 import json
 import os
-import subprocess
-import sys
 
 import yaml
 
 from megaswift.recipes import arithmetic
+from tests.helpers.cli import megaswift
 
 
 def test_dpo_lifts_rewards_and_held_out_preference(arithmetic_sft):
@@ -29,10 +28,7 @@ def test_dpo_lifts_rewards_and_held_out_preference(arithmetic_sft):
     config = os.path.join(out, "dpo.yaml")
     with open(config, "w") as f:
         yaml.safe_dump(cfg, f)
-    env = {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", "2", "--", "train", "dpo",
-                           "--config", config], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    megaswift("launch", "--nproc-per-node", "2", "--", "train", "dpo", "--config", config, timeout=600)
     with open(os.path.join(out, "dpo", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     last = sum(r["rewards/accuracies"] for r in rows[-10:]) / 10

@@ -8,12 +8,11 @@ Measured on the 2-core machine (about 80 s with the launch and both evaluations)
 the sync check's largest |log-prob difference| 1.9e-5 (tp=2)."""
 import json
 import os
-import subprocess
-import sys
 
 import yaml
 
 from megaswift.recipes import arithmetic
+from tests.helpers.cli import megaswift
 
 
 def test_grpo_raises_the_exact_match_reward(arithmetic_sft):
@@ -26,10 +25,7 @@ def test_grpo_raises_the_exact_match_reward(arithmetic_sft):
     config = os.path.join(out, "grpo.yaml")
     with open(config, "w") as f:
         yaml.safe_dump(cfg, f)
-    env = {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", "2", "--", "train",
-                           "grpo", "--config", config], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    megaswift("launch", "--nproc-per-node", "2", "--", "train", "grpo", "--config", config, timeout=600)
     with open(os.path.join(out, "grpo", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == cfg["train"]["steps"]

@@ -3,20 +3,17 @@ restart every rank; the restart resumes from the newest complete checkpoint and 
 with the same losses as an uninterrupted run (bitwise on CPU)."""
 import json
 import os
-import subprocess
-import sys
 
 import yaml
 
+from tests.helpers.cli import megaswift
 from tests.helpers.train import train_config, write_chat_data
 
 
 def _run(config, *launch_args, fault=None):
-    env = {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore"}
-    if fault:
-        env["MEGASWIFT_TEST_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "megaswift", "launch", "--nproc-per-node", "2", *launch_args, "--",
-                           "train", "sft", "--config", config], env=env, capture_output=True, text=True, timeout=300)
+    env = {"MEGASWIFT_TEST_FAULT": fault} if fault else None
+    return megaswift("launch", "--nproc-per-node", "2", *launch_args, "--", "train", "sft", "--config", config,
+                     env=env, check=False)
 
 
 def _losses(out_dir):

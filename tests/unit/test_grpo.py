@@ -3,12 +3,11 @@ order, and a failing reward plugin through the CLI."""
 import copy
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.helpers.cli import megaswift
 from tests.helpers.train import GRPO_REWARDS, grpo_config, write_prompt_data
 
 from megaswift.data.prompts import PromptOrder  # noqa: E402
@@ -98,9 +97,7 @@ def test_a_failing_reward_plugin_stops_the_cli_with_one_line(tiny_hf, tmp_path):
                       grpo__reward_funcs=f"[{GRPO_REWARDS}:raises_on_long]").to_dict()
     path = tmp_path / "grpo.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "megaswift", "train", "grpo", "--config", str(path)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = megaswift("train", "grpo", "--config", path, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("megaswift: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
