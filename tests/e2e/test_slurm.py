@@ -178,7 +178,13 @@ def test_a_job_past_its_time_limit_is_requeued_and_ends_as_if_uninterrupted(slur
     wait_for("10 steps", lambda: os.path.isfile(metrics) and sum(1 for _ in open(metrics)) >= 10)
     slurm.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"])
     wait_for("a requeue", lambda: "JobState=PENDING" in slurm.run(["scontrol", "show", "job", job_id]).stdout)
-    # Slurm holds a requeued job back for about two minutes (its BeginTime); waive that here
+    # Slurm holds a requeued job back for about two minutes (its BeginTime) so that the node has
+    # cleaned up the first run and no longer rejects the job's new credential (revocations are
+    # compared in whole seconds: a restart within the second of the requeue was once refused,
+    # "Job credential revoked"). Waive the hold only once the node is idle again and a further
+    # second has passed.
+    wait_for("the node's clean-up", lambda: re.search(r"State=IDLE\s", slurm.run(["scontrol", "show", "node"]).stdout))
+    time.sleep(2)
     slurm.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10", "StartTime=now"])
     state = slurm.wait_job(job_id, timeout_s=300)
     text = log.read_text() if log.is_file() else "(no log)"
