@@ -9,7 +9,6 @@ import sys
 import torch
 
 from megaswift import device, setup
-from megaswift.checkpoint.model_state import load_model
 
 from .optim import schedule_warnings
 from .plan import Plan, plan_training, restart_attempt
@@ -32,8 +31,6 @@ def attach_lora(cfg, model, plan: Plan) -> None:
 
 def build_trainer(cfg, algorithm):
     """Plan, start the process groups, build and fill the model, and hand over to the Trainer."""
-    from megaswift.convert.hf_import import load_hf_into_model
-
     from .engine import Trainer
 
     plan = plan_training(cfg, device.world_size_from_env(), type(algorithm))
@@ -47,10 +44,8 @@ def build_trainer(cfg, algorithm):
     torch.manual_seed(cfg.train.seed)
     # fp32 master weights on every device; bf16/fp16 (model.dtype) is the autocast compute dtype
     model = setup.build_model(cfg, plan.model_cfg, st, setup.MASTER_DTYPE)
-    if plan.hf_dir:
-        load_hf_into_model(model, plan.hf_dir)
-    elif plan.weights_dir:
-        load_model(model, plan.weights_dir)
+    if plan.hf_dir or plan.weights_dir:  # an HF directory or a weights-only megaswift checkpoint
+        setup.load_weights(model, plan.hf_dir or plan.weights_dir)
     if cfg.model.lora.rank or plan.lora_base:
         attach_lora(cfg, model, plan)
     # a resumed run loads its weights inside the Trainer, after the dp buffers exist

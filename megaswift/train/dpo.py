@@ -146,7 +146,8 @@ class DPO(Algorithm):
         ctx, st = self.ctx, self.ctx.st
         mbs = loader.micro_batch_size
         mine = list(range(st.dp_rank, n, st.dp_size))
-        rounds = -(-(-(-n // st.dp_size)) // mbs)
+        per_rank = -(-n // st.dp_size)  # ceil: every rank runs as many forwards as the fullest one
+        rounds = -(-per_rank // mbs)
         table = torch.zeros(n, 2, dtype=torch.float64, device=ctx.device)
         for k in range(rounds):
             chunk = mine[k * mbs: (k + 1) * mbs]

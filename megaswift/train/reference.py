@@ -61,10 +61,6 @@ class Reference:
         source = reference_source(cfg, getattr(cfg, self.section).ref_path)
         return setup.build_frozen_model(cfg, self.ctx.model, self.ctx.st, source)
 
-    def release(self) -> None:
-        """Drop the frozen copy (e.g. once everything it was needed for is computed)."""
-        self.frozen = None
-
     @property
     def model(self):
         return self.frozen if self.frozen is not None else self.ctx.model
