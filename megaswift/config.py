@@ -109,11 +109,19 @@ class MoESection(Section):
     expert_backend: Literal["auto", "grouped", "loop"] = "auto"
     """Expert compute: one grouped GEMM over a rank's experts (torch._grouped_mm), a loop over
     experts (the reference), or auto (grouped where the kernel supports the shapes)."""
+    router_force_balance: bool = False
+    """For benchmarks and dry runs only, never to train a model: every expert gets the same share
+    of the tokens (assignment j of token t goes to expert (t k + j) mod E) whatever the router
+    says; the router still weighs each token's experts. Megatron's
+    moe_router_force_load_balancing, made deterministic."""
 
     def __post_init__(self):
         super().__post_init__()
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ConfigError(f"moe.capacity_factor must be > 0 (or null for drop-less); got {self.capacity_factor}")
+        if self.router_force_balance and self.capacity_factor is not None and self.capacity_factor < 1:
+            raise ConfigError(f"moe.router_force_balance spreads tokens evenly, so moe.capacity_factor="
+                              f"{self.capacity_factor} < 1 would drop a fixed share of them; use >= 1 or null")
 
 
 @dataclass(kw_only=True)

@@ -100,7 +100,7 @@ def build_frozen_model(cfg, like, st, source: str):
     model.logits_temperature = like.logits_temperature
     if like.cfg.moe_layers:
         model.set_moe_options(aux_loss_coef=0.0, capacity_factor=cfg.moe.capacity_factor,
-                              backend=cfg.moe.expert_backend)
+                              backend=cfg.moe.expert_backend, force_balance=cfg.moe.router_force_balance)
     return model.eval()
 
 

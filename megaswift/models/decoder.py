@@ -164,7 +164,8 @@ class GPTModel(nn.Module):
 
     # -- mixture of experts ----------------------------------------------------------------------
     def set_moe_options(self, *, aux_loss_coef: float | None = None, z_loss_coef: float = 0.0,
-                        capacity_factor: float | None = None, backend: str = "auto", grad_scale: float = 1.0):
+                        capacity_factor: float | None = None, backend: str = "auto", grad_scale: float = 1.0,
+                        force_balance: bool = False):
         """aux_loss_coef None takes transformers' rule: router_aux_loss_coef when the checkpoint's
         output_router_logits is set, else no load-balancing loss. `grad_scale` weighs each micro
         batch's auxiliary losses in the step (1 / micro batches per step: their mean)."""
@@ -174,7 +175,7 @@ class GPTModel(nn.Module):
         self.moe_options = {"aux": aux_loss_coef, "z": z_loss_coef, "scale": grad_scale}
         for m in self.modules():
             if isinstance(m, MoELayer):
-                m.set_moe_options(capacity_factor=capacity_factor, backend=backend)
+                m.set_moe_options(capacity_factor=capacity_factor, backend=backend, force_balance=force_balance)
 
     def _attach_moe_losses(self, loss, moe_stats):
         opts = self.moe_options

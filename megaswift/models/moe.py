@@ -24,14 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from megaswift.parallel.collectives import all_reduce
-from megaswift.parallel.experts import capacity_keep, dispatch_combine
+from megaswift.parallel.experts import balanced_counts, capacity_keep, dispatch_combine
 from megaswift.parallel.grads import mark_tp_partial_grad
 from megaswift.parallel.state import ParallelState
 from megaswift.parallel.tp_comm import gather_from_tp_region, group_size, scatter_to_sp_region
 
 from .config import ModelConfig
 from .mlp import MLP
-from .routers import build_router
+from .routers import balanced_ids, build_router
 from .sharding import layout_on
 
 
@@ -129,8 +129,8 @@ class MoELayer(nn.Module):
     (or [b, s/tp, h] under sequence parallelism) and returns the same shape, with the layer's
     router statistics added to its row `stats_row` of `moe_stats` (when given).
 
-    Run-time switches, set in __init__: `capacity_factor` and `backend` (set_moe_options),
-    `whole_sequence` (generation: every tp rank routes all tokens itself)."""
+    Run-time switches, set in __init__: `capacity_factor`, `backend` and `force_balance`
+    (set_moe_options), `whole_sequence` (generation: every tp rank routes all tokens itself)."""
 
     def __init__(self, cfg: ModelConfig, st: ParallelState, layer_idx: int, dtype=None, device=None):
         super().__init__()
@@ -140,6 +140,7 @@ class MoELayer(nn.Module):
         self.experts = Experts(cfg, st, layer_idx, dtype, device)
         self.capacity_factor: float | None = None  # set_moe_options
         self.backend = "auto"
+        self.force_balance = False  # moe.router_force_balance: benchmarks and dry runs only
         self.whole_sequence = False  # generation (rollout/): every tp rank routes all tokens itself
         # Each tp rank routes its own share of the tokens (its sequence shard under SP, else a
         # split of the replicated sequence), so the router's gradient is a partial sum over tp.
@@ -152,8 +153,9 @@ class MoELayer(nn.Module):
             if st.sp:  # the gate sees only this rank's sequence shard
                 mark_tp_partial_grad(self.shared_expert_gate.weight)
 
-    def set_moe_options(self, capacity_factor: float | None = None, backend: str = "auto") -> None:
-        self.capacity_factor, self.backend = capacity_factor, backend
+    def set_moe_options(self, capacity_factor: float | None = None, backend: str = "auto",
+                        force_balance: bool = False) -> None:
+        self.capacity_factor, self.backend, self.force_balance = capacity_factor, backend, force_balance
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None,
                 moe_stats: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -176,13 +178,22 @@ class MoELayer(nn.Module):
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
         logits, probs, weights, ids = self.router(flat)
-        keep = None
-        if self.capacity_factor is not None:
+        keep = uniform = None
+        if self.force_balance:
+            # the router still weighs each token's (imposed) experts, so it trains and its
+            # memory and compute stay in the step; no expert exceeds ceil(T k / E), so a
+            # capacity factor >= 1 (config.py checks) drops nothing
+            ids = balanced_ids(b * s, ids.shape[1], cfg.num_moe_experts, flat.device)
+            weights = probs.gather(1, ids)
+            if cfg.moe_norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            uniform = balanced_counts(ids.numel(), cfg.num_moe_experts)
+        elif self.capacity_factor is not None:
             keep = capacity_keep(ids, weights, cfg.num_moe_experts, self.capacity_factor)
         out = dispatch_combine(flat, ids, weights.to(x.dtype), cfg.num_moe_experts,
                                self.experts.linear_fc1.effective_weight(), self.experts.linear_fc2.effective_weight(),
-                               keep=keep, ep_group=st.ep_group,
-                               etp_group=st.etp_group, backend=self.backend).view(b, s, h)
+                               keep=keep, ep_group=st.ep_group, etp_group=st.etp_group, backend=self.backend,
+                               uniform_counts=uniform).view(b, s, h)
         if split:
             out = gather_from_tp_region(out, st.tp_group, dim=1)
         mask = None if token_mask is None else token_mask.reshape(-1)

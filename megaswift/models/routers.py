@@ -28,6 +28,15 @@ def route(logits: Tensor, topk: int, norm_topk_prob: bool) -> tuple[Tensor, Tens
     return probs, weights, ids
 
 
+def balanced_ids(tokens: int, topk: int, num_experts: int, device=None) -> Tensor:
+    """Force-balanced routing (Megatron's moe_router_force_load_balancing, made deterministic):
+    assignment j of token t goes to expert (t x k + j) mod E, so every expert gets the same
+    share of the tokens whatever the router says, and a token's k experts are distinct. For
+    benchmarks and dry runs (`moe.router_force_balance`), never for training a model: the
+    routing ignores the tokens."""
+    return torch.arange(tokens * topk, device=device).view(tokens, topk) % num_experts
+
+
 class TopKRouter(nn.Module):
     """transformers' Qwen3-MoE / Mixtral router: softmax in fp32 over a linear gate, top-k,
     optional renormalisation (cfg.moe_norm_topk_prob)."""

@@ -113,15 +113,17 @@ def _gather_counts(counts: Tensor, group) -> Tensor:
     return out
 
 
-def _expert_major(block_counts: Tensor) -> Tensor:
+def _expert_major(block_counts: Tensor, total: int | None = None) -> Tensor:
     """Rows arrive in blocks (source, expert), source-major; the permutation that lists them
-    expert-major (every source's rows for expert 0, then expert 1, ...), keeping order inside."""
+    expert-major (every source's rows for expert 0, then expert 1, ...), keeping order inside.
+    `total`: the number of rows, where the caller knows it without reading the counts."""
     S, E = block_counts.shape
     flat = block_counts.reshape(-1)
     starts = torch.cumsum(flat, 0) - flat  # where block (s, e) starts, source-major
     lens = block_counts.t().reshape(-1)
     starts = starts.view(S, E).t().reshape(-1)
-    total = int(lens.sum())
+    if total is None:
+        total = int(lens.sum())
     first_out = torch.cumsum(lens, 0) - lens  # where block (e, s) starts, expert-major
     return torch.repeat_interleave(starts - first_out, lens, output_size=total) + torch.arange(
         total, device=block_counts.device)
@@ -171,13 +173,26 @@ def expert_swiglu(x: Tensor, counts: list[int], w1: Tensor, w2: Tensor, backend:
 
 
 # -- dispatch and combine ------------------------------------------------------------------------
+def balanced_counts(assignments: int, num_experts: int) -> list[int]:
+    """Assignments per expert under force-balanced routing (models/routers.balanced_ids):
+    assignment i goes to expert i mod E."""
+    base, extra = divmod(assignments, num_experts)
+    return [base + (e < extra) for e in range(num_experts)]
+
+
 def dispatch_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, num_experts: int, w1: Tensor, w2: Tensor, *,
-                     keep: Tensor | None = None, ep_group=None, etp_group=None, backend: str = "auto") -> Tensor:
+                     keep: Tensor | None = None, ep_group=None, etp_group=None, backend: str = "auto",
+                     uniform_counts: list[int] | None = None) -> Tensor:
     """The MoE output for this rank's tokens x [T, H]: sum_j weights[t, j] * expert_{ids[t, j]}(x[t]).
 
     expert_ids/weights [T, k] come from the router; `keep` [T, k] (optional) marks assignments
     that survive a capacity limit (the dropped ones contribute nothing). w1/w2 are this rank's
-    experts (its ep block, its etp slice)."""
+    experts (its ep block, its etp slice).
+
+    `uniform_counts` [E]: the assignments per expert when the caller knows them without reading
+    the ids and they are the same on every rank (force-balanced routing). The dispatch then has
+    no data-dependent shape: no count exchange, every split a Python int, so it also runs on
+    fake tensors (the dry run, megaswift/planner/)."""
     T, k = expert_ids.shape
     ep, etp = group_size(ep_group), group_size(etp_group)
     e_local = num_experts // ep
@@ -189,22 +204,34 @@ def dispatch_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, num_experts
         flat_e, flat_t, flat_w = flat_e[kept], flat_t[kept], flat_w[kept]
     order = torch.argsort(flat_e, stable=True)
     token_of, weight_of = flat_t[order], flat_w[order]
-    counts = torch.bincount(flat_e, minlength=num_experts).view(ep, e_local)  # [dest ep rank, local expert]
     # grouped by expert, hence by destination; in the compute dtype, so bf16 travels under autocast
     rows = x.index_select(0, token_of).to(_compute_dtype(x))
-    if ep > 1:
-        recv = _exchange_counts(counts, ep_group)
-        send_sizes, recv_sizes = counts.sum(1).tolist(), recv.sum(1).tolist()
-        rows = all_to_all(rows, recv_sizes, send_sizes, ep_group)
+    if uniform_counts is not None:
+        blocks, sizes = _uniform_blocks(uniform_counts, ep, etp, ep_group)
+        send_sizes, recv_sizes, etp_sizes = sizes
+        if ep > 1:
+            rows = all_to_all(rows, recv_sizes, send_sizes, ep_group)
+        if etp > 1:
+            rows = _GatherRows.apply(rows, etp_sizes, etp_group, dist.get_rank(etp_group))
+        total = sum(sum(row) for row in blocks)
+        per_expert = [sum(col) for col in zip(*blocks)]
+        blocks = torch.tensor(blocks, device=x.device)
     else:
-        recv = counts
-    blocks = recv
-    if etp > 1:
-        blocks = _gather_counts(recv, etp_group)  # [etp x ep sources, E_local]
-        etp_sizes = blocks.view(etp, -1).sum(1).tolist()
-        rows = _GatherRows.apply(rows, etp_sizes, etp_group, dist.get_rank(etp_group))
-    perm = _expert_major(blocks)
-    y = expert_swiglu(rows.index_select(0, perm), blocks.sum(0).tolist(), w1, w2, backend)
+        counts = torch.bincount(flat_e, minlength=num_experts).view(ep, e_local)  # [dest ep rank, local expert]
+        if ep > 1:
+            recv = _exchange_counts(counts, ep_group)
+            send_sizes, recv_sizes = counts.sum(1).tolist(), recv.sum(1).tolist()
+            rows = all_to_all(rows, recv_sizes, send_sizes, ep_group)
+        else:
+            recv = counts
+        blocks = recv
+        if etp > 1:
+            blocks = _gather_counts(recv, etp_group)  # [etp x ep sources, E_local]
+            etp_sizes = blocks.view(etp, -1).sum(1).tolist()
+            rows = _GatherRows.apply(rows, etp_sizes, etp_group, dist.get_rank(etp_group))
+        total, per_expert = None, blocks.sum(0).tolist()
+    perm = _expert_major(blocks, total)
+    y = expert_swiglu(rows.index_select(0, perm), per_expert, w1, w2, backend)
     y = y.index_select(0, torch.argsort(perm))  # back to arrival order
     if etp > 1:
         y = _ReduceScatterRows.apply(y, etp_sizes, etp_group, dist.get_rank(etp_group))
@@ -212,6 +239,17 @@ def dispatch_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, num_experts
         y = all_to_all(y, send_sizes, recv_sizes, ep_group)
     out = x.new_zeros(x.shape, dtype=y.dtype)  # the experts' dtype (bf16 under CUDA autocast)
     return out.index_add(0, token_of, y * weight_of.unsqueeze(1).to(y.dtype))
+
+
+def _uniform_blocks(counts: list[int], ep: int, etp: int, ep_group):
+    """The dispatch's block counts [etp x ep sources, E_local] and its split sizes (send, receive,
+    etp) when every rank sends `counts[e]` rows to expert e."""
+    e_local = len(counts) // ep
+    me = dist.get_rank(ep_group) if ep > 1 else 0
+    mine = counts[me * e_local: (me + 1) * e_local]
+    send = [sum(counts[r * e_local: (r + 1) * e_local]) for r in range(ep)]
+    recv = [sum(mine)] * ep
+    return [list(mine) for _ in range(etp * ep)], (send, recv, [sum(mine) * ep] * etp)
 
 
 def capacity_keep(expert_ids: Tensor, weights: Tensor, num_experts: int, capacity_factor: float) -> Tensor:

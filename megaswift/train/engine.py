@@ -62,7 +62,7 @@ class Trainer:
             m = cfg.moe
             model.set_moe_options(aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef,
                                   capacity_factor=m.capacity_factor, backend=m.expert_backend,
-                                  grad_scale=1.0 / self.n_micro)
+                                  grad_scale=1.0 / self.n_micro, force_balance=m.router_force_balance)
         self._moe_step: dict[int, dict] = {}
         self.pipeline = self._build_pipeline() if st.pp_size > 1 else None
         # point-to-point waits (pipeline, ring attention) never time out on gloo: see parallel/watchdog.py

@@ -166,3 +166,28 @@ def test_grouped_gemm_on_cuda_under_bf16_autocast():
     assert w1.grad.dtype == torch.float32
     for a, b in zip(outs["loop"], outs["grouped"]):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_force_balanced_routing_spreads_evenly_and_needs_no_data_dependent_shape():
+    """moe.router_force_balance: ids (t k + j) mod E, counts known without reading them; the
+    dispatch given those counts equals the one that counts, and runs under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from megaswift.models.routers import balanced_ids
+    from megaswift.parallel.experts import balanced_counts
+
+    ids = balanced_ids(9, 2, 4)
+    assert torch.bincount(ids.reshape(-1), minlength=4).tolist() == balanced_counts(18, 4) == [5, 5, 4, 4]
+    assert all(len(set(row.tolist())) == 2 for row in ids)  # a token's experts are distinct
+    w1, w2 = _experts()
+    x = torch.randn(9, 16, generator=torch.Generator().manual_seed(3))
+    weights = torch.rand(9, 2, generator=torch.Generator().manual_seed(4))
+    counted = dispatch_combine(x, ids, weights, 4, w1, w2, backend="loop")
+    given = dispatch_combine(x, ids, weights, 4, w1, w2, backend="loop", uniform_counts=balanced_counts(18, 4))
+    assert torch.equal(counted, given)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # grouped: the meta kernel wants bf16, as CUDA's
+        fx = torch.empty(9, 16, dtype=torch.bfloat16)
+        out = dispatch_combine(fx, balanced_ids(9, 2, 4), torch.empty(9, 2), 4, torch.empty_like(w1, dtype=fx.dtype),
+                               torch.empty_like(w2, dtype=fx.dtype), uniform_counts=balanced_counts(18, 4),
+                               backend="grouped")
+        assert out.shape == (9, 16)
