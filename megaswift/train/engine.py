@@ -121,20 +121,15 @@ class Trainer:
         dp.zero_grad()
         with self._watched():
             inject_test_fault(f"rank{st.rank}", self.step + 1)
-            if self.pipeline is None:
-                loss_acc, extra_acc, timing = self._forward_backward(micro_batches, grad_units)
-            else:
-                loss_acc, extra_acc, timing = self._forward_backward_pipeline(micro_batches, grad_units)
+            loss_acc, extra_acc, timing = self.forward_backward(micro_batches, grad_units)
+            loss_acc, extra_acc = float(loss_acc), {k: float(v) for k, v in extra_acc.items()}
+            if self.pipeline is not None:
+                timing = self._pipeline_metrics(timing)
         self._mark_computed()
         # gloo's waits on asynchronous collectives do not time out either (measured: a rank hung
         # in its step kept dp=4 peers in this wait past 80 s with a 20 s timeout)
         with self._watched_sync():
-            if self.pipeline is None:
-                dp.finish_grad_sync()
-                finalize_grads(self.model)
-            else:  # PP: the fix-ups are sums, so they run on the local gradients first; then dp reduces
-                finalize_grads(self.model)
-                dp.finish_grad_sync()
+            self.reduce_gradients()
             # on CUDA the collectives above are only queued: this is where the host waits for them
             grad_norm = dp.grad_norm(self.norm_weights).item()
         nonfinite = None
@@ -146,8 +141,7 @@ class Trainer:
             clip = self.cfg.optim.clip_grad
             if clip > 0 and grad_norm > clip:
                 dp.scale_grads(clip / (grad_norm + 1e-6))
-            self.optimizer.step()
-            dp.gather_params()
+            self.apply_update()
         self.step += 1
         # declared, not read off extra_acc: under PP only the last stage computes them
         keys = sorted(set(self.alg.metrics) | set(extra_acc))
@@ -167,6 +161,31 @@ class Trainer:
             nonfinite.metrics = out
             raise nonfinite
         return out
+
+    # The parts of a step, without a host read, so that the dry run (planner/dry_run.py) runs the
+    # same code on fake tensors: forward_backward, reduce_gradients, apply_update.
+    def forward_backward(self, micro_batches: list[dict], grad_units: float) -> tuple:
+        """Forward and backward of the prepared micro batches, each loss divided by `grad_units`.
+        Returns (loss sum, {metric: sum}, timing), the sums as tensors or numbers: nothing here
+        waits for the device."""
+        if self.pipeline is None:
+            return self._forward_backward(micro_batches, grad_units)
+        return self._forward_backward_pipeline(micro_batches, grad_units)
+
+    def reduce_gradients(self) -> None:
+        """The gradient reduction over dp and the model's fix-ups (tied embeddings, TP partial
+        sums: parallel/grads.py)."""
+        if self.pipeline is None:
+            self.dp.finish_grad_sync()
+            finalize_grads(self.model)
+        else:  # PP: the fix-ups are sums, so they run on the local gradients first; then dp reduces
+            finalize_grads(self.model)
+            self.dp.finish_grad_sync()
+
+    def apply_update(self) -> None:
+        """AdamW on this rank's pieces, then (ZeRO-1) the all-gather of the updated shards."""
+        self.optimizer.step()
+        self.dp.gather_params()
 
     def last_good_checkpoint(self) -> str | None:
         """The newest complete checkpoint of this run (every saved one is finite, see save()),
@@ -275,19 +294,20 @@ class Trainer:
             beat()  # progress for the watchdog (on CUDA: once the device gets here)
             loss_acc += loss_sum.detach().double()
             for k, v in extra.items():
-                extra_acc[k] = extra_acc.get(k, 0.0) + float(v)
-        return loss_acc.item(), extra_acc, {}
+                extra_acc[k] = extra_acc.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+        return loss_acc, extra_acc, {}
 
     def _forward_backward_pipeline(self, micro_batches, total_units):
         """The pipeline schedule runs every micro batch; the loss callback runs on the last stage.
         dp reduces after the schedule: the schedule gives no hook at each stage's last backward."""
-        results: dict[int, tuple[float, dict]] = {}
+        results: dict[int, tuple] = {}
 
         def loss_of(output, i):
             loss_sum, extra = self.alg.loss_from_output(output, micro_batches[i])
             self._keep_moe_stats(i)
             # torch's shape inference calls this once more for micro batch 0: keyed, not added
-            results[i] = (float(loss_sum.detach()), {k: float(v) for k, v in extra.items()})
+            results[i] = (loss_sum.detach(), {k: v.detach() if isinstance(v, torch.Tensor) else v
+                                              for k, v in extra.items()})
             return loss_sum / max(total_units, 1)
 
         self.dp.sync = False
@@ -295,10 +315,10 @@ class Trainer:
             timing = self.pipeline.run([self.alg.forward_inputs(mb) for mb in micro_batches], loss_of)
         loss_acc, extra_acc = 0.0, {}
         for loss_sum, extra in results.values():
-            loss_acc += loss_sum
+            loss_acc = loss_acc + loss_sum
             for k, v in extra.items():
                 extra_acc[k] = extra_acc.get(k, 0.0) + v
-        return loss_acc, extra_acc, self._pipeline_metrics(timing)
+        return loss_acc, extra_acc, timing
 
     def _pipeline_metrics(self, timing: dict) -> dict:
         """Compute seconds of every pp rank, and the bubble: the share of the pp ranks' wall

@@ -25,7 +25,7 @@ LAYERS = [
     {"convert"},
     {"setup", "rollout"},
     {"train"},
-    {"config", "commands", "recipes"},  # config reads the algorithms' sections from train/registry.py
+    {"config", "commands", "recipes", "planner"},  # config reads the algorithms' sections from train/registry.py
     {"quickstart", "testing", "launch"},
     {"cli", "__main__"},
 ]

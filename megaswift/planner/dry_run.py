@@ -1,0 +1,238 @@
+"""The dry run: megaswift's own training step at the real world size, in one CPU process.
+
+For one rank position of a layout, the process joins torch's fake process group as that rank of
+the whole world (`torch.testing._internal.distributed.fake_pg`: every group of the rank grid
+exists and collectives return at once without moving data), builds the real model, dp buckets,
+optimizer and pipeline stages under `FakeTensorMode` (tensors with shapes, dtypes and devices
+but no data), and runs two whole training steps on fake data through the engine's own parts
+(Trainer.forward_backward, reduce_gradients, apply_update): the first creates AdamW's state, the
+second is measured by `StepAccountant` (planner/accountant.py): peak bytes by category and the
+bytes of every collective by class.
+
+What the fake tensors cannot do is read data, so the dry run
+- routes MoE tokens with `moe.router_force_balance` (an even spread; real routing is data-
+  dependent), and says so;
+- skips the host reads of a real step (loss and gradient-norm values, the non-finite check,
+  clipping, metrics): those hold scalars only.
+
+Rank positions: ranks that differ in what they hold are the pipeline positions (the first stage
+holds the embedding, the last the output layer and loss, middle stages may hold more layers);
+tp, cp, dp and ep ranks of one stage hold the same shapes (experts evenly split, force-balanced
+routing). `positions` picks the pp ranks to run: the first, the last, and the middle one with
+the most layers.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from megaswift.errors import ConfigError
+
+from .accountant import CATEGORIES, StepAccountant
+
+GIB = 1024 ** 3
+
+
+@dataclass
+class PositionResult:
+    """What one rank position holds and sends in a training step."""
+    rank: int
+    world_size: int
+    pp_rank: int
+    stages: list[int]
+    layers: int                 # decoder layers on this rank
+    params: int                 # parameter elements on this rank (trainable and frozen)
+    trainable: int
+    state_bytes: dict = field(default_factory=dict)      # parameters / gradients / optimizer, exact
+    peak_bytes: int = 0
+    peak_by_category: dict = field(default_factory=dict)
+    comm_bytes: dict = field(default_factory=dict)       # collective class -> bytes in the step
+    comm_detail: dict = field(default_factory=dict)      # "class kind" -> [calls, bytes]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def with_values(cfg, values: dict):
+    """A copy of the config with dotted keys set (checked like any override)."""
+    from megaswift.config import config_from_dict
+
+    raw = cfg.to_dict()
+    for dotted, value in values.items():
+        *path, last = dotted.split(".")
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config_from_dict(raw)
+
+
+def group_classes(st) -> dict:
+    """Process group -> collective class, for the accountant."""
+    out = {}
+    for name in ("tp", "cp", "ep", "etp", "pp", "dp_cp", "edp", "dp", "embedding", "cp_ring", "cp_ulysses"):
+        group = getattr(st, f"{name}_group", None)
+        if group is not None:
+            out[group] = {"dp_cp": "dp", "cp_ring": "cp", "cp_ulysses": "cp", "embedding": "pp"}.get(name, name)
+    return out
+
+
+def label_state(acct: StepAccountant, trainer) -> dict:
+    """Label what persists across steps; returns its exact bytes by category."""
+    model, dp, opt = trainer.model, trainer.dp, trainer.optimizer
+    parts = [part for part, _ in dp.parts]
+    param_tensors = [b.data for part in parts for b in part.buckets]
+    param_tensors += [p for p in model.parameters() if not p.requires_grad]
+    param_tensors += list(_buffers(model))
+    grad_tensors = [b.grad for part in parts for b in part.buckets]
+    grad_tensors += [b.shard_grad for part in parts for b in part.buckets if b.shard_grad is not None]
+    opt_tensors = [t for state in opt.state.values() for t in state.values()
+                   if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return {"parameters": acct.label(param_tensors, "parameters"),
+            "gradients": acct.label(grad_tensors, "gradients"),
+            "optimizer": acct.label(opt_tensors, "optimizer")}
+
+
+def _buffers(model):
+    for chunk in getattr(model, "chunks", [model]):
+        yield from chunk.buffers()
+
+
+def synthetic_micro_batches(cfg, n_micro: int, vocab_size: int) -> list[dict]:
+    """Language-model micro batches of full rows (no padding, no packing): the shapes a real
+    step runs at data.seq_len; the values do not matter."""
+    mbs, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    out = []
+    for _ in range(n_micro):
+        ids = torch.randint(0, vocab_size, (mbs, seq))
+        out.append({"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(seq).expand(mbs, seq),
+                    "document_ids": None, "token_mask": torch.ones(mbs, seq, dtype=torch.long),
+                    "num_tokens": mbs * seq})
+    return out
+
+
+def run_measured_steps(trainer, acct: StepAccountant, make_batches, steps: int = 2) -> dict:
+    """`steps` training steps through the engine's parts, measuring the last: returns the
+    labelled state bytes."""
+    cfg, st = trainer.cfg, trainer.st
+    state = {}
+    for step in range(steps):
+        last = step == steps - 1
+        if last:
+            state = label_state(acct, trainer)
+            acct.reset_peak()
+            acct.reset_comm()
+        micro_batches = [trainer.prepare_micro_batch(mb) for mb in make_batches()]
+        units = float(cfg.train.micro_batch_size * cfg.data.seq_len * len(micro_batches) * st.dp_size)
+        with trainer._autocast():
+            trainer.alg.before_step(micro_batches)
+        trainer.dp.zero_grad()
+        trainer.forward_backward(micro_batches, units)
+        trainer.reduce_gradients()
+        trainer.dp.grad_norm(trainer.norm_weights)
+        acct.in_optimizer = True
+        try:
+            trainer.apply_update()
+        finally:
+            acct.in_optimizer = False
+        if trainer.moe_layers:
+            trainer._moe_step = {}
+    return state
+
+
+def positions(cfg, model_cfg, world_size: int) -> list[int]:
+    """Global ranks to dry-run: pp rank 0, the last pp rank, and the middle pp rank with the most
+    layers (tp, cp, dp and ep coordinates 0)."""
+    from megaswift.parallel.pipeline_stages import num_stages, split_layers, stages_of_rank
+
+    p = cfg.parallel
+    if p.pp == 1:
+        return [0]
+    per_pp = world_size // p.pp
+    stages = num_stages(p.pp, p.vpp, p.pp_schedule)
+    split = split_layers(model_cfg.num_layers, stages, p.pp_layers)
+    layers = [sum(len(split[s]) for s in stages_of_rank(r, p.pp, stages, p.pp_schedule)) for r in range(p.pp)]
+    picks = {0, p.pp - 1}
+    middle = list(range(1, p.pp - 1))
+    if middle:
+        picks.add(max(middle, key=lambda r: (layers[r], -r)))
+    return [r * per_pp for r in sorted(picks)]
+
+
+@contextlib.contextmanager
+def fake_world(rank: int, world_size: int):
+    """This process as `rank` of `world_size` on torch's fake process group."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a dry run needs a process without a process group")
+    dist.init_process_group("cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def dry_run_position(cfg, model_cfg, world_size: int, rank: int, algorithm: str = "sft") -> PositionResult:
+    """Build and run two training steps as `rank` of `world_size`, on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from megaswift import setup
+    from megaswift.parallel.state import ParallelState
+    from megaswift.train.engine import Trainer
+    from megaswift.train.registry import algorithm_class
+
+    if algorithm != "sft":
+        raise ConfigError(f"the dry run supports sft so far, not {algorithm}")
+    layout = setup.plan_layout(cfg, world_size, model_cfg)
+    layout.check_seq_len(cfg.data.seq_len, moe=bool(model_cfg.moe_layers))
+    t0 = time.perf_counter()
+    out_dir = tempfile.mkdtemp(prefix="megaswift-dry-run-")
+    cfg = with_values(cfg, {"train.output_dir": out_dir, "moe.router_force_balance": True,
+                            "checkpoint.export_hf": False})
+    alg_cls = algorithm_class(algorithm)
+    dry_alg = type(f"DryRun{alg_cls.__name__}", (alg_cls,), {"build_data": lambda self, ctx: None})()
+    try:
+        with fake_world(rank, world_size):
+            st = ParallelState.build(layout, torch.device("cpu"))
+            acct = StepAccountant(group_classes(st))
+            with FakeTensorMode(allow_non_fake_inputs=True), acct:
+                model = setup.build_model(cfg, model_cfg, st, setup.MASTER_DTYPE)
+                if cfg.model.lora.rank:
+                    model.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.dropout,
+                                   cfg.model.lora.targets, seed=cfg.train.seed)
+                trainer = Trainer(cfg, dry_alg, model, st, source_dir=None, export_dtype=cfg.model.dtype)
+                try:
+                    state = run_measured_steps(
+                        trainer, acct, lambda: synthetic_micro_batches(cfg, trainer.n_micro, model_cfg.vocab_size))
+                finally:
+                    trainer.logger.close()
+                params = sum(p.numel() for p in model.parameters())
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                stage_ids = [s for s, _ in model.stage_modules()] if model.is_pipeline else [0]
+                layers = _decoder_layers(model)
+            comm = {f"{c} {k}": v for (c, k), v in sorted(acct.comm.items())}
+            return PositionResult(rank=rank, world_size=world_size, pp_rank=st.pp_rank, stages=stage_ids,
+                                  layers=layers, params=params, trainable=trainable, state_bytes=state,
+                                  peak_bytes=acct.peak, peak_by_category={c: acct.peak_by_category[c] for c in CATEGORIES},
+                                  comm_bytes=acct.comm_bytes(), comm_detail=comm, seconds=time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _decoder_layers(model) -> int:
+    return sum(len(chunk.decoder.layers) for chunk in getattr(model, "chunks", [model]))
+
+
+def dry_run(cfg, model_cfg, world_size: int, ranks: list[int] | None = None,
+            algorithm: str = "sft") -> list[PositionResult]:
+    """Every rank position that differs (see `positions`), one after another in this process."""
+    return [dry_run_position(cfg, model_cfg, world_size, r, algorithm)
+            for r in (ranks if ranks is not None else positions(cfg, model_cfg, world_size))]
