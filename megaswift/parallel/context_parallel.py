@@ -29,6 +29,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import is_fake
 from torch import Tensor
 
 from megaswift.errors import LayoutError
@@ -329,8 +330,8 @@ def _live_hops(cp_index: Tensor, blocks: Tensor, me: int, document_ids: Tensor |
     Deciding to skip needs the answer on the host, a sync; asked once for all steps, and kept on
     the cp_index tensor, which every layer of a micro batch shares, so a micro batch pays it
     once per window size rather than once per hop and layer."""
-    if cp_index.is_meta:  # shapes only (a model built on the meta device): nothing to skip by
-        return (True,) * blocks.shape[1]
+    if cp_index.is_meta or is_fake(cp_index):  # shapes only (meta device, the dry run): every hop
+        return (True,) * blocks.shape[1]    # runs, as with full causal rows (zigzag) and no window
     key = (me, blocks.shape[1], window, 0 if cp_index.is_inference() else cp_index._version)
     cache = getattr(cp_index, "_megaswift_live_hops", None)
     if cache is None:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .tp_comm import group_size
 
@@ -140,10 +141,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _grouped_ok(x: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> bool:
-    """torch._grouped_mm needs 16-byte aligned rows (and bf16 on CUDA)."""
+    """torch._grouped_mm needs 16-byte aligned rows (and bf16 on CUDA, and on fake tensors, whose
+    meta kernel checks as CUDA does)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.is_cuda and dtype != torch.bfloat16:
+    if (x.is_cuda or is_fake(x)) and dtype != torch.bfloat16:
         return False
     size = torch.empty((), dtype=dtype).element_size()
     return all((d * size) % 16 == 0 for d in (w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2]))

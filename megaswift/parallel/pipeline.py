@@ -15,7 +15,12 @@ What this module adds:
 - the time each rank spends computing (forward, backward, weight-gradient passes), from which the
   engine reports the pipeline bubble: the share of the ranks' wall time spent waiting;
 - progress beats for the watchdog (parallel/watchdog.py): the schedules wait on point-to-point
-  work without a timeout, which on gloo never ends if the peer hangs.
+  work without a timeout, which on gloo never ends if the peer hangs;
+- `fake_neighbours`, for the dry run (megaswift/planner/): torch's schedules start with a
+  handshake and shape exchange that need real peers, so on the fake process group this rank's
+  actions (torch's own `pipeline_order` for it) run here in the schedule's order, with what the
+  neighbours would send stood in by empty tensors of the right shape. The sends and receives
+  still go through the pp group, so they are counted.
 """
 from __future__ import annotations
 
@@ -23,8 +28,10 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                           ScheduleZBVZeroBubble)
+from torch.distributed.pipelining._backward import stage_backward, stage_backward_input, stage_backward_weight
 
 from megaswift.device import ComputeTimer
 from megaswift.errors import LayoutError
@@ -66,6 +73,11 @@ class PipelineRunner:
         self.timer = ComputeTimer()  # CUDA events, not a sync per chunk: see ComputeTimer
         self.steps_run = 0
         self.pp_rank = self.stages[0].group_rank
+        self.pp_group, self.pp_size = pp_group, dist.get_world_size(pp_group)
+        self.num_stages = num_stages
+        self.fake_neighbours: Callable[[int], tuple] | None = None
+        """The dry run: micro batch index -> the tensors a stage receives from the stage before
+        (empty, shaped as they would arrive); see run_with_fake_neighbours."""
         for stage in self.stages:
             for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
                 if hasattr(stage, name):
@@ -101,6 +113,8 @@ class PipelineRunner:
         first, rest = keys[0], keys[1:]
         device = whole[first].device
         target = torch.arange(self.n_microbatches, device=device)
+        if self.fake_neighbours is not None:
+            return self.run_with_fake_neighbours(whole, keys, loss_of)
         self._loss_of = loss_of
         self.timer.seconds()  # drop anything timed outside a step (torch's shape inference)
         t0 = time.perf_counter()
@@ -117,6 +131,105 @@ class PipelineRunner:
         self.steps_run += 1
         busy_s = self.timer.seconds()  # waits for the device: the wall time below includes it
         return {"busy_s": busy_s, "wall_s": time.perf_counter() - t0}
+
+
+    # -- the dry run -------------------------------------------------------------------------------
+    def run_with_fake_neighbours(self, whole: dict, keys: list[str], loss_of) -> dict:
+        """This rank's actions of the schedule, in torch's order (`pipeline_order`), on this
+        rank's stages, without real neighbours. Forward, full backward, and the zero-bubble
+        schedules' split backward (input gradients, then weight gradients later) run through
+        torch's own autograd helpers, so what stays alive between actions is what torch keeps."""
+        F, B, I, W = "F", "B", "I", "W"
+        t0 = time.perf_counter()
+        stages = {s.stage_index: s for s in self.stages}
+        n = self.n_microbatches
+        split = {k: torch.tensor_split(v, n) for k, v in whole.items()}
+        first, rest = keys[0], keys[1:]
+        fwd: dict[tuple[int, int], tuple] = {}  # (stage, mb) -> (inputs, outputs or loss)
+        outputs: dict[tuple[int, int], tuple] = {}  # a stage's outputs, for the next stage on this rank
+        weight_todo: dict[tuple[int, int], tuple] = {}  # split backward: what the W action needs
+        for kind, s, i in self._actions():
+            stage = stages[s]
+            module = stage.submod
+            if kind == F:
+                kwargs = {k: split[k][i] for k in rest}
+                if s == 0:
+                    inputs = (split[first][i],)
+                elif (s - 1, i) in outputs:  # the stage before runs on this rank: handed over here
+                    inputs = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in outputs.pop((s - 1, i)))
+                else:
+                    inputs = tuple(t.requires_grad_(t.is_floating_point()) for t in self.fake_neighbours(i))
+                    self._p2p("recv", inputs, s - 1)
+                out = module(*inputs, **kwargs)
+                if s == self.num_stages - 1:
+                    fwd[(s, i)] = (inputs, loss_of(out, i))
+                    continue
+                out = out if isinstance(out, tuple) else (out,)
+                fwd[(s, i)] = (inputs, out)
+                if s + 1 in stages:
+                    outputs[(s, i)] = out
+                else:
+                    self._p2p("send", out, s + 1)
+            elif kind in (B, I):
+                inputs, out = fwd.pop((s, i))
+                last = s == self.num_stages - 1
+                grads = None
+                if not last:
+                    grads = tuple(torch.empty_like(t) for t in out)
+                    if s + 1 not in stages:
+                        self._p2p("recv", grads, s + 1)
+                inputs_with_grad = [t for t in inputs if t.requires_grad]
+                if kind == B:
+                    grad_in = stage_backward(out, grads, inputs_with_grad)
+                elif s == 0:  # torch's first stage leaves its whole backward to W
+                    weight_todo[(s, i)] = (out, grads)
+                    grad_in = ()
+                else:
+                    grad_in, groups = stage_backward_input([out] if last else list(out), grads and list(grads),
+                                                           inputs_with_grad, module.parameters())
+                    weight_todo[(s, i)] = groups
+                sent = tuple(g for g in grad_in if g is not None)
+                if s > 0 and s - 1 not in stages and sent:
+                    self._p2p("send", sent, s - 1)
+            else:  # W
+                todo = weight_todo.pop((s, i))
+                if isinstance(todo, tuple):
+                    stage_backward(*todo, [])
+                else:
+                    stage_backward_weight(module.parameters(), todo)
+        self.steps_run += 1
+        wall = time.perf_counter() - t0
+        return {"busy_s": wall, "wall_s": wall}
+
+    def _actions(self) -> list[tuple[str, int, int]]:
+        """This rank's compute actions in execution order: (F | B | I | W, stage, micro batch).
+        The multi-stage schedules execute torch's `pipeline_order`; for the single-stage ones it
+        is only a description (in torch 2.13 its 1F1B order for the last rank skips micro batch
+        0), so their order is written here as their `_step_microbatches` runs it."""
+        if not isinstance(self.schedule, (Schedule1F1B, ScheduleGPipe)):
+            return [(a.computation_type.value, a.stage_index, a.microbatch_index)
+                    for a in self.schedule.pipeline_order[self.pp_rank]
+                    if a is not None and a.computation_type.value in ("F", "B", "I", "W")]
+        s, n = self.stages[0].stage_index, self.n_microbatches
+        if isinstance(self.schedule, ScheduleGPipe):
+            return [("F", s, i) for i in range(n)] + [("B", s, i) for i in range(n)]
+        warmup = min(n, self.num_stages - s)  # torch: the last stage 1, the first num_stages
+        out = [("F", s, i) for i in range(warmup)]
+        for i in range(n):
+            out.append(("B", s, i))
+            if warmup + i < n:
+                out.append(("F", s, warmup + i))
+        return out
+
+    def _p2p(self, kind: str, tensors, stage: int) -> None:
+        """Send to / receive from the pp rank that runs `stage` (on the fake process group: moves
+        nothing, but the collective is counted like the real one)."""
+        pp = self.pp_size
+        zbv = isinstance(self.schedule, ScheduleZBVZeroBubble)  # stages in a V: s and 2 pp - 1 - s share a rank
+        peer = dist.get_global_rank(self.pp_group, stage if stage < pp else (2 * pp - 1 - stage if zbv else stage % pp))
+        op = dist.isend if kind == "send" else dist.irecv
+        for work in dist.batch_isend_irecv([dist.P2POp(op, t.contiguous(), peer, self.pp_group) for t in tensors]):
+            work.wait()
 
 
 class PipelineFailure(RuntimeError):

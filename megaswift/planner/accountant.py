@@ -143,10 +143,23 @@ class StepAccountant(TorchDispatchMode):
         if self.counting_comm and func.namespace == "c10d":
             self._record_collective(func, args)
         out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not isinstance(t, torch.ScriptObject):
-                self._track(t)
+        # A view or an in-place op allocates nothing: its output's storage was made elsewhere,
+        # and if this mode never saw it made, it was not megaswift's (e.g. the buffer gloo's
+        # worker thread copies a reduce-scatter's input into, and splits back on this thread).
+        if not _returns_alias(func):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self._track(t)
         return out
+
+
+_ALIASING: dict = {}
+
+
+def _returns_alias(func) -> bool:
+    if func not in _ALIASING:
+        _ALIASING[func] = any(r.alias_info is not None for r in func._schema.returns)
+    return _ALIASING[func]
 
 
 def _nbytes(x) -> int:

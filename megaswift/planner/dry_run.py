@@ -117,9 +117,9 @@ def synthetic_micro_batches(cfg, n_micro: int, vocab_size: int) -> list[dict]:
     return out
 
 
-def run_measured_steps(trainer, acct: StepAccountant, make_batches, steps: int = 2) -> dict:
-    """`steps` training steps through the engine's parts, measuring the last: returns the
-    labelled state bytes."""
+def run_measured_steps(trainer, acct: StepAccountant, make_batches, steps: int = 2, real: bool = False) -> dict:
+    """`steps` training steps, measuring the last: returns the labelled state bytes. `real`:
+    through Trainer.train_step; otherwise through its parts without host reads."""
     cfg, st = trainer.cfg, trainer.st
     state = {}
     for step in range(steps):
@@ -128,6 +128,9 @@ def run_measured_steps(trainer, acct: StepAccountant, make_batches, steps: int =
             state = label_state(acct, trainer)
             acct.reset_peak()
             acct.reset_comm()
+        if real:
+            trainer.train_step(make_batches())
+            continue
         micro_batches = [trainer.prepare_micro_batch(mb) for mb in make_batches()]
         units = float(cfg.train.micro_batch_size * cfg.data.seq_len * len(micro_batches) * st.dp_size)
         with trainer._autocast():
@@ -136,14 +139,29 @@ def run_measured_steps(trainer, acct: StepAccountant, make_batches, steps: int =
         trainer.forward_backward(micro_batches, units)
         trainer.reduce_gradients()
         trainer.dp.grad_norm(trainer.norm_weights)
-        acct.in_optimizer = True
-        try:
-            trainer.apply_update()
-        finally:
-            acct.in_optimizer = False
+        trainer.apply_update()
         if trainer.moe_layers:
             trainer._moe_step = {}
     return state
+
+
+def stage_input(cfg, model_cfg, st):
+    """What a pipeline stage receives from the stage before, per micro batch, as empty tensors:
+    the hidden states [mb, s, h] of this rank's tokens (s / cp, and / tp under sequence
+    parallelism) in fp32 (the residual stream: the embedding's output is fp32, and fp32 + the
+    bf16 outputs of autocast's matmuls stays fp32), and for MoE models the router statistics
+    [MoE layers, 2E + 2] (models/moe.py)."""
+    from megaswift.models.moe import stats_width
+
+    seq = cfg.data.seq_len // st.cp_size // (st.tp_size if st.sp else 1)
+    shape = (cfg.train.micro_batch_size, seq, model_cfg.hidden_size)
+
+    def make(_index: int) -> tuple:
+        hidden = torch.empty(shape, dtype=torch.float32)
+        if not model_cfg.moe_layers:
+            return (hidden,)
+        return hidden, torch.zeros(len(model_cfg.moe_layers), stats_width(model_cfg.num_moe_experts))
+    return make
 
 
 def positions(cfg, model_cfg, world_size: int) -> list[int]:
@@ -180,49 +198,76 @@ def fake_world(rank: int, world_size: int):
         dist.destroy_process_group()
 
 
-def dry_run_position(cfg, model_cfg, world_size: int, rank: int, algorithm: str = "sft") -> PositionResult:
-    """Build and run two training steps as `rank` of `world_size`, on fake tensors."""
+def dry_run_position(cfg, model_cfg, world_size: int, rank: int, algorithm: str = "sft",
+                     cuda_optimizer: bool = True) -> PositionResult:
+    """Build and run two training steps as `rank` of `world_size`, on fake tensors.
+    `cuda_optimizer`: step AdamW as on CUDA (fused, no foreach temporaries), as the GPU run will."""
+    from megaswift import setup
+
+    layout = setup.plan_layout(cfg, world_size, model_cfg)
+    layout.check_seq_len(cfg.data.seq_len, moe=bool(model_cfg.moe_layers))
+    with fake_world(rank, world_size):
+        from megaswift.parallel.state import ParallelState
+
+        st = ParallelState.build(layout, torch.device("cpu"))
+        return measure_step(cfg, model_cfg, st, algorithm, fake=True, cuda_optimizer=cuda_optimizer)
+
+
+def measure_step(cfg, model_cfg, st, algorithm: str = "sft", *, fake: bool, weights: str | None = None,
+                 cuda_optimizer: bool = False) -> PositionResult:
+    """Build the model, the Trainer and synthetic data on this rank and measure its second
+    training step. `fake`: under FakeTensorMode, through the engine's parts (no host reads);
+    otherwise real tensors on the real process group through `Trainer.train_step` itself, with
+    the model filled from `weights` (the parity tests compare the two)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from megaswift import setup
-    from megaswift.parallel.state import ParallelState
+    from megaswift.train import optim
     from megaswift.train.engine import Trainer
     from megaswift.train.registry import algorithm_class
 
     if algorithm != "sft":
         raise ConfigError(f"the dry run supports sft so far, not {algorithm}")
-    layout = setup.plan_layout(cfg, world_size, model_cfg)
-    layout.check_seq_len(cfg.data.seq_len, moe=bool(model_cfg.moe_layers))
     t0 = time.perf_counter()
     out_dir = tempfile.mkdtemp(prefix="megaswift-dry-run-")
     cfg = with_values(cfg, {"train.output_dir": out_dir, "moe.router_force_balance": True,
                             "checkpoint.export_hf": False})
     alg_cls = algorithm_class(algorithm)
     dry_alg = type(f"DryRun{alg_cls.__name__}", (alg_cls,), {"build_data": lambda self, ctx: None})()
+    acct = StepAccountant(group_classes(st))
     try:
-        with fake_world(rank, world_size):
-            st = ParallelState.build(layout, torch.device("cpu"))
-            acct = StepAccountant(group_classes(st))
-            with FakeTensorMode(allow_non_fake_inputs=True), acct:
-                model = setup.build_model(cfg, model_cfg, st, setup.MASTER_DTYPE)
-                if cfg.model.lora.rank:
-                    model.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.dropout,
-                                   cfg.model.lora.targets, seed=cfg.train.seed)
-                trainer = Trainer(cfg, dry_alg, model, st, source_dir=None, export_dtype=cfg.model.dtype)
-                try:
-                    state = run_measured_steps(
-                        trainer, acct, lambda: synthetic_micro_batches(cfg, trainer.n_micro, model_cfg.vocab_size))
-                finally:
-                    trainer.logger.close()
-                params = sum(p.numel() for p in model.parameters())
-                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                stage_ids = [s for s, _ in model.stage_modules()] if model.is_pipeline else [0]
-                layers = _decoder_layers(model)
-            comm = {f"{c} {k}": v for (c, k), v in sorted(acct.comm.items())}
-            return PositionResult(rank=rank, world_size=world_size, pp_rank=st.pp_rank, stages=stage_ids,
-                                  layers=layers, params=params, trainable=trainable, state_bytes=state,
-                                  peak_bytes=acct.peak, peak_by_category={c: acct.peak_by_category[c] for c in CATEGORIES},
-                                  comm_bytes=acct.comm_bytes(), comm_detail=comm, seconds=time.perf_counter() - t0)
+        with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), acct:
+            torch.manual_seed(cfg.train.seed)
+            model = setup.build_model(cfg, model_cfg, st, setup.MASTER_DTYPE)
+            if weights is not None:
+                setup.load_weights(model, weights)
+            if cfg.model.lora.rank:
+                lora = cfg.model.lora
+                model.add_lora(lora.rank, lora.alpha, lora.dropout, lora.targets, seed=cfg.train.seed)
+            trainer = Trainer(cfg, dry_alg, model, st, source_dir=None, export_dtype=cfg.model.dtype)
+            if cuda_optimizer:
+                trainer.optimizer = optim.build_optimizer(trainer.dp, cfg.optim, on_cuda=True)
+            # what AdamW allocates while it steps is a temporary, whatever phase the step is in
+            trainer.optimizer.register_step_pre_hook(lambda *_: setattr(acct, "in_optimizer", True))
+            trainer.optimizer.register_step_post_hook(lambda *_: setattr(acct, "in_optimizer", False))
+            if fake and trainer.pipeline is not None:
+                trainer.pipeline.fake_neighbours = stage_input(cfg, model_cfg, st)
+
+            def batches():
+                return synthetic_micro_batches(cfg, trainer.n_micro, model_cfg.vocab_size)
+            try:
+                state = run_measured_steps(trainer, acct, batches, real=not fake)
+            finally:
+                trainer.logger.close()
+            params = sum(p.numel() for p in model.parameters())
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            stage_ids = [s for s, _ in model.stage_modules()] if model.is_pipeline else [0]
+            layers = _decoder_layers(model)
+        comm = {f"{c} {k}": v for (c, k), v in sorted(acct.comm.items())}
+        return PositionResult(rank=st.rank, world_size=st.layout.world_size, pp_rank=st.pp_rank, stages=stage_ids,
+                              layers=layers, params=params, trainable=trainable, state_bytes=state,
+                              peak_bytes=acct.peak, peak_by_category={c: acct.peak_by_category[c] for c in CATEGORIES},
+                              comm_bytes=acct.comm_bytes(), comm_detail=comm, seconds=time.perf_counter() - t0)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 

@@ -1,0 +1,232 @@
+"""The bytes one training step sends, per collective class and kind, predicted by arithmetic.
+
+`predict_comm(cfg, model_cfg, world_size, rank)` returns {class: {kind: bytes}} for one
+steady-state SFT step of global rank `rank`, counted as planner/accountant.py counts a real step
+(all-reduce: the tensor; all-gather: the gathered output; reduce-scatter: the full input;
+all-to-all: what this rank sends; send and recv: the tensor). tests/dist/test_comm_volume.py
+holds it to the accountant's count of real gloo steps. `formulas()` is the table below.
+
+FORMULAS
+Notation: b micro batch, s = seq_len / cp tokens of a cp rank, h hidden, n micro batches per step
+(global batch / (b dp)), X = b s h, c bytes of the compute dtype (2 under autocast, else 4),
+f = 4: fp32 is what the residual stream (started by the fp32 embedding), the norms' outputs, the
+gradients flowing into them and every master gradient are. "fwd" terms repeat under recompute
+(below); every term is per micro batch and summed over n unless it says "per step".
+  tp   (tp > 1; sp moves the same bytes, as all-gathers + reduce-scatters instead of all-reduces)
+       per layer: attention and dense MLP each fwd X c (row-parallel sum) [+ X f all-gather
+       under sp], bwd X f (column-parallel input grad) [+ X c all-gather under sp]: without sp
+       4 all-reduces = 2 X (c + f); an MoE layer without sp: fwd all-gather X c, bwd all-gather
+       X f (each tp rank routes s / tp tokens); a shared expert as a dense MLP
+       embedding fwd X f [+ bwd X f under sp]; output layer bwd X f [+ fwd X f under sp];
+       cross entropy fwd 3 b s f (max; target logit and sum of exps)
+       MoE router statistics on the last stage: L_moe (2E + 2) f (also over dp x cp)
+       per step: partial grads 4 x (the 2 norms per layer and the final norm under sp, q/k norms,
+       routers, a proj bias or shared-expert gate under sp); replicated KV rows
+       4 ng sum_layers 2 hd (h + qkv bias) when tp > kv heads; grad norm 4
+  cp   per layer, U Ulysses x R ring ranks, hq = heads / tp, hk = kv heads / tp replicated up to U
+       under Ulysses: Ulysses all-to-all fwd and bwd each (2 hq + 2 hk) b s hd c; ring: KV block
+       K = 2 b s hk hd: fwd (R - 1) K c sent and as much received, bwd (R - 1) K c + R K f (fp32
+       dK/dV accumulators) sent and as much received
+  ep   per MoE layer: T = b s / tp tokens routed, A = T k assignments, A_e of them for this
+       rank's experts from each rank (force-balanced: assignment i to expert i mod E):
+       all-to-all fwd (A + ep A_e) h c (dispatch + combine) and bwd the same; per step grad norm 4
+       unbalanced routing (no moe.router_force_balance) adds the count exchange E x 8 and assumes
+       balanced volumes, which real routing only approximates
+  etp  per MoE layer: 2 all-gathers + 2 reduce-scatters of etp ep A_e h c; per step grad norm 4
+  dp   (dp x cp ranks) per step: each gradient bucket padded to a multiple of dp cp, B x 4:
+       all-reduce, or under ZeRO-1 reduce-scatter B 4 + all-gather B 4 + grad norm 4; the
+       engine's scalars 16 + 8 (float64 units/tokens and loss sum); MoE statistics as in tp
+  edp  (expert-dp ranks) per step: the expert buckets, as dp
+  pp   per stage boundary on another rank: the hidden states b s h f (s / tp under sp), plus the
+       MoE statistics L_moe (2E + 2) f: sent and received once forward and once backward;
+       per step: tied-embedding grad sum 4 V/tp h on the first and last stage, grad norm 4,
+       the engine's float64 scalars 8 (loss) + 16 pp (pipeline timings) + 8 (2 + L_moe E) (MoE)
+  other (the world group): the non-finite check, 4 world per step
+Recompute: full reruns each layer's forward inside backward (tp, ep, etp fwd terms twice),
+selective reruns the core attention (cp fwd terms twice).
+Not modelled: LoRA (adapters change what trains and add row-parallel sums), DPO/GRPO.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from megaswift import setup
+from megaswift.models.sharding import layer_param_names, shard_layout
+from megaswift.parallel.experts import balanced_counts
+from megaswift.parallel.pipeline_stages import num_stages, split_layers, stages_of_rank
+
+F = 4  # fp32
+AR, AG, RS, A2A = "allreduce", "_allgather_base", "_reduce_scatter_base", "alltoall_base"
+TIED = "embedding.word_embeddings.weight"
+
+
+def formulas() -> str:
+    """The closed-form formula of each class (`megaswift plan --explain`)."""
+    return __doc__.split("FORMULAS\n", 1)[1].strip()
+
+
+class _Tally:
+    def __init__(self):
+        self.out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def add(self, cls: str, kind: str, nbytes: int, group: int = 2) -> None:
+        if group > 1 and nbytes:  # a one-rank group makes every collective a no-op
+            self.out[cls][kind] += int(nbytes)
+
+    def result(self) -> dict[str, dict[str, int]]:
+        return {cls: dict(kinds) for cls, kinds in sorted(self.out.items())}
+
+
+def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str = "cpu") -> dict[str, dict[str, int]]:
+    """{class: {kind: bytes}} of one SFT step of `rank` (see the module docstring). The compute
+    dtype is setup.compute_dtype's on `device_type` (the dry run's "cpu": model.dtype under
+    model.cpu_autocast, else fp32; pass "cuda" for a GPU run's autocast)."""
+    lay, m, p, t = setup.plan_layout(cfg, world_size, model_cfg), model_cfg, cfg.parallel, _Tally()
+    tp, cp, pp, ep, etp, dpc, edp = lay.tp, lay.cp, lay.pp, lay.ep, lay.etp, lay.dp * lay.cp, lay.edp
+    sp, h, hd, E = lay.sp and tp > 1, m.hidden_size, m.kv_channels, m.num_moe_experts
+    c = torch.empty((), dtype=setup.compute_dtype(cfg, torch.device(device_type))).element_size()
+    b, s = cfg.train.micro_batch_size, cfg.data.seq_len // cp
+    n = cfg.train.global_batch(lay.dp) // (b * lay.dp)
+    X = b * s * h
+    pp_rank, ep_rank = rank // (world_size // pp), (rank // etp) % ep
+    stages = num_stages(pp, p.vpp, p.pp_schedule) if pp > 1 else 1
+    split = split_layers(m.num_layers, stages, p.pp_layers if pp > 1 else None)
+    mine = stages_of_rank(pp_rank, pp, stages, p.pp_schedule) if pp > 1 else [0]
+    moe = m.moe_layers
+    stats = len(moe) * (2 * E + 2) * F  # the router statistics that travel with a micro batch
+    layer_fwd = n * (2 if cfg.train.recompute == "full" else 1)
+    core_fwd = n * (1 if cfg.train.recompute == "none" else 2)
+
+    def column(times):  # a column-parallel linear on an fp32 input: f / all-gather forward
+        t.add("tp", AG, times * X * F, tp if sp else 1)
+        t.add("tp", RS if sp else AR, n * X * F, tp)
+
+    def row(times, nbytes):  # a row-parallel sum g / reduce-scatter forward, its adjoint backward
+        t.add("tp", RS if sp else AR, times * X * nbytes, tp)
+        t.add("tp", AG, n * X * nbytes, tp if sp else 1)
+
+    dense, expert = [], []  # trainable parameter numels in model.parameters() order
+    for stage in mine:
+        pre, post, layers = stage == 0, stage == stages - 1, list(split[stage])
+        names = [TIED] if pre or (post and m.tie_word_embeddings) else []
+        for i in layers:
+            names += layer_param_names(m, i)
+        if post:
+            names += ["decoder.final_layernorm.weight"] + ([] if m.tie_word_embeddings else ["output_layer.weight"])
+        for name in names:
+            if name == TIED and TIED in [q for q, _ in dense]:
+                continue  # first and last stage on one rank share the tied embedding
+            numel = math.prod(shard_layout(name, m, tp, 0, ep=ep, ep_rank=ep_rank, etp=etp).local_shape)
+            (expert if ".experts." in name else dense).append((name, numel))
+        if pre:
+            row(n, F)  # the vocab-parallel embedding's sum, fp32
+        for i in layers:
+            column(layer_fwd)  # linear_qkv
+            row(layer_fwd, c)  # linear_proj
+            _context_parallel(t, m, lay, b, s, c, core_fwd, n)
+            if i in moe:
+                if tp > 1 and not sp:  # each tp rank routes 1/tp of the replicated tokens
+                    t.add("tp", AG, layer_fwd * X * c)  # the experts' outputs joined
+                    t.add("tp", AG, n * X * F)  # the input gradient joined
+                if m.moe_shared_expert_ffn_hidden_size:
+                    column(layer_fwd), row(layer_fwd, c)
+                _experts(t, cfg, m, lay, ep_rank, b * s // tp, c, layer_fwd, n)
+            else:
+                column(layer_fwd), row(layer_fwd, c)  # linear_fc1, linear_fc2
+        if post:
+            column(n)  # output layer
+            t.add("tp", AR, n * 3 * b * s * F, tp)  # vocab-parallel cross entropy
+            if moe:
+                t.add("tp", AR, n * stats, tp)
+                t.add("dp", AR, n * stats, dpc)
+        # hidden states (and MoE statistics) to a neighbour stage on another rank: fwd + bwd
+        act = b * (s // tp if sp else s) * h * F + (stats if moe else 0)
+        for nb in ([stage - 1] if not pre else []) + ([stage + 1] if not post else []):
+            if pp_rank not in _owners(nb, pp, stages, p.pp_schedule):
+                t.add("pp", "send", n * act)
+                t.add("pp", "recv", n * act)
+        _finalize_grads(t, m, lay, sp, layers, post)
+
+    # per step: gradient buckets, norms and the engine's scalars
+    for part, cls, group, mp_groups in ((dense, "dp", dpc, (("tp", tp),)),
+                                        (expert, "edp", edp, (("etp", etp), ("ep", ep)))):
+        if not part:
+            continue
+        for nbytes in _bucket_bytes([k for _, k in part], p.ddp_bucket_size, group):
+            if cfg.optim.zero:
+                t.add(cls, RS, nbytes, group)
+                t.add(cls, AG, nbytes, group)  # the updated parameter shards
+            else:
+                t.add(cls, AR, nbytes, group)
+        if cfg.optim.zero:
+            t.add(cls, AR, F, group)  # sum of squares of the disjoint shards
+        for mp_cls, size in mp_groups:
+            t.add(mp_cls, AR, F, size)
+    has_first, has_last = 0 in mine, stages - 1 in mine
+    if m.tie_word_embeddings and pp > 1 and has_first != has_last:
+        t.add("pp", AR, m.padded_vocab_size(tp) // tp * h * F)
+    t.add("pp", AR, F + 8 + 16 * pp + (8 * (2 + len(moe) * E) if moe else 0), pp)
+    t.add("dp", AR, 16 + 8, dpc)
+    t.add("other", AR, 4 * world_size, world_size)
+    return t.result()
+
+
+def _owners(stage: int, pp: int, stages: int, schedule: str) -> list[int]:
+    return [r for r in range(pp) if stage in stages_of_rank(r, pp, stages, schedule)]
+
+
+def _bucket_bytes(numels: list[int], bucket_numel: int, group: int) -> list[int]:
+    """data_parallel.DataParallel's buckets: parameters in reverse order, closed once they reach
+    bucket_numel elements, each padded to a multiple of the group size; fp32."""
+    out, cur = [], 0
+    for k in reversed(numels):
+        cur += k
+        if cur >= bucket_numel:
+            out.append(cur)
+            cur = 0
+    if cur:
+        out.append(cur)
+    return [-(-x // group) * group * F for x in out]
+
+
+def _context_parallel(t, m, lay, b, s, c, fwd, n) -> None:
+    U, R, tp = lay.ulysses, lay.cp // lay.ulysses, lay.tp
+    hq, hk, hd = m.num_attention_heads // tp, max(1, m.num_query_groups // tp), m.kv_channels
+    if U > 1:
+        hk = hk if hk % U == 0 else U  # KV heads fewer than U are replicated up to U
+        t.add("cp", A2A, (fwd + n) * (2 * hq + 2 * hk) * b * s * hd * c)  # q, k, v out; out back
+    if R > 1:
+        K = 2 * b * s * hk * hd  # a stacked K/V block (U ranks' tokens, hk / U heads under Ulysses)
+        for kind in ("send", "recv"):
+            t.add("cp", kind, fwd * (R - 1) * K * c + n * ((R - 1) * K * c + R * K * F))
+
+
+def _experts(t, cfg, m, lay, ep_rank, T, c, fwd, n) -> None:
+    ep, etp, E, h = lay.ep, lay.etp, m.num_moe_experts, m.hidden_size
+    A = T * m.moe_router_topk
+    e_local = E // ep
+    a_e = sum(balanced_counts(A, E)[ep_rank * e_local: (ep_rank + 1) * e_local])  # from each rank
+    t.add("ep", A2A, (fwd + n) * (A + ep * a_e) * h * c, ep)
+    for kind in (AG, RS):
+        t.add("etp", kind, (fwd + n) * etp * ep * a_e * h * c, etp)
+    if not cfg.moe.router_force_balance:  # the data-dependent path exchanges counts first
+        t.add("ep", A2A, fwd * E * 8, ep)
+        t.add("etp", AG, fwd * etp * E * 8, etp)
+
+
+def _finalize_grads(t, m, lay, sp, layers, post) -> None:
+    """parallel/grads.finalize_grads for one chunk: one all-reduce of the tp-partial gradients,
+    one of the replicated KV rows."""
+    tp, h, hd = lay.tp, m.hidden_size, m.kv_channels
+    partial = h if post and sp else 0
+    for i in layers:
+        partial += 2 * h * sp + 2 * hd * (tp > 1 and m.qk_layernorm) + h * (sp and m.add_proj_bias)
+        if i in m.moe_layers:
+            partial += m.num_moe_experts * h * (tp > 1) + h * bool(sp and m.moe_shared_expert_ffn_hidden_size)
+    t.add("tp", AR, F * partial, tp)
+    if tp > m.num_query_groups:
+        rows = len(layers) * 2 * hd * (h + m.add_qkv_bias)
+        t.add("tp", AR, F * m.num_query_groups * rows, tp)

@@ -1,0 +1,251 @@
+"""What one rank holds in a training step, by arithmetic: the analytic twin of the dry run.
+
+`predict_position(cfg, model_cfg, world_size, rank)` predicts what `dry_run_position` measures
+(planner/dry_run.py), without tensors (thousands of layouts a second). Bytes, b = micro batch,
+s = seq_len / cp, T = b s tokens per rank, Tq = T / tp under sequence parallelism (else T),
+H hidden, V = padded vocab / tp, hd head dim, nq / nkv the heads this tp rank computes, F the
+MLP width / tp, L the decoder layers of this rank.
+
+State (exact, mirrors parallel/data_parallel.py): trainable parameters go, in reverse module
+order, into buckets closed once they hold >= parallel.ddp_bucket_size elements, each padded to a
+multiple of its dp group (dense: dp x cp; experts: edp). parameters = 4 x padded buckets + 4 x
+frozen parameters (LoRA's base) + RoPE's inv_freq; gradients = 4 x padded buckets; optimizer =
+2 x 4 x this rank's elements (ZeRO-1: its dp shard of every bucket).
+
+Saved activations, per layer, under bf16 autocast with fp32 master weights (what the code saves
+for backward, read off the dry run's live tensors):
+  residual     2 x 4 Tq H          the two residual adds (fp32: the weights are fp32)
+  norms        2 x 4 Tq H          RMSNorm's x * rsqrt (fp32), kept for the weight's gradient
+  casts        2 x 2 T H           bf16 inputs of linear_qkv and linear_fc1 (full sequence: SP
+                                   gathers the fp32 norm output, then autocast casts it)
+  weights      2 x matmul params   autocast's bf16 weight copies, saved by every matmul
+  qkv          2 T (nq + 2 nkv) hd linear_qkv's output (v is a view of it)
+  qk norms     6 T (nq + nkv) hd   fp32 input + bf16 output of q/k RMSNorm
+  rope         2 T (nq + nkv) hd   q and k cast back to bf16 for the kernel
+  core         2 T nq hd + 4 T nq  sdpa's out and lse (no s x s matrix); ring CP: + 4 T nq hd
+                                   (fp32 out); selective recompute drops the lse
+  mlp          2 T (2F + F + F)    fc1 output, silu(gate), silu(gate) * up
+  moe          router: 2 Tm H + 2 E H + 8 Tm E (bf16 input, weight, fp32 logits and softmax);
+               R = Tm k rows (Tm = T / tp: each tp rank routes its share), Re = R etp rows
+               computed here: 2 Re (H + 2 Fe + 2 Fe) / etp-split widths + 4 R H (combined rows
+               and their weighted copy) + the experts' bf16 weight copies (grouped GEMM)
+Full recompute keeps only each layer's input (4 Tq H) and reruns one layer in backward.
+
+Per micro batch: the embedding output (4 Tq H), cos/sin (2 x 4 T hd), the final norm (8 Tq H:
+x * rsqrt and its output, still a local of GPTModel.forward), the output layer's bf16 input and
+weight (2 T H + 2 V H), the bf16 logits (2 T V) and, inside the vocab-parallel cross entropy,
+two fp32 copies of them (8 T V: x - max, then exp).
+
+The peak (non-pipeline). Every micro batch but the last has finished its backward before the
+next forward starts, so micro batches add nothing; the peak is state plus the largest of
+  forward    all L layers' activations + the per-micro-batch terms, at the cross entropy's exp
+             of the last micro batch (the usual peak, when 8 T V > 6 V H);
+  backward   the layers' activations + the output layer's weight gradient in bf16 and its fp32
+             cast (6 V H), when the sequence is short (T < 3/4 H);
+  recompute  (full) the saved layer inputs + one layer rerun in backward;
+  optimizer  foreach AdamW's exp_avg_sq.sqrt() of every matrix this rank steps (4 bytes each;
+             the dry run runs on CPU: CUDA's fused AdamW allocates none).
+
+Pipeline (formulas to be checked against the PP dry run): a stage's activations are its layers'
+times the micro batches in flight on the rank: 1f1b: pp - r on pp rank r (min with the micro
+batch count m); gpipe: m; interleaved (vpp chunks): per chunk about (pp - r) + (vpp - 1) pp of
+the rank's chunk activations, i.e. A_rank x (1 + (pp - r - 1 + (vpp - 1) pp) / vpp) / ... see
+`in_flight`; zbv: up to 2 pp - 2 r chunk-forwards on the first chunk and 2 r + 1 on the second
+(weight-gradient passes keep their inputs longer). The per-micro-batch embedding terms count on
+the first stage, the logits terms on the last stage only, once.
+"""
+from __future__ import annotations
+
+from megaswift.models.sharding import layer_param_names, layout_on
+
+F32, BF16 = 4, 2
+
+
+class _Coords:
+    """The ParallelState attributes `layout_on` reads, for one global rank."""
+
+    def __init__(self, cfg, world_size: int, rank: int):
+        p = cfg.parallel
+        self.tp_size, self.ep_size, self.etp_size = p.tp, p.ep, p.etp
+        self.cp, self.pp = p.cp, p.pp
+        self.dp = world_size // (p.tp * p.pp * p.cp)
+        per_stage = world_size // p.pp
+        i = rank % per_stage
+        self.pp_rank = rank // per_stage
+        self.tp_rank, self.dp_cp_rank = i % p.tp, i // p.tp
+        self.etp_rank, self.ep_rank = i % p.etp, (i // p.etp) % p.ep
+        self.edp, self.edp_rank = per_stage // (p.ep * p.etp), i // (p.ep * p.etp)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def param_list(cfg, mc, c: _Coords) -> list[tuple[str, int, int, bool, bool]]:
+    """(name, numel, ndim, expert, trainable) of this rank's parameters, in module order."""
+    from megaswift.models.lora import target_set
+    from megaswift.parallel.pipeline_stages import num_stages, split_layers, stages_of_rank
+
+    p, lora = cfg.parallel, cfg.model.lora
+    targets = target_set(lora.targets) if lora.rank else set()
+    stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
+    split = split_layers(mc.num_layers, stages, p.pp_layers) if p.pp > 1 else [range(mc.num_layers)]
+    mine = stages_of_rank(c.pp_rank, p.pp, stages, p.pp_schedule) if p.pp > 1 else [0]
+    out, seen = [], set()
+
+    def add(name, adapt=False):
+        shape = layout_on(name, mc, c).local_shape
+        out.append((name, _numel(shape), len(shape), ".experts." in name, not lora.rank))
+        if adapt:
+            base = name.rsplit(".", 1)[0]
+            for w in "AB":
+                shape = layout_on(f"{base}.lora.{w}", mc, c, lora.rank).local_shape
+                out.append((f"{base}.lora.{w}", _numel(shape), len(shape), ".experts." in name, True))
+
+    for s in mine:
+        names = (["embedding.word_embeddings.weight"] if s == 0 or (s == stages - 1 and mc.tie_word_embeddings)
+                 else [])
+        for i in split[s]:
+            names += layer_param_names(mc, i)
+        if s == stages - 1:
+            names += ["decoder.final_layernorm.weight"] + ([] if mc.tie_word_embeddings else ["output_layer.weight"])
+        for j, name in enumerate(names):
+            if name in seen:  # zbv: the tied embedding of the first and last stage is one Parameter
+                continue
+            seen.add(name)
+            module = name.rsplit(".", 2)[-2]
+            has_bias = j + 1 < len(names) and names[j + 1].endswith(module + ".bias")
+            adapt = module in targets and (name.endswith(".bias") or not has_bias) and "shared_expert_gate" not in name
+            add(name, adapt and (name.endswith(".weight") or name.endswith(".bias")))
+    return out
+
+
+def state_bytes(cfg, mc, c: _Coords) -> dict:
+    """parameters / gradients / optimizer bytes (exact), and the foreach AdamW temporaries."""
+    params = param_list(cfg, mc, c)
+    frozen = sum(n for _, n, _, _, t in params if not t)
+    buf_total, opt, decay, no_decay = 0, 0, 0, 0
+    for expert, dp, dp_rank in ((False, c.dp * c.cp, c.dp_cp_rank), (True, c.edp, c.edp_rank)):
+        group = [(n, nd) for _, n, nd, e, t in params if t and e == expert]
+        buckets, current = [], []
+        for n, nd in reversed(group):
+            current.append((n, nd))
+            if sum(x for x, _ in current) >= cfg.parallel.ddp_bucket_size:
+                buckets.append(current)
+                current = []
+        if current:
+            buckets.append(current)
+        for b in buckets:
+            total = sum(n for n, _ in b)
+            padded = -(-total // dp) * dp
+            buf_total += padded
+            lo, hi = ((dp_rank * padded // dp, (dp_rank + 1) * padded // dp) if cfg.optim.zero else (0, padded))
+            off = 0
+            for n, nd in b:
+                mine = max(0, min(off + n, hi) - max(off, lo))
+                opt += mine
+                decay, no_decay = (decay + mine, no_decay) if nd >= 2 else (decay, no_decay + mine)
+                off += n
+    inv_freq = mc.kv_channels // 2 * F32
+    return {"params": sum(n for _, n, _, _, _ in params), "trainable": sum(n for _, n, _, _, t in params if t),
+            "parameters": F32 * (buf_total + frozen) + inv_freq, "gradients": F32 * buf_total,
+            "optimizer": 2 * F32 * opt, "adam_temporaries": F32 * max(decay, no_decay),
+            "matmul_params": sum(n for name, n, nd, _, _ in params if nd >= 2 and "word_embeddings" not in name
+                                 and "output_layer" not in name)}
+
+
+def layer_terms(cfg, mc, c: _Coords, moe: bool) -> dict:
+    """Saved-for-backward bytes of one decoder layer on one micro batch (see the docstring)."""
+    p, tp = cfg.parallel, cfg.parallel.tp
+    T = cfg.train.micro_batch_size * cfg.data.seq_len // p.cp
+    Tq = T // tp if p.sp else T
+    H, hd = mc.hidden_size, mc.kv_channels
+    nq = mc.num_attention_heads // tp
+    nkv = max(1, mc.num_query_groups // tp)
+    t = {"residual": 2 * F32 * Tq * H, "norms": 2 * (F32 * Tq * H + F32 * Tq), "qkv": BF16 * T * (nq + 2 * nkv) * hd,
+         "rope": BF16 * T * (nq + nkv) * hd, "core": BF16 * T * nq * hd}
+    if mc.qk_layernorm:
+        t["qk_norms"] = (F32 + BF16) * T * (nq + nkv) * hd + F32 * T * (nq + nkv)
+    if cfg.train.recompute != "selective":
+        t["core"] += F32 * T * nq  # the lse
+    if p.cp > 1:
+        t["core"] += F32 * T * nq * hd  # ring attention keeps its fp32 out
+    t["casts"] = BF16 * T * H * (1 if moe else 2)
+    if moe:
+        E, k, ep, etp = mc.num_moe_experts, mc.moe_router_topk, p.ep, p.etp
+        Tm = T // tp if tp > 1 else T
+        if p.sp:
+            Tm = Tq
+        R = Tm * k
+        Re, Fe = R * etp, mc.moe_ffn_hidden_size // etp
+        t["router"] = BF16 * Tm * H + 2 * F32 * Tm * E + Tm * k * (8 + 4) + 3 * F32 * Tm
+        t["dispatch"] = BF16 * Re * (H + 4 * Fe) + 2 * BF16 * R * H + 8 * (3 * R + Re) + BF16 * R
+        if mc.moe_shared_expert_ffn_hidden_size:
+            Fs = mc.moe_shared_expert_ffn_hidden_size // tp
+            t["shared_expert"] = BF16 * T * (H + 4 * Fs) + BF16 * T * H + F32 * T * 2
+    else:
+        F = mc.ffn_hidden_size // tp
+        t["mlp"] = BF16 * T * 4 * F
+    return t
+
+
+def predict_position(cfg, model_cfg, world_size: int, rank: int) -> dict:
+    """Predicted bytes of `rank` in a steady-state step (see the module docstring)."""
+    from megaswift.parallel.pipeline_stages import num_stages, stages_of_rank
+
+    mc, p = model_cfg, cfg.parallel
+    c = _Coords(cfg, world_size, rank)
+    state = state_bytes(cfg, mc, c)
+    T = cfg.train.micro_batch_size * cfg.data.seq_len // p.cp
+    Tq = T // p.tp if p.sp else T
+    H, V = mc.hidden_size, mc.padded_vocab_size(p.tp) // p.tp
+    stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
+    mine = stages_of_rank(c.pp_rank, p.pp, stages, p.pp_schedule) if p.pp > 1 else [0]
+    first, last = 0 in mine, stages - 1 in mine
+    names = [n for n, *_ in param_list(cfg, mc, c)]
+    layer_ids = sorted({int(n.split(".")[2]) for n in names if n.startswith("decoder.layers.")})
+    n_moe = sum(1 for i in layer_ids if i in mc.moe_layers)
+    dense, moe = layer_terms(cfg, mc, c, False), layer_terms(cfg, mc, c, True)
+    weights = BF16 * state["matmul_params"]  # autocast's bf16 copies of every layer's matmul weights
+    per_dense, per_moe = sum(dense.values()), sum(moe.values())
+    layers = (len(layer_ids) - n_moe) * per_dense + n_moe * per_moe + weights
+    terms = {f"layer_{k}": v * (len(layer_ids) - n_moe) for k, v in dense.items()}
+    for k, v in moe.items():
+        terms[f"layer_{k}"] = terms.get(f"layer_{k}", 0) + v * n_moe
+    terms["layer_weight_copies"] = weights
+    if cfg.train.recompute == "full":  # only each layer's input stays; one layer reruns in backward
+        one = max(per_dense if n_moe < len(layer_ids) else 0, per_moe if n_moe else 0) + weights // max(1, len(layer_ids))
+        # autocast caches the bf16 weight copies until the forward's autocast region ends
+        terms = {"layer_inputs": F32 * Tq * H * len(layer_ids), "layer_weight_copies": weights,
+                 "recompute_one_layer": one}
+        layers = terms["layer_inputs"] + weights
+    n_micro = cfg.train.global_batch(c.dp) // (cfg.train.micro_batch_size * c.dp)
+    inputs = n_micro * 4 * 8 * cfg.train.micro_batch_size * cfg.data.seq_len  # the step's token tensors
+    cos_sin = 2 * F32 * T * mc.kv_channels
+    common = inputs + cos_sin + (F32 * Tq * H if first else 0) + (F32 * (Tq * H + Tq) if last else 0)
+    terms.update(inputs=inputs, cos_sin=cos_sin)
+    candidates = {"optimizer": state["adam_temporaries"]}
+    if first:
+        terms["embedding_out"] = F32 * Tq * H
+    if last:
+        terms.update(final_norm=F32 * (2 * Tq * H + Tq), output_input_bf16=BF16 * T * H, output_weight_bf16=BF16 * V * H,
+                     logits_bf16=BF16 * T * V, cross_entropy_fp32=2 * F32 * T * V,
+                     output_weight_grad=(BF16 + F32) * V * H)
+        candidates["forward"] = (layers + common + F32 * Tq * H + BF16 * T * H + BF16 * V * H + BF16 * T * V
+                                 + 2 * F32 * T * V)
+        candidates["backward"] = layers + common + (BF16 + F32) * V * H + F32 * T * H
+    else:
+        candidates["forward"] = layers + common
+    if cfg.train.recompute == "full":
+        candidates["backward"] -= weights
+        candidates["recompute"] = layers - weights + common + terms["recompute_one_layer"] + 2 * F32 * Tq * H
+    when = max(candidates, key=candidates.get)
+    held = state["parameters"] + state["gradients"] + state["optimizer"]
+    act = candidates[when]
+    return {"params": state["params"], "trainable": state["trainable"], "parameters": state["parameters"],
+            "gradients": state["gradients"], "optimizer": state["optimizer"],
+            "activations": 0 if when == "optimizer" else act, "temporaries": act if when == "optimizer" else 0,
+            "peak": held + act, "peak_at": when, "candidates": candidates, "terms": terms}
