@@ -11,7 +11,7 @@ import sys
 
 from megaswift.errors import Interrupted, MegaswiftError
 
-COMMANDS = ("train", "import-hf", "export-hf", "verify", "launch", "slurm", "tiny-hf", "quickstart")
+COMMANDS = ("train", "import-hf", "export-hf", "verify", "launch", "slurm", "plan", "dry-run", "tiny-hf", "quickstart")
 _WRAPPERS = ("launch", "slurm")  # commands that run another megaswift command given after --
 
 
@@ -72,6 +72,35 @@ def _parser() -> argparse.ArgumentParser:
     from megaswift.launch.slurm import add_arguments
 
     add_arguments(s)
+
+    s = sub.add_parser("plan", help="the layouts of a model that fit N x G GPUs, ranked by predicted step time, "
+                       "with their commands (docs/plan.md)")
+    s.add_argument("model", help="an HF model directory or its config.json (no weights needed)")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpus-per-node", type=int, default=8)
+    s.add_argument("--gpu", default="h100", help="a100, h100, h200, b200 (megaswift/planner/hardware.py)")
+    s.add_argument("--seq-len", type=int, default=4096)
+    s.add_argument("--global-batch-tokens", type=int, default=1 << 20, help="tokens per optimizer step")
+    s.add_argument("--algorithm", default="sft")
+    s.add_argument("--lora-rank", type=int, default=0)
+    s.add_argument("--top", type=int, default=5, help="layouts to print")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--explain", action="store_true", help="print every constant and formula the prediction uses")
+    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a constant, e.g. --set compute_efficiency=0.45 (see --explain)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="also run megaswift's training step of each printed layout on a fake process group "
+                   "and print its measured peak")
+
+    s = with_config(sub.add_parser("dry-run", help="one training step of this config at --world-size ranks, "
+                                   "rank positions one by one on a fake process group: peak memory by category"))
+    s.add_argument("--world-size", type=int, required=True)
+    s.add_argument("--rank", type=int, action="append", help="rank(s) to run (default: every pipeline position)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--all-micro-batches", action="store_true",
+                   help="run every micro batch of the step (default: as many as reach its peak, see docs/plan.md)")
+    s.add_argument("--keep-dtype", action="store_true",
+                   help="compute as the config says on CPU (default: bf16 autocast, as on a GPU)")
 
     s = sub.add_parser("tiny-hf", help="write a tiny random-weight HF checkpoint (tests, quickstart)")
     s.add_argument("family", choices=["llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "qwen2_moe", "mixtral"])
@@ -155,6 +184,14 @@ def _run(ns, cfg) -> int:
         from megaswift.launch.slurm import slurm_command
 
         return slurm_command(ns, ns.sub_argv, check=check_subcommand)
+    if ns.command == "plan":
+        from megaswift.planner.report import plan_command
+
+        return plan_command(ns)
+    if ns.command == "dry-run":
+        from megaswift.planner.report import dry_run_command
+
+        return dry_run_command(ns, cfg)
     if ns.command == "tiny-hf":
         from megaswift.testing.tiny import make_tiny_hf
 

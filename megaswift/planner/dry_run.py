@@ -46,6 +46,7 @@ class PositionResult:
     pp_rank: int
     stages: list[int]
     layers: int                 # decoder layers on this rank
+    micro_batches: int          # micro batches the measured step ran (see micro_batch_cap)
     params: int                 # parameter elements on this rank (trainable and frozen)
     trainable: int
     state_bytes: dict = field(default_factory=dict)      # parameters / gradients / optimizer, exact
@@ -117,19 +118,25 @@ def synthetic_micro_batches(cfg, n_micro: int, vocab_size: int) -> list[dict]:
     return out
 
 
-def run_measured_steps(trainer, acct: StepAccountant, make_batches, steps: int = 2, real: bool = False) -> dict:
-    """`steps` training steps, measuring the last: returns the labelled state bytes. `real`:
-    through Trainer.train_step; otherwise through its parts without host reads."""
+def run_measured_steps(trainer, acct: StepAccountant, make_batches, real: bool = False) -> dict:
+    """Two training steps, measuring the second: returns the labelled state bytes. `real`:
+    through Trainer.train_step; otherwise through its parts without host reads, and the first
+    step is only its optimizer step on zero gradients (what persists after a step is AdamW's
+    state; a whole first step would double the dry run's time for nothing else)."""
     cfg, st = trainer.cfg, trainer.st
     state = {}
-    for step in range(steps):
-        last = step == steps - 1
+    for step in range(2):
+        last = step == 1
         if last:
             state = label_state(acct, trainer)
             acct.reset_peak()
             acct.reset_comm()
         if real:
             trainer.train_step(make_batches())
+            continue
+        if not last:
+            trainer.dp.zero_grad()
+            trainer.apply_update()
             continue
         micro_batches = [trainer.prepare_micro_batch(mb) for mb in make_batches()]
         units = float(cfg.train.micro_batch_size * cfg.data.seq_len * len(micro_batches) * st.dp_size)
@@ -198,12 +205,33 @@ def fake_world(rank: int, world_size: int):
         dist.destroy_process_group()
 
 
+def micro_batch_cap(cfg) -> int:
+    """The micro batches a dry run needs to reach a step's peak: 2 without a pipeline (the first
+    accumulates, the last also reduces), else 2 x pp (every schedule reaches its most micro
+    batches in flight by then: 1F1B and ZBV hold at most pp, interleaved fewer than 2 pp)."""
+    return 2 if cfg.parallel.pp == 1 else 2 * cfg.parallel.pp
+
+
+def capped(cfg, world_size: int):
+    """The config with at most micro_batch_cap micro batches per step: the peak and the state
+    are those of the whole step; the communication bytes are those of the shorter step."""
+    p, t = cfg.parallel, cfg.train
+    dp = world_size // (p.tp * p.pp * p.cp)
+    cap = micro_batch_cap(cfg)
+    if t.global_batch(dp) // (t.micro_batch_size * dp) <= cap:
+        return cfg
+    return with_values(cfg, {"train.global_batch_size": t.micro_batch_size * dp * cap})
+
+
 def dry_run_position(cfg, model_cfg, world_size: int, rank: int, algorithm: str = "sft",
-                     cuda_optimizer: bool = True) -> PositionResult:
+                     cuda_optimizer: bool = True, cap_micro_batches: bool = True) -> PositionResult:
     """Build and run two training steps as `rank` of `world_size`, on fake tensors.
-    `cuda_optimizer`: step AdamW as on CUDA (fused, no foreach temporaries), as the GPU run will."""
+    `cuda_optimizer`: step AdamW as on CUDA (fused, no foreach temporaries), as the GPU run will.
+    `cap_micro_batches`: run at most micro_batch_cap micro batches (see `capped`)."""
     from megaswift import setup
 
+    if cap_micro_batches:
+        cfg = capped(cfg, world_size)
     layout = setup.plan_layout(cfg, world_size, model_cfg)
     layout.check_seq_len(cfg.data.seq_len, moe=bool(model_cfg.moe_layers))
     with fake_world(rank, world_size):
@@ -265,7 +293,7 @@ def measure_step(cfg, model_cfg, st, algorithm: str = "sft", *, fake: bool, weig
             layers = _decoder_layers(model)
         comm = {f"{c} {k}": v for (c, k), v in sorted(acct.comm.items())}
         return PositionResult(rank=st.rank, world_size=st.layout.world_size, pp_rank=st.pp_rank, stages=stage_ids,
-                              layers=layers, params=params, trainable=trainable, state_bytes=state,
+                              layers=layers, micro_batches=trainer.n_micro, params=params, trainable=trainable, state_bytes=state,
                               peak_bytes=acct.peak, peak_by_category={c: acct.peak_by_category[c] for c in CATEGORIES},
                               comm_bytes=acct.comm_bytes(), comm_detail=comm, seconds=time.perf_counter() - t0)
     finally:
@@ -276,8 +304,8 @@ def _decoder_layers(model) -> int:
     return sum(len(chunk.decoder.layers) for chunk in getattr(model, "chunks", [model]))
 
 
-def dry_run(cfg, model_cfg, world_size: int, ranks: list[int] | None = None,
-            algorithm: str = "sft") -> list[PositionResult]:
+def dry_run(cfg, model_cfg, world_size: int, ranks: list[int] | None = None, algorithm: str = "sft",
+            cap_micro_batches: bool = True) -> list[PositionResult]:
     """Every rank position that differs (see `positions`), one after another in this process."""
-    return [dry_run_position(cfg, model_cfg, world_size, r, algorithm)
+    return [dry_run_position(cfg, model_cfg, world_size, r, algorithm, cap_micro_batches=cap_micro_batches)
             for r in (ranks if ranks is not None else positions(cfg, model_cfg, world_size))]

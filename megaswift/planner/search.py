@@ -1,0 +1,137 @@
+"""The planner's search: every valid layout of a model on N x G GPUs, each predicted (memory by
+category per rank position: planner/memory_model.py; communication: planner/comm.py; step time:
+planner/timing.py), those that do not fit dropped, the rest ranked by step time.
+
+A layout is tp (dividing the heads, within a node), pp (with `pp_layers` from
+`pipeline_stages.balanced` when the layers do not divide; 1F1B, and interleaved with 2 stages
+per rank where the layers allow), cp (ring; the sequence must divide by 2 cp tp), ep (dividing
+the experts and the ranks of a stage), dp the rest, ZeRO-1 on or off, sequence parallelism
+whenever tp > 1 (it only saves memory), micro batch size 1 (more only lengthens the bubble in
+this model). For each, recompute is the least that fits: none, then selective, then full.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from megaswift.errors import LayoutError
+from megaswift.parallel.layout import Layout
+from megaswift.parallel.pipeline import check_microbatches
+from megaswift.parallel.pipeline_stages import balanced, num_stages
+
+from . import comm as comm_model
+from . import memory_model
+from .dry_run import positions
+from .timing import step_time
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass
+class Candidate:
+    cfg: object                         # the run config of this layout
+    world: int
+    memory: list[dict] = field(default_factory=list)   # per rank position (memory_model)
+    ranks: list[int] = field(default_factory=list)
+    time: dict = field(default_factory=dict)           # the slowest position's (timing.step_time)
+    usable: float = 0.0
+
+    @property
+    def peak(self) -> int:
+        return max(m["peak"] for m in self.memory)
+
+    @property
+    def worst(self) -> dict:
+        return max(self.memory, key=lambda m: m["peak"])
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.usable
+
+    def describe(self) -> str:
+        p, dp = self.cfg.parallel, self.world // (self.cfg.parallel.tp * self.cfg.parallel.pp * self.cfg.parallel.cp)
+        parts = [f"tp{p.tp}{'+sp' if p.sp else ''}", f"pp{p.pp}" + (f"x{p.vpp}" if p.vpp > 1 else ""),
+                 f"cp{p.cp}", f"ep{p.ep}", f"dp{dp}", f"zero{self.cfg.optim.zero}", self.cfg.train.recompute]
+        return " ".join(parts)
+
+
+def _replace(cfg, **sections):
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
+                                       for name, values in sections.items()})
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(base_cfg, mc, world: int, gpus_per_node: int, global_sequences: int):
+    """Every structurally valid layout (recompute left at none)."""
+    seq = base_cfg.data.seq_len
+    experts = mc.num_moe_experts if mc.moe_layers else 1
+    for tp in [d for d in _divisors(mc.num_attention_heads) if d <= gpus_per_node and world % d == 0]:
+        for pp in [d for d in _divisors(world // tp) if d <= mc.num_layers]:
+            for cp in [c for c in (1, 2, 4, 8) if (world // (tp * pp)) % c == 0]:
+                dp = world // (tp * pp * cp)
+                if global_sequences % dp:
+                    continue
+                for ep in [e for e in _divisors(experts) if (world // pp) % e == 0]:
+                    try:
+                        layout = Layout(world_size=world, tp=tp, pp=pp, cp=cp, ep=ep, sp=tp > 1)
+                        layout.check_model(mc)
+                        layout.check_seq_len(seq, moe=bool(mc.moe_layers))
+                    except LayoutError:
+                        continue
+                    schedules = [("1f1b", 1)]
+                    if pp > 1 and mc.num_layers >= 2 * pp:
+                        schedules.append(("interleaved", 2))
+                    for schedule, vpp in (schedules if pp > 1 else [("1f1b", 1)]):
+                        n_micro = global_sequences // dp
+                        if pp > 1:
+                            try:
+                                check_microbatches(schedule, pp, n_micro)
+                            except LayoutError:
+                                continue
+                        stages = num_stages(pp, vpp, schedule) if pp > 1 else 1
+                        pp_layers = balanced(mc.num_layers, stages) if mc.num_layers % stages else None
+                        edp = world // (pp * ep)
+                        for zero in ((0, 1) if dp * cp > 1 or edp > 1 else (0,)):
+                            yield _replace(base_cfg,
+                                           parallel=dict(tp=tp, pp=pp, cp=cp, ep=ep, sp=tp > 1, vpp=vpp,
+                                                         pp_schedule=schedule, pp_layers=pp_layers),
+                                           optim=dict(zero=zero),
+                                           train=dict(micro_batch_size=1, global_batch_size=global_sequences))
+
+
+def evaluate(cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int) -> Candidate:
+    """Predict one layout: memory at every rank position, time at the slowest."""
+    cand = Candidate(cfg, world, usable=hw.usable_bytes)
+    cand.ranks = positions(cfg, mc, world)
+    cand.memory = [memory_model.predict_position(cfg, mc, world, r) for r in cand.ranks]
+    per_pp = world // cfg.parallel.pp
+    times = []
+    for rank, mem in zip(cand.ranks, cand.memory):
+        comm = comm_model.predict_comm(cfg, mc, world, rank, device_type="cuda")
+        shard = mem["optimizer"] // 8  # AdamW keeps 8 bytes (two fp32 moments) per element it updates
+        times.append(step_time(cfg, mc, world, gpus_per_node, hw, comm, rank // per_pp, shard, global_tokens))
+    cand.time = max(times, key=lambda t: t["step_s"])
+    return cand
+
+
+def search(base_cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int) -> tuple[list, list]:
+    """(layouts that fit, fastest first; those that do not, smallest overflow first). Each
+    structural layout is tried with no recompute, then selective, then full, and kept at the
+    first that fits."""
+    seq = base_cfg.data.seq_len
+    global_sequences = global_tokens // seq
+    fit, over = [], []
+    for cfg in layouts(base_cfg, mc, world, gpus_per_node, global_sequences):
+        for mode in RECOMPUTE:
+            cand = evaluate(_replace(cfg, train=dict(recompute=mode)), mc, world, gpus_per_node, hw, global_tokens)
+            if cand.fits:
+                fit.append(cand)
+                break
+        else:
+            over.append(cand)
+    fit.sort(key=lambda c: (c.time["step_s"], c.peak))
+    over.sort(key=lambda c: c.peak - c.usable)
+    return fit, over
