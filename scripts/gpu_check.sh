@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The first run on a machine with a CUDA GPU, in under 10 minutes: the gpu-marked tests, verify
-# in bf16 (flash-attn when it imports), a short single-GPU SFT in bf16, and the benchmarks at GPU
-# sizes; then one summary. On a machine without a GPU it says so and exits 0.
+# in bf16 (flash-attn when it imports), a short single-GPU SFT in bf16, the benchmarks at GPU
+# sizes, and the planner's prediction against a real step; then one summary. On a machine without a GPU it says so and exits 0.
 #
 #   bash scripts/gpu_check.sh            # logs and the summary in outputs/gpu_check (or $OUT)
 #
@@ -102,12 +102,15 @@ phase rollout_bench 60 "$PY" benchmarks/rollout_bench.py --rows 256 --new 64 --h
   --vocab 32000 --device cuda --tp 1 --repeat 1
 phase moe_bench 60 "$PY" benchmarks/moe_bench.py --world 1 --eps 1 --experts 16 --hidden 1024 --expert-ffn 1024 \
   --seq-len 2048 --layers 4 --steps 4
+# 5. the planner's prediction for one GPU against a real step: peak memory and step time
+phase plan_check 90 "$PY" benchmarks/plan_gpu_check.py --layers 8 --seq-len 4096 --steps 4
 
 {
   echo "gpu_check summary ($(head -n 1 "$LOGS/env.log"))"
   printf '%s\n' "${SUMMARY[@]}"
-  grep -h -E "^verify |^sft: |^ratio |^(transformers|megaswift) |tokens/s" "$LOGS"/verify.log "$LOGS"/sft.log \
-    "$LOGS"/train_bench.log "$LOGS"/rollout_bench.log "$LOGS"/moe_bench.log 2>/dev/null | head -n 40
+  grep -h -E "^verify |^sft: |^ratio |^(transformers|megaswift) |tokens/s|^peak memory|^step time|^layout" \
+    "$LOGS"/verify.log "$LOGS"/sft.log "$LOGS"/train_bench.log "$LOGS"/rollout_bench.log "$LOGS"/moe_bench.log \
+    "$LOGS"/plan_check.log 2>/dev/null | head -n 44
   tail -n 1 "$LOGS/gpu_tests.log"
 } | tee "$LOGS/summary.txt"
 rm -rf "$WORK"

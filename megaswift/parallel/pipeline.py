@@ -139,7 +139,7 @@ class PipelineRunner:
         rank's stages, without real neighbours. Forward, full backward, and the zero-bubble
         schedules' split backward (input gradients, then weight gradients later) run through
         torch's own autograd helpers, so what stays alive between actions is what torch keeps."""
-        F, B, I, W = "F", "B", "I", "W"
+        F, B, I = "F", "B", "I"  # forward, full backward, input-gradient backward; else W (weights)
         t0 = time.perf_counter()
         stages = {s.stage_index: s for s in self.stages}
         n = self.n_microbatches

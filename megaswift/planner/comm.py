@@ -42,9 +42,12 @@ gradients flowing into them and every master gradient are. "fwd" terms repeat un
        per step: tied-embedding grad sum 4 V/tp h on the first and last stage, grad norm 4,
        the engine's float64 scalars 8 (loss) + 16 pp (pipeline timings) + 8 (2 + L_moe E) (MoE)
   other (the world group): the non-finite check, 4 world per step
-Recompute: full reruns each layer's forward inside backward (tp, ep, etp fwd terms twice),
-selective reruns the core attention (cp fwd terms twice).
-Not modelled: LoRA (adapters change what trains and add row-parallel sums), DPO/GRPO.
+Recompute: full reruns each layer's forward inside backward (its tp, cp, ep, etp fwd terms twice),
+selective the core attention (the cp fwd terms twice); torch's checkpoint stops rerunning once
+the last tensor backward needs is rebuilt, so a dense layer's linear_fc2 sum and, under
+selective, Ulysses' all-to-all of the output back run once.
+Not modelled: LoRA (adapters change what trains and add row-parallel sums: predict_comm refuses
+it), DPO/GRPO (their extra forwards and rollouts).
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ from collections import defaultdict
 import torch
 
 from megaswift import setup
+from megaswift.errors import ConfigError
 from megaswift.models.sharding import layer_param_names, shard_layout
 from megaswift.parallel.experts import balanced_counts
 from megaswift.parallel.pipeline_stages import num_stages, split_layers, stages_of_rank
@@ -84,9 +88,11 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
     """{class: {kind: bytes}} of one SFT step of `rank` (see the module docstring). The compute
     dtype is setup.compute_dtype's on `device_type` (the dry run's "cpu": model.dtype under
     model.cpu_autocast, else fp32; pass "cuda" for a GPU run's autocast)."""
+    if cfg.model.lora.rank:  # a silent full-fine-tuning answer would be far off: say so instead
+        raise ConfigError("the communication prediction models full fine-tuning, not LoRA (model.lora.rank)")
     lay, m, p, t = setup.plan_layout(cfg, world_size, model_cfg), model_cfg, cfg.parallel, _Tally()
     tp, cp, pp, ep, etp, dpc, edp = lay.tp, lay.cp, lay.pp, lay.ep, lay.etp, lay.dp * lay.cp, lay.edp
-    sp, h, hd, E = lay.sp and tp > 1, m.hidden_size, m.kv_channels, m.num_moe_experts
+    sp, h, E = lay.sp and tp > 1, m.hidden_size, m.num_moe_experts
     c = torch.empty((), dtype=setup.compute_dtype(cfg, torch.device(device_type))).element_size()
     b, s = cfg.train.micro_batch_size, cfg.data.seq_len // cp
     n = cfg.train.global_batch(lay.dp) // (b * lay.dp)
@@ -97,6 +103,9 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
     mine = stages_of_rank(pp_rank, pp, stages, p.pp_schedule) if pp > 1 else [0]
     moe = m.moe_layers
     stats = len(moe) * (2 * E + 2) * F  # the router statistics that travel with a micro batch
+    # recompute reruns forward collectives inside backward: full the layer's, selective the core
+    # attention's; torch's checkpoint stops rerunning once the last tensor backward needs is
+    # rebuilt, so a last collective whose output nothing saves runs once (module docstring)
     layer_fwd = n * (2 if cfg.train.recompute == "full" else 1)
     core_fwd = n * (1 if cfg.train.recompute == "none" else 2)
 
@@ -126,16 +135,18 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
         for i in layers:
             column(layer_fwd)  # linear_qkv
             row(layer_fwd, c)  # linear_proj
-            _context_parallel(t, m, lay, b, s, c, core_fwd, n)
+            _context_parallel(t, m, lay, b, s, c, core_fwd, layer_fwd, n)
             if i in moe:
                 if tp > 1 and not sp:  # each tp rank routes 1/tp of the replicated tokens
                     t.add("tp", AG, layer_fwd * X * c)  # the experts' outputs joined
                     t.add("tp", AG, n * X * F)  # the input gradient joined
                 if m.moe_shared_expert_ffn_hidden_size:
-                    column(layer_fwd), row(layer_fwd, c)
+                    column(layer_fwd)
+                    row(layer_fwd, c)
                 _experts(t, cfg, m, lay, ep_rank, b * s // tp, c, layer_fwd, n)
             else:
-                column(layer_fwd), row(layer_fwd, c)  # linear_fc1, linear_fc2
+                column(layer_fwd)  # linear_fc1
+                row(n, c)  # linear_fc2's sum: the layer's last op that backward needs nothing of
         if post:
             column(n)  # output layer
             t.add("tp", AR, n * 3 * b * s * F, tp)  # vocab-parallel cross entropy
@@ -192,12 +203,14 @@ def _bucket_bytes(numels: list[int], bucket_numel: int, group: int) -> list[int]
     return [-(-x // group) * group * F for x in out]
 
 
-def _context_parallel(t, m, lay, b, s, c, fwd, n) -> None:
+def _context_parallel(t, m, lay, b, s, c, fwd, out_fwd, n) -> None:
+    """`fwd`: forward runs of the core attention; `out_fwd`: of Ulysses' last all-to-all (the
+    output back to its tokens), which selective recompute's early stop leaves out."""
     U, R, tp = lay.ulysses, lay.cp // lay.ulysses, lay.tp
     hq, hk, hd = m.num_attention_heads // tp, max(1, m.num_query_groups // tp), m.kv_channels
     if U > 1:
         hk = hk if hk % U == 0 else U  # KV heads fewer than U are replicated up to U
-        t.add("cp", A2A, (fwd + n) * (2 * hq + 2 * hk) * b * s * hd * c)  # q, k, v out; out back
+        t.add("cp", A2A, ((fwd + n) * (hq + 2 * hk) + (out_fwd + n) * hq) * b * s * hd * c)  # q, k, v; out
     if R > 1:
         K = 2 * b * s * hk * hd  # a stacked K/V block (U ranks' tokens, hk / U heads under Ulysses)
         for kind in ("send", "recv"):

@@ -118,21 +118,25 @@ def synthetic_micro_batches(cfg, n_micro: int, vocab_size: int) -> list[dict]:
     return out
 
 
-def run_measured_steps(trainer, acct: StepAccountant, make_batches, real: bool = False) -> dict:
-    """Two training steps, measuring the second: returns the labelled state bytes. `real`:
+def run_measured_steps(trainer, acct: StepAccountant, make_batches, real: bool = False, steps: int = 2,
+                       on_step=None) -> dict:
+    """`steps` training steps, measuring the last: returns the labelled state bytes. `real`:
     through Trainer.train_step; otherwise through its parts without host reads, and the first
     step is only its optimizer step on zero gradients (what persists after a step is AdamW's
-    state; a whole first step would double the dry run's time for nothing else)."""
+    state; a whole first step would double the dry run's time for nothing else). `on_step` is
+    called after each step (timing)."""
     cfg, st = trainer.cfg, trainer.st
     state = {}
-    for step in range(2):
-        last = step == 1
+    for step in range(steps):
+        last = step == steps - 1
         if last:
             state = label_state(acct, trainer)
             acct.reset_peak()
             acct.reset_comm()
         if real:
             trainer.train_step(make_batches())
+            if on_step:
+                on_step()
             continue
         if not last:
             trainer.dp.zero_grad()
@@ -242,11 +246,12 @@ def dry_run_position(cfg, model_cfg, world_size: int, rank: int, algorithm: str 
 
 
 def measure_step(cfg, model_cfg, st, algorithm: str = "sft", *, fake: bool, weights: str | None = None,
-                 cuda_optimizer: bool = False) -> PositionResult:
-    """Build the model, the Trainer and synthetic data on this rank and measure its second
-    training step. `fake`: under FakeTensorMode, through the engine's parts (no host reads);
-    otherwise real tensors on the real process group through `Trainer.train_step` itself, with
-    the model filled from `weights` (the parity tests compare the two)."""
+                 cuda_optimizer: bool = False, steps: int = 2, on_step=None) -> PositionResult:
+    """Build the model, the Trainer and synthetic data on this rank and measure its last
+    training step of `steps`. `fake`: under FakeTensorMode, through the engine's parts (no host
+    reads); otherwise real tensors on the real process group through `Trainer.train_step`
+    itself, with the model filled from `weights`, or randomly initialised (the parity tests
+    compare the two; benchmarks/plan_gpu_check.py times it)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from megaswift import setup
@@ -269,6 +274,8 @@ def measure_step(cfg, model_cfg, st, algorithm: str = "sft", *, fake: bool, weig
             model = setup.build_model(cfg, model_cfg, st, setup.MASTER_DTYPE)
             if weights is not None:
                 setup.load_weights(model, weights)
+            elif not fake:
+                model.reset_parameters(cfg.train.seed)
             if cfg.model.lora.rank:
                 lora = cfg.model.lora
                 model.add_lora(lora.rank, lora.alpha, lora.dropout, lora.targets, seed=cfg.train.seed)
@@ -284,7 +291,7 @@ def measure_step(cfg, model_cfg, st, algorithm: str = "sft", *, fake: bool, weig
             def batches():
                 return synthetic_micro_batches(cfg, trainer.n_micro, model_cfg.vocab_size)
             try:
-                state = run_measured_steps(trainer, acct, batches, real=not fake)
+                state = run_measured_steps(trainer, acct, batches, real=not fake, steps=steps, on_step=on_step)
             finally:
                 trainer.logger.close()
             params = sum(p.numel() for p in model.parameters())

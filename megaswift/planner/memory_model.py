@@ -43,16 +43,18 @@ next forward starts, so micro batches add nothing; the peak is state plus the la
   backward   the layers' activations + the output layer's weight gradient in bf16 and its fp32
              cast (6 V H), when the sequence is short (T < 3/4 H);
   recompute  (full) the saved layer inputs + one layer rerun in backward;
-  optimizer  foreach AdamW's exp_avg_sq.sqrt() of every matrix this rank steps (4 bytes each;
-             the dry run runs on CPU: CUDA's fused AdamW allocates none).
+  optimizer  CUDA's fused AdamW (what the GPU and, by default, the dry run step with) allocates
+             nothing; CPU's foreach AdamW (cuda_optimizer=False) allocates exp_avg_sq.sqrt() of
+             every tensor of a parameter group at once (4 bytes per element of the larger group).
 
-Pipeline (formulas to be checked against the PP dry run): a stage's activations are its layers'
-times the micro batches in flight on the rank: 1f1b: pp - r on pp rank r (min with the micro
-batch count m); gpipe: m; interleaved (vpp chunks): per chunk about (pp - r) + (vpp - 1) pp of
-the rank's chunk activations, i.e. A_rank x (1 + (pp - r - 1 + (vpp - 1) pp) / vpp) / ... see
-`in_flight`; zbv: up to 2 pp - 2 r chunk-forwards on the first chunk and 2 r + 1 on the second
-(weight-gradient passes keep their inputs longer). The per-micro-batch embedding terms count on
-the first stage, the logits terms on the last stage only, once.
+Pipeline (unverified until the PP dry run lands): a rank holds the saved activations of
+several micro batches at once (`in_flight`, m micro batches per step, pp rank r): 1f1b
+min(m, pp - r); gpipe m; interleaved (torch's Interleaved1F1B, vpp chunks each 1/vpp of the
+rank's layers) min(m vpp, (vpp - 1) pp + 2 (pp - 1 - r) + 1) chunk-forwards; zbv (two chunks,
+stages r and 2 pp - 1 - r) about min(m, 2 (pp - r) - 1) forwards of the first chunk plus
+min(m, 2 r + 1) of the second, counted as whole micro batches of the rank's layers here. The
+bf16 weight copies count once (one autocast region around the whole schedule); the logits
+terms count once, on the last stage.
 """
 from __future__ import annotations
 
@@ -94,15 +96,21 @@ def param_list(cfg, mc, c: _Coords) -> list[tuple[str, int, int, bool, bool]]:
     stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
     split = split_layers(mc.num_layers, stages, p.pp_layers) if p.pp > 1 else [range(mc.num_layers)]
     mine = stages_of_rank(c.pp_rank, p.pp, stages, p.pp_schedule) if p.pp > 1 else [0]
-    out, seen = [], set()
+    out, seen, shapes = [], set(), {}
+
+    def shape_of(name):  # every layer's parameter of one name has one shape: ask once
+        key = name.split(".", 3)[-1] if name.startswith("decoder.layers.") else name
+        if key not in shapes:
+            shapes[key] = layout_on(name, mc, c, lora.rank).local_shape
+        return shapes[key]
 
     def add(name, adapt=False):
-        shape = layout_on(name, mc, c).local_shape
+        shape = shape_of(name)
         out.append((name, _numel(shape), len(shape), ".experts." in name, not lora.rank))
         if adapt:
             base = name.rsplit(".", 1)[0]
             for w in "AB":
-                shape = layout_on(f"{base}.lora.{w}", mc, c, lora.rank).local_shape
+                shape = shape_of(f"{base}.lora.{w}")
                 out.append((f"{base}.lora.{w}", _numel(shape), len(shape), ".experts." in name, True))
 
     for s in mine:
@@ -123,9 +131,9 @@ def param_list(cfg, mc, c: _Coords) -> list[tuple[str, int, int, bool, bool]]:
     return out
 
 
-def state_bytes(cfg, mc, c: _Coords) -> dict:
+def state_bytes(cfg, mc, c: _Coords, params=None) -> dict:
     """parameters / gradients / optimizer bytes (exact), and the foreach AdamW temporaries."""
-    params = param_list(cfg, mc, c)
+    params = param_list(cfg, mc, c) if params is None else params
     frozen = sum(n for _, n, _, _, t in params if not t)
     buf_total, opt, decay, no_decay = 0, 0, 0, 0
     for expert, dp, dp_rank in ((False, c.dp * c.cp, c.dp_cp_rank), (True, c.edp, c.edp_rank)):
@@ -153,8 +161,13 @@ def state_bytes(cfg, mc, c: _Coords) -> dict:
     return {"params": sum(n for _, n, _, _, _ in params), "trainable": sum(n for _, n, _, _, t in params if t),
             "parameters": F32 * (buf_total + frozen) + inv_freq, "gradients": F32 * buf_total,
             "optimizer": 2 * F32 * opt, "adam_temporaries": F32 * max(decay, no_decay),
+            # matrices of the decoder layers (and adapters): autocast's bf16 copies are of these
             "matmul_params": sum(n for name, n, nd, _, _ in params if nd >= 2 and "word_embeddings" not in name
-                                 and "output_layer" not in name)}
+                                 and "output_layer" not in name),
+            # what autocast's weight cache keeps until the forward ends: trainable F.linear weights
+            "cached_params": sum(n for name, n, nd, e, t in params if nd >= 2 and t and not e
+                                 and "word_embeddings" not in name and "output_layer" not in name),
+            "adapters": sum(1 for name, *_ in params if name.endswith(".lora.A"))}
 
 
 def layer_terms(cfg, mc, c: _Coords, moe: bool) -> dict:
@@ -165,15 +178,25 @@ def layer_terms(cfg, mc, c: _Coords, moe: bool) -> dict:
     H, hd = mc.hidden_size, mc.kv_channels
     nq = mc.num_attention_heads // tp
     nkv = max(1, mc.num_query_groups // tp)
-    t = {"residual": 2 * F32 * Tq * H, "norms": 2 * (F32 * Tq * H + F32 * Tq), "qkv": BF16 * T * (nq + 2 * nkv) * hd,
-         "rope": BF16 * T * (nq + nkv) * hd, "core": BF16 * T * nq * hd}
+    # LoRA freezes the base: a frozen norm weight needs no normalised input saved, a frozen
+    # linear saves its bf16 weight (for the input's gradient) but not its input: an adapted
+    # linear's input is saved by the adapter's A instead
+    lora = cfg.model.lora
+    frozen = bool(lora.rank)
+    adapted = set() if not frozen else ({"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
+                                        if "all-linear" in lora.targets else set(lora.targets))
+    saved = (lambda name: name in adapted) if frozen else (lambda name: True)
+    t = {"residual": 2 * F32 * Tq * H, "norms": 2 * ((0 if frozen else F32 * Tq * H) + F32 * Tq),
+         "qkv": BF16 * T * (nq + 2 * nkv) * hd, "rope": BF16 * T * (nq + nkv) * hd, "core": BF16 * T * nq * hd}
     if mc.qk_layernorm:
-        t["qk_norms"] = (F32 + BF16) * T * (nq + nkv) * hd + F32 * T * (nq + nkv)
+        t["qk_norms"] = (F32 + (0 if frozen else BF16)) * T * (nq + nkv) * hd + F32 * T * (nq + nkv)
+    if frozen:  # each adapter keeps its rank-wide middle A x
+        t["lora"] = BF16 * T * lora.rank * len(adapted)
     if cfg.train.recompute != "selective":
         t["core"] += F32 * T * nq  # the lse
     if p.cp > 1:
         t["core"] += F32 * T * nq * hd  # ring attention keeps its fp32 out
-    t["casts"] = BF16 * T * H * (1 if moe else 2)
+    t["casts"] = BF16 * T * H * (int(saved("linear_qkv")) + (0 if moe else int(saved("linear_fc1"))))
     if moe:
         E, k, ep, etp = mc.num_moe_experts, mc.moe_router_topk, p.ep, p.etp
         Tm = T // tp if tp > 1 else T
@@ -188,30 +211,48 @@ def layer_terms(cfg, mc, c: _Coords, moe: bool) -> dict:
             t["shared_expert"] = BF16 * T * (H + 4 * Fs) + BF16 * T * H + F32 * T * 2
     else:
         F = mc.ffn_hidden_size // tp
-        t["mlp"] = BF16 * T * 4 * F
+        t["mlp"] = BF16 * T * F * (3 + int(saved("linear_fc2")))
     return t
 
 
-def predict_position(cfg, model_cfg, world_size: int, rank: int) -> dict:
-    """Predicted bytes of `rank` in a steady-state step (see the module docstring)."""
+def in_flight(schedule: str, pp: int, vpp: int, r: int, m: int) -> float:
+    """Micro batches' worth of this rank's layer activations alive at its peak (docstring)."""
+    if pp == 1:
+        return 1
+    if schedule == "gpipe":
+        return m
+    if schedule == "interleaved":
+        return min(m * vpp, (vpp - 1) * pp + 2 * (pp - 1 - r) + 1) / vpp
+    if schedule == "zbv":
+        return (min(m, 2 * (pp - r) - 1) + min(m, 2 * r + 1)) / 2
+    return min(m, pp - r)
+
+
+def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer: bool = True) -> dict:
+    """Predicted bytes of `rank` in a steady-state step (see the module docstring);
+    `cuda_optimizer` as in dry_run_position (fused AdamW: no foreach temporaries)."""
     from megaswift.parallel.pipeline_stages import num_stages, stages_of_rank
 
     mc, p = model_cfg, cfg.parallel
     c = _Coords(cfg, world_size, rank)
-    state = state_bytes(cfg, mc, c)
+    plist = param_list(cfg, mc, c)
+    state = state_bytes(cfg, mc, c, plist)
     T = cfg.train.micro_batch_size * cfg.data.seq_len // p.cp
     Tq = T // p.tp if p.sp else T
     H, V = mc.hidden_size, mc.padded_vocab_size(p.tp) // p.tp
     stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
     mine = stages_of_rank(c.pp_rank, p.pp, stages, p.pp_schedule) if p.pp > 1 else [0]
     first, last = 0 in mine, stages - 1 in mine
-    names = [n for n, *_ in param_list(cfg, mc, c)]
+    names = [n for n, *_ in plist]
     layer_ids = sorted({int(n.split(".")[2]) for n in names if n.startswith("decoder.layers.")})
     n_moe = sum(1 for i in layer_ids if i in mc.moe_layers)
     dense, moe = layer_terms(cfg, mc, c, False), layer_terms(cfg, mc, c, True)
     weights = BF16 * state["matmul_params"]  # autocast's bf16 copies of every layer's matmul weights
+    frozen = bool(cfg.model.lora.rank)
     per_dense, per_moe = sum(dense.values()), sum(moe.values())
-    layers = (len(layer_ids) - n_moe) * per_dense + n_moe * per_moe + weights
+    n_micro = cfg.train.global_batch(c.dp) // (cfg.train.micro_batch_size * c.dp)
+    flight = in_flight(p.pp_schedule, p.pp, p.vpp, c.pp_rank, n_micro)
+    layers = flight * ((len(layer_ids) - n_moe) * per_dense + n_moe * per_moe) + weights
     terms = {f"layer_{k}": v * (len(layer_ids) - n_moe) for k, v in dense.items()}
     for k, v in moe.items():
         terms[f"layer_{k}"] = terms.get(f"layer_{k}", 0) + v * n_moe
@@ -219,28 +260,35 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int) -> dict:
     if cfg.train.recompute == "full":  # only each layer's input stays; one layer reruns in backward
         one = max(per_dense if n_moe < len(layer_ids) else 0, per_moe if n_moe else 0) + weights // max(1, len(layer_ids))
         # autocast caches the bf16 weight copies until the forward's autocast region ends
-        terms = {"layer_inputs": F32 * Tq * H * len(layer_ids), "layer_weight_copies": weights,
+        weights = BF16 * state["cached_params"]
+        terms = {"layer_inputs": flight * F32 * Tq * H * len(layer_ids), "layer_weight_copies": weights,
                  "recompute_one_layer": one}
         layers = terms["layer_inputs"] + weights
-    n_micro = cfg.train.global_batch(c.dp) // (cfg.train.micro_batch_size * c.dp)
+    terms["micro_batches_in_flight"] = flight
     inputs = n_micro * 4 * 8 * cfg.train.micro_batch_size * cfg.data.seq_len  # the step's token tensors
     cos_sin = 2 * F32 * T * mc.kv_channels
-    common = inputs + cos_sin + (F32 * Tq * H if first else 0) + (F32 * (Tq * H + Tq) if last else 0)
+    # the embedding's output is saved by the first norm (not when frozen); the final norm keeps
+    # x * rsqrt (not when frozen) and its output lives on as a local of GPTModel.forward
+    emb = 0 if frozen else F32 * Tq * H
+    final = F32 * ((0 if frozen else Tq * H) + Tq)
+    out_in = 0 if frozen else BF16 * T * H  # the output layer's bf16 input, saved for its weight
+    common = inputs + cos_sin * flight + (emb * flight if first else 0) + (final if last else 0)
     terms.update(inputs=inputs, cos_sin=cos_sin)
-    candidates = {"optimizer": state["adam_temporaries"]}
+    candidates = {"optimizer": 0 if cuda_optimizer else state["adam_temporaries"]}
     if first:
-        terms["embedding_out"] = F32 * Tq * H
+        terms["embedding_out"] = emb
     if last:
-        terms.update(final_norm=F32 * (2 * Tq * H + Tq), output_input_bf16=BF16 * T * H, output_weight_bf16=BF16 * V * H,
-                     logits_bf16=BF16 * T * V, cross_entropy_fp32=2 * F32 * T * V,
-                     output_weight_grad=(BF16 + F32) * V * H)
-        candidates["forward"] = (layers + common + F32 * Tq * H + BF16 * T * H + BF16 * V * H + BF16 * T * V
+        wgrad = 0 if frozen else (BF16 + F32) * V * H
+        terms.update(final_norm=final + F32 * Tq * H, output_input_bf16=out_in, output_weight_bf16=BF16 * V * H,
+                     logits_bf16=BF16 * T * V, cross_entropy_fp32=2 * F32 * T * V, output_weight_grad=wgrad)
+        candidates["forward"] = (layers + common + F32 * Tq * H + out_in + BF16 * V * H + BF16 * T * V
                                  + 2 * F32 * T * V)
-        candidates["backward"] = layers + common + (BF16 + F32) * V * H + F32 * T * H
+        candidates["backward"] = layers + common + wgrad + F32 * T * H
     else:
         candidates["forward"] = layers + common
     if cfg.train.recompute == "full":
-        candidates["backward"] -= weights
+        if "backward" in candidates:
+            candidates["backward"] -= weights
         candidates["recompute"] = layers - weights + common + terms["recompute_one_layer"] + 2 * F32 * Tq * H
     when = max(candidates, key=candidates.get)
     held = state["parameters"] + state["gradients"] + state["optimizer"]

@@ -74,16 +74,19 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.1f}"
 
 
-def _row(i, cand, tokens: int) -> str:
+def _row(i, cand, tokens: int, mc, hw) -> str:
+    from megaswift.train.metrics import train_flops_per_token
+
     w, tm = cand.worst, cand.time
     tps = tokens / tm["step_s"] / cand.world
+    mfu = train_flops_per_token(mc, cand.cfg.data.seq_len) * tps / (hw.peak_tflops * 1e12)
     return (f"{i:>2}  {cand.describe():<42} {_gib(w['parameters']):>6} {_gib(w['gradients']):>6} "
             f"{_gib(w['optimizer']):>6} {_gib(w['activations'] + w['temporaries']):>6} {_gib(cand.peak):>6}  "
-            f"{tm['step_s']:>7.2f} {tps:>8.0f} {tm['bubble']:>6.2f}")
+            f"{tm['step_s']:>7.2f} {tps:>9.0f} {mfu:>5.0%} {tm['bubble']:>6.2f}")
 
 
 HEADER = (" #  layout                                     params  grads  optim   acts   peak    step_s  tok/s/gpu"
-          " bubble\n" + " " * 46 + "(GiB per GPU, the rank position with the highest peak)")
+          "   mfu bubble\n" + " " * 46 + "(GiB per GPU, the rank position with the highest peak)")
 
 
 def overflow_line(cand) -> str:
@@ -92,7 +95,7 @@ def overflow_line(cand) -> str:
     terms.update({f"activations: {k}": v for k, v in w.get("terms", {}).items()})
     biggest = sorted(((v, k) for k, v in terms.items() if not k.startswith("activations:")), reverse=True)[:3]
     return (f"the closest layout that does not fit, {cand.describe()}, peaks at {_gib(cand.peak)} GiB per GPU "
-            f"against {_gib(cand.usable)} usable: over by {_gib(cand.peak - cand.usable)} GiB; its largest terms: "
+            f"against {_gib(cand.usable)} usable: over by {(cand.peak - cand.usable) / GIB:.2f} GiB; its largest terms: "
             + ", ".join(f"{k} {_gib(v)}" for v, k in biggest))
 
 
@@ -140,7 +143,7 @@ def plan_command(ns) -> int:
         return 1
     print("\n" + HEADER)
     for i, cand in enumerate(top, 1):
-        print(_row(i, cand, ns.global_batch_tokens))
+        print(_row(i, cand, ns.global_batch_tokens, mc, hw))
         if i - 1 in measured:
             for r in measured[i - 1]:
                 predicted = cand.memory[cand.ranks.index(r.rank)]["peak"] if r.rank in cand.ranks else None

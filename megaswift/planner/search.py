@@ -8,6 +8,8 @@ per rank where the layers allow), cp (ring; the sequence must divide by 2 cp tp)
 the experts and the ranks of a stage), dp the rest, ZeRO-1 on or off, sequence parallelism
 whenever tp > 1 (it only saves memory), micro batch size 1 (more only lengthens the bubble in
 this model). For each, recompute is the least that fits: none, then selective, then full.
+Ranking: predicted step time, where a layout's each parallel dimension in use (tp, pp, cp, ep,
+vpp) adds 0.5%, so that near-ties go to the simpler layout.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ def layouts(base_cfg, mc, world: int, gpus_per_node: int, global_sequences: int)
                                 continue
                         stages = num_stages(pp, vpp, schedule) if pp > 1 else 1
                         pp_layers = balanced(mc.num_layers, stages) if mc.num_layers % stages else None
-                        edp = world // (pp * ep)
+                        edp = world // (pp * ep) if mc.moe_layers else 1  # expert-dp: only experts have it
                         for zero in ((0, 1) if dp * cp > 1 or edp > 1 else (0,)):
                             yield _replace(base_cfg,
                                            parallel=dict(tp=tp, pp=pp, cp=cp, ep=ep, sp=tp > 1, vpp=vpp,
@@ -102,19 +104,44 @@ def layouts(base_cfg, mc, world: int, gpus_per_node: int, global_sequences: int)
                                            train=dict(micro_batch_size=1, global_batch_size=global_sequences))
 
 
-def evaluate(cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int) -> Candidate:
-    """Predict one layout: memory at every rank position, time at the slowest."""
+def evaluate(cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int, timed: bool = True) -> Candidate:
+    """Predict one layout: memory at every rank position, and (`timed`) time at the slowest."""
     cand = Candidate(cfg, world, usable=hw.usable_bytes)
     cand.ranks = positions(cfg, mc, world)
     cand.memory = [memory_model.predict_position(cfg, mc, world, r) for r in cand.ranks]
+    if timed:
+        time_candidate(cand, mc, gpus_per_node, hw, global_tokens)
+    return cand
+
+
+def time_candidate(cand: Candidate, mc, gpus_per_node: int, hw, global_tokens: int) -> None:
+    cfg, world = cand.cfg, cand.world
     per_pp = world // cfg.parallel.pp
     times = []
     for rank, mem in zip(cand.ranks, cand.memory):
-        comm = comm_model.predict_comm(cfg, mc, world, rank, device_type="cuda")
+        comm = _comm(cfg, mc, world, rank, mem)
         shard = mem["optimizer"] // 8  # AdamW keeps 8 bytes (two fp32 moments) per element it updates
         times.append(step_time(cfg, mc, world, gpus_per_node, hw, comm, rank // per_pp, shard, global_tokens))
     cand.time = max(times, key=lambda t: t["step_s"])
-    return cand
+
+
+def _comm(cfg, mc, world: int, rank: int, mem: dict) -> dict:
+    """planner/comm.py's bytes. It does not model LoRA: then the full model's tp, cp, ep and pp
+    traffic stands in (the adapters add only rank-wide sums), and dp reduces the adapters'
+    gradients alone, one fp32 all-reduce of the trainable elements (an approximation)."""
+    if not cfg.model.lora.rank:
+        return comm_model.predict_comm(cfg, mc, world, rank, device_type="cuda")
+    full = comm_model.predict_comm(_replace(cfg, model=dict(lora=dataclasses.replace(cfg.model.lora, rank=0))),
+                                   mc, world, rank, device_type="cuda")
+    full.pop("edp", None)
+    full["dp"] = {"allreduce": 4 * mem["trainable"]}
+    return full
+
+
+def complexity(cfg) -> int:
+    """Parallel dimensions in use (pp with more than one stage per rank counts twice)."""
+    p = cfg.parallel
+    return sum(x > 1 for x in (p.tp, p.pp, p.cp, p.ep, p.vpp))
 
 
 def search(base_cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int) -> tuple[list, list]:
@@ -125,13 +152,18 @@ def search(base_cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int)
     global_sequences = global_tokens // seq
     fit, over = [], []
     for cfg in layouts(base_cfg, mc, world, gpus_per_node, global_sequences):
-        for mode in RECOMPUTE:
-            cand = evaluate(_replace(cfg, train=dict(recompute=mode)), mc, world, gpus_per_node, hw, global_tokens)
+        for mode in RECOMPUTE:  # memory first: only a layout that fits is timed
+            cand = evaluate(_replace(cfg, train=dict(recompute=mode)), mc, world, gpus_per_node, hw, global_tokens,
+                            timed=False)
             if cand.fits:
+                time_candidate(cand, mc, gpus_per_node, hw, global_tokens)
                 fit.append(cand)
                 break
         else:
             over.append(cand)
-    fit.sort(key=lambda c: (c.time["step_s"], c.peak))
+    # near-ties go to the simpler layout: each parallel dimension in use costs 0.5% here
+    fit.sort(key=lambda c: (c.time["step_s"] * (1 + 0.005 * complexity(c.cfg)), c.peak))
     over.sort(key=lambda c: c.peak - c.usable)
+    if over:
+        time_candidate(over[0], mc, gpus_per_node, hw, global_tokens)
     return fit, over

@@ -2,8 +2,12 @@
 
 Each layout runs two SFT steps of a tiny random model; the second runs inside the planner's
 StepAccountant, which counts every collective's bytes by process-group class and kind, and the
-count must equal `predict_comm` exactly, byte for byte, class by class, on every rank. fp32 (no
-autocast) in the runs and the predictions.
+count must equal `predict_comm` exactly, byte for byte, class by class and kind by kind, on every
+rank. fp32 (no autocast) except the last layout, which checks the bf16 autocast dtypes.
+
+Not here (checked once by hand the same way): hybrid cp, etp, interleaved and zbv pipelines,
+MoE under pp, a shared expert; unbalanced MoE routing is data-dependent (the prediction is then
+the ranks' mean of the all-to-all bytes, not each rank's).
 """
 import pytest
 
@@ -26,10 +30,21 @@ LAYOUTS = {
     "dp2_zero1": ("tiny_hf", "llama", 2, {"optim__zero": 1, "parallel__ddp_bucket_size": 30000}),
     # tied embeddings: their gradient crosses the pipeline's embedding group; 4 micro batches
     "pp2_1f1b": ("tiny_hf", "qwen2", 2, {"parallel__pp": 2, "parallel__pp_schedule": "1f1b"}),
-    # q/k norms (partial grads over tp would show up here if cp mixed them in)
     "cp2_ring": ("tiny_hf", "qwen3", 2, {"parallel__cp": 2, "parallel__cp_comm": "ring"}),
+    # recompute reruns forward collectives, except those whose output nothing saves (torch's
+    # checkpoint stops early): Ulysses' output all-to-all, a dense layer's linear_fc2 sum
+    "cp2_ulysses_selective": ("tiny_hf", "qwen3", 2, {"parallel__cp": 2, "parallel__cp_comm": "ulysses",
+                                                      "train__recompute": "selective"}),
+    "tp2_sp_full_recompute": ("tiny_hf", "qwen3", 2, {"parallel__tp": 2, "parallel__sp": True,
+                                                      "train__recompute": "full"}),
     # experts on layer 0 (8 experts, top-2), force-balanced so the dispatch is data-independent
     "ep2_moe": ("moe_hf", "qwen3_moe", 2, {"parallel__ep": 2, "moe__router_force_balance": True}),
+    # the GPU case: bf16 autocast, where activations cross in bf16 but the residual stream, the
+    # norms' outputs and their gradients in fp32; tp without sp splits the MoE tokens over tp;
+    # expert-dp (edp=2) and dp under ZeRO-1
+    "tp2_ep2_zero1_bf16": ("moe_hf", "qwen3_moe", 4, {
+        "parallel__tp": 2, "parallel__ep": 2, "optim__zero": 1, "moe__router_force_balance": True,
+        "model__dtype": "bfloat16", "model__cpu_autocast": True}),
 }
 
 

@@ -1,0 +1,45 @@
+"""planner/memory_model.py against the dry run: state bytes exact, the peak within 5%."""
+import time
+
+import pytest
+
+from megaswift.config import load_config
+from megaswift.planner.dry_run import dry_run_position
+from megaswift.planner.memory_model import predict_position
+from megaswift.setup import hf_model_config
+
+REAL = "tests/data/real_configs"
+LAYOUTS = [
+    ("Qwen3-8B", 8, ["--parallel.tp=4", "--data.seq_len=1024", "--train.global_batch_size=2"]),
+    ("Qwen3-30B-A3B", 8, ["--parallel.tp=2", "--parallel.ep=4", "--optim.zero=1", "--data.seq_len=512",
+                          "--train.global_batch_size=4"]),
+]
+
+
+def _config(name, overrides):
+    hf = f"{REAL}/{name}"
+    cfg = load_config(None, [f"--model.hf_path={hf}", "--model.cpu_autocast=true", "--model.dtype=bfloat16",
+                             "--train.micro_batch_size=1", *overrides])
+    return cfg, hf_model_config(hf, cfg)
+
+
+@pytest.mark.parametrize("name,world,overrides", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_prediction_matches_dry_run(name, world, overrides):
+    cfg, mc = _config(name, overrides)
+    pred = predict_position(cfg, mc, world, 0)
+    got = dry_run_position(cfg, mc, world, 0)
+    assert pred["params"] == got.params and pred["trainable"] == got.trainable
+    for key in ("parameters", "gradients", "optimizer"):
+        assert pred[key] == got.state_bytes[key], key
+    assert abs(pred["peak"] - got.peak_bytes) <= 0.05 * got.peak_bytes, (pred["peak"], got.peak_bytes)
+
+
+def test_prediction_is_fast_and_explained():
+    cfg, mc = _config("Qwen3-8B", ["--parallel.tp=4", "--data.seq_len=4096"])
+    t0 = time.perf_counter()
+    for _ in range(20):
+        pred = predict_position(cfg, mc, 8, 0)
+    assert (time.perf_counter() - t0) / 20 < 0.01
+    assert pred["peak_at"] == "forward"
+    assert pred["terms"]["cross_entropy_fp32"] == 2 * 4 * 4096 * 152064 // 4  # two fp32 [s, V / tp]
+    assert pred["peak"] == pred["parameters"] + pred["gradients"] + pred["optimizer"] + pred["activations"]

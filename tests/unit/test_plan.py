@@ -1,0 +1,132 @@
+"""`megaswift plan` and `megaswift dry-run` on the shipped real configs (tests/data/real_configs):
+
+- the planner prints ranked layouts whose commands megaswift's own parser and plan checks accept
+  at the world size they were printed for (Llama-3.1-70B on 32 H100s, Qwen3-235B-A22B on 64);
+- a job that fits nowhere (Llama-3.1-70B full fine-tuning on 8 H100s) says which term
+  overflows and by how much, and exits 1;
+- the constants can be overridden (half the compute efficiency, twice the compute time) and a
+  bad one is a one-line error;
+- `plan --dry-run` runs megaswift's own step for each printed layout of a (layer-cut) Qwen3-8B
+  on 8 fake ranks and the predicted peak is within 10% of the measured one;
+- `dry-run` reports a config's rank positions.
+"""
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+REAL = Path(__file__).resolve().parents[1] / "data" / "real_configs"
+
+
+def _plan(capsys, *argv):
+    from megaswift.cli import _run, parse
+
+    ns, cfg = parse(["plan", *map(str, argv)])
+    code = _run(ns, cfg)
+    return code, capsys.readouterr().out
+
+
+def _check_command(line: str, world: int, model_dir: str) -> None:
+    """The printed command parses, and its layout passes the checks `launch` runs first."""
+    from megaswift.cli import parse
+    from megaswift.parallel.pipeline import check_microbatches
+    from megaswift.setup import hf_model_config, plan_layout
+
+    argv = shlex.split(line)
+    assert argv[0] == "megaswift"
+    ns, _ = parse(argv[1:])
+    nproc = ns.nproc_per_node * (getattr(ns, "nnodes", None) or 1) if ns.command == "launch" else \
+        ns.nodes * ns.gpus_per_node
+    assert nproc == world
+    sub, cfg = parse(ns.sub_argv)
+    assert sub.command == "train" and cfg.model.hf_path == model_dir
+    mc = hf_model_config(model_dir, cfg)
+    layout = plan_layout(cfg, world, mc)
+    layout.check_seq_len(cfg.data.seq_len, moe=bool(mc.moe_layers))
+    if layout.pp > 1:
+        n_micro = cfg.train.global_batch(layout.dp) // (cfg.train.micro_batch_size * layout.dp)
+        check_microbatches(cfg.parallel.pp_schedule, layout.pp, n_micro)
+
+
+@pytest.mark.parametrize("model,nodes", [("Llama-3.1-70B", 4), ("Qwen3-235B-A22B", 8)])
+def test_plan_ranks_layouts_with_commands_that_launch_accepts(capsys, model, nodes):
+    directory = str(REAL / model)
+    code, out = _plan(capsys, directory, "--nodes", nodes, "--gpus-per-node", 8, "--seq-len", 4096,
+                      "--global-batch-tokens", 4 << 20, "--top", 3)
+    assert code == 0, out
+    commands = [line.strip() for line in out.splitlines() if line.strip().startswith("megaswift ")]
+    assert len(commands) == 3
+    for line in commands:
+        assert line.startswith("megaswift slurm --nodes")  # more than one node
+        _check_command(line, nodes * 8, directory)
+
+
+def test_plan_json_is_ranked_and_fits(capsys):
+    code, out = _plan(capsys, REAL / "Llama-3.1-70B", "--nodes", 4, "--seq-len", 4096, "--top", 4, "--json")
+    assert code == 0
+    plan = json.loads(out)
+    layouts = plan["layouts"]
+    usable = (plan["hardware"]["memory_gib"] - plan["hardware"]["reserve_gib"]) * 2 ** 30 / (
+        1 + plan["hardware"]["fragmentation"])
+    assert all(lay["fits"] and lay["peak_bytes"] <= usable for lay in layouts)
+    best = max(lay["tokens_per_s_per_gpu"] for lay in layouts)
+    assert layouts[0]["tokens_per_s_per_gpu"] >= 0.97 * best  # near-ties may go to a simpler layout
+
+
+def test_a_job_that_fits_nowhere_says_which_term_overflows(capsys):
+    code, out = _plan(capsys, REAL / "Llama-3.1-70B" / "config.json", "--nodes", 1, "--seq-len", 4096)
+    assert code == 1
+    assert "no layout fits" in out and "over by" in out and "optimizer" in out
+
+
+def test_constants_are_printed_and_overridable(capsys):
+    from megaswift.errors import ConfigError
+    from megaswift.planner.hardware import hardware
+
+    args = (REAL / "Qwen3-8B", "--seq-len", 2048, "--top", 1, "--json")
+    base = json.loads(_plan(capsys, *args)[1])["layouts"][0]
+    slow = json.loads(_plan(capsys, *args, "--set", "compute_efficiency=0.2")[1])["layouts"][0]
+    if slow["layout"] == base["layout"]:
+        assert slow["time"]["compute_s"] == pytest.approx(2 * base["time"]["compute_s"], rel=1e-9)
+    assert slow["time"]["step_s"] > base["time"]["step_s"]
+    code, out = _plan(capsys, REAL / "Qwen3-8B", "--seq-len", 2048, "--top", 1, "--explain")
+    assert "compute_efficiency" in out and "tp " in out and "dp " in out  # constants and formulas
+    with pytest.raises(ConfigError, match="known: a100"):
+        hardware("v100")
+    with pytest.raises(ConfigError, match="name=value"):
+        hardware("h100", ["speed=3"])
+
+
+@pytest.fixture(scope="module")
+def small_qwen3(tmp_path_factory):
+    """Qwen3-8B's config with 4 layers: real widths, a dry run of seconds."""
+    hf = json.loads((REAL / "Qwen3-8B" / "config.json").read_text())
+    hf["num_hidden_layers"] = 4
+    out = tmp_path_factory.mktemp("qwen3_8b_4l")
+    (out / "config.json").write_text(json.dumps(hf))
+    return str(out)
+
+
+def test_plan_dry_run_measures_each_printed_layout_within_10_percent(capsys, small_qwen3):
+    code, out = _plan(capsys, small_qwen3, "--gpus-per-node", 8, "--seq-len", 1024, "--global-batch-tokens", 65536,
+                      "--top", 2, "--dry-run")
+    assert code == 0, out
+    measured = [line for line in out.splitlines() if "dry run, rank" in line]
+    assert len(measured) >= 2
+    for line in measured:
+        pct = float(line.split("(")[1].split("%")[0])
+        assert abs(pct) <= 10, line
+
+
+def test_dry_run_command_reports_each_pipeline_position(capsys, small_qwen3):
+    from megaswift.cli import _run, parse
+
+    ns, cfg = parse(["dry-run", "--world-size", "4", "--json", "--model.hf_path", small_qwen3, "--parallel.pp", "2",
+                     "--parallel.tp", "2", "--data.seq_len", "256", "--train.global_batch_size", "4"])
+    assert _run(ns, cfg) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["rank"] for r in rows] == [0, 2] and [r["pp_rank"] for r in rows] == [0, 1]
+    assert all(r["layers"] == 2 and r["micro_batches"] == 4 for r in rows)  # at most 2 pp: the peak is reached
+    first, last = rows
+    assert first["peak_gib_by_category"]["parameters"] > 0 and "pp" in first["comm_gib"]
