@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     s = with_config(sub.add_parser("dry-run", help="one training step of this config at --world-size ranks, "
                                    "rank positions one by one on a fake process group: peak memory by category"))
     s.add_argument("--world-size", type=int, required=True)
+    s.add_argument("--algorithm", default="sft", help="sft or dpo")
     s.add_argument("--rank", type=int, action="append", help="rank(s) to run (default: every pipeline position)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--all-micro-batches", action="store_true",

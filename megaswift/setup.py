@@ -88,12 +88,13 @@ def load_weights(model, path: str) -> None:
         load_hf_into_model(model, path)
 
 
-def build_frozen_model(cfg, like, st, source: str):
+def build_frozen_model(cfg, like, st, source: str | None):
     """A model shaped and sharded like `like`, filled from `source` and frozen in eval mode, with
     the run's attention backend and MoE options (no auxiliary loss): a reference model or a
-    teacher."""
+    teacher. `source` None leaves it unfilled (the dry run's fake tensors)."""
     model = build_model(cfg, like.cfg, st)
-    load_weights(model, source)
+    if source is not None:
+        load_weights(model, source)
     for p in model.parameters():
         p.requires_grad_(False)
     model.set_attention_backend(cfg.model.attention_backend)

@@ -36,6 +36,7 @@ from megaswift.errors import ConfigError
 from .accountant import CATEGORIES, StepAccountant
 
 GIB = 1024 ** 3
+DRY_RUN_ALGORITHMS = ("sft", "dpo")  # GRPO's rollouts stop on sampled tokens: data the fake tensors lack
 
 
 @dataclass
@@ -91,6 +92,10 @@ def label_state(acct: StepAccountant, trainer) -> dict:
     param_tensors = [b.data for part in parts for b in part.buckets]
     param_tensors += [p for p in model.parameters() if not p.requires_grad]
     param_tensors += list(_buffers(model))
+    # a frozen model the algorithm holds besides the policy: its reference (train/reference.py)
+    frozen = getattr(getattr(trainer.alg, "reference", None), "frozen", None)
+    if frozen is not None:
+        param_tensors += list(frozen.parameters()) + list(_buffers(frozen))
     grad_tensors = [b.grad for part in parts for b in part.buckets]
     grad_tensors += [b.shard_grad for part in parts for b in part.buckets if b.shard_grad is not None]
     opt_tensors = [t for state in opt.state.values() for t in state.values()
@@ -105,19 +110,6 @@ def _buffers(model):
         yield from chunk.buffers()
 
 
-def synthetic_micro_batches(cfg, n_micro: int, vocab_size: int) -> list[dict]:
-    """Language-model micro batches of full rows (no padding, no packing): the shapes a real
-    step runs at data.seq_len; the values do not matter."""
-    mbs, seq = cfg.train.micro_batch_size, cfg.data.seq_len
-    out = []
-    for _ in range(n_micro):
-        ids = torch.randint(0, vocab_size, (mbs, seq))
-        out.append({"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(seq).expand(mbs, seq),
-                    "document_ids": None, "token_mask": torch.ones(mbs, seq, dtype=torch.long),
-                    "num_tokens": mbs * seq})
-    return out
-
-
 def run_measured_steps(trainer, acct: StepAccountant, make_batches, real: bool = False, steps: int = 2,
                        on_step=None) -> dict:
     """`steps` training steps, measuring the last: returns the labelled state bytes. `real`:
@@ -125,7 +117,6 @@ def run_measured_steps(trainer, acct: StepAccountant, make_batches, real: bool =
     step is only its optimizer step on zero gradients (what persists after a step is AdamW's
     state; a whole first step would double the dry run's time for nothing else). `on_step` is
     called after each step (timing)."""
-    cfg, st = trainer.cfg, trainer.st
     state = {}
     for step in range(steps):
         last = step == steps - 1
@@ -143,7 +134,7 @@ def run_measured_steps(trainer, acct: StepAccountant, make_batches, real: bool =
             trainer.apply_update()
             continue
         micro_batches = [trainer.prepare_micro_batch(mb) for mb in make_batches()]
-        units = float(cfg.train.micro_batch_size * cfg.data.seq_len * len(micro_batches) * st.dp_size)
+        units = float(len(micro_batches))  # what the loss is divided by: any number will do
         with trainer._autocast():
             trainer.alg.before_step(micro_batches)
         trainer.dp.zero_grad()
@@ -259,8 +250,8 @@ def measure_step(cfg, model_cfg, st, algorithm: str = "sft", *, fake: bool, weig
     from megaswift.train.engine import Trainer
     from megaswift.train.registry import algorithm_class
 
-    if algorithm != "sft":
-        raise ConfigError(f"the dry run supports sft so far, not {algorithm}")
+    if algorithm not in DRY_RUN_ALGORITHMS:
+        raise ConfigError(f"the dry run supports {', '.join(DRY_RUN_ALGORITHMS)} so far, not {algorithm}")
     t0 = time.perf_counter()
     out_dir = tempfile.mkdtemp(prefix="megaswift-dry-run-")
     cfg = with_values(cfg, {"train.output_dir": out_dir, "moe.router_force_balance": True,
@@ -288,8 +279,11 @@ def measure_step(cfg, model_cfg, st, algorithm: str = "sft", *, fake: bool, weig
             if fake and trainer.pipeline is not None:
                 trainer.pipeline.fake_neighbours = stage_input(cfg, model_cfg, st)
 
+            trainer.ctx.dry_run = fake
+            dry_alg.dry_run_batches(trainer.ctx, 1)  # sets up what the algorithm holds (DPO's reference) now
+
             def batches():
-                return synthetic_micro_batches(cfg, trainer.n_micro, model_cfg.vocab_size)
+                return dry_alg.dry_run_batches(trainer.ctx, trainer.n_micro)
             try:
                 state = run_measured_steps(trainer, acct, batches, real=not fake, steps=steps, on_step=on_step)
             finally:

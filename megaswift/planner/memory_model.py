@@ -58,6 +58,8 @@ terms count once, on the last stage.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from megaswift.models.sharding import layer_param_names, layout_on
 
 F32, BF16 = 4, 2
@@ -135,7 +137,7 @@ def state_bytes(cfg, mc, c: _Coords, params=None) -> dict:
     """parameters / gradients / optimizer bytes (exact), and the foreach AdamW temporaries."""
     params = param_list(cfg, mc, c) if params is None else params
     frozen = sum(n for _, n, _, _, t in params if not t)
-    buf_total, opt, decay, no_decay = 0, 0, 0, 0
+    buf_total, opt, decay, no_decay, piece = 0, 0, 0, 0, 0
     for expert, dp, dp_rank in ((False, c.dp * c.cp, c.dp_cp_rank), (True, c.edp, c.edp_rank)):
         group = [(n, nd) for _, n, nd, e, t in params if t and e == expert]
         buckets, current = [], []
@@ -155,12 +157,15 @@ def state_bytes(cfg, mc, c: _Coords, params=None) -> dict:
             for n, nd in b:
                 mine = max(0, min(off + n, hi) - max(off, lo))
                 opt += mine
+                piece = max(piece, mine)
                 decay, no_decay = (decay + mine, no_decay) if nd >= 2 else (decay, no_decay + mine)
                 off += n
     inv_freq = mc.kv_channels // 2 * F32
     return {"params": sum(n for _, n, _, _, _ in params), "trainable": sum(n for _, n, _, _, t in params if t),
             "parameters": F32 * (buf_total + frozen) + inv_freq, "gradients": F32 * buf_total,
             "optimizer": 2 * F32 * opt, "adam_temporaries": F32 * max(decay, no_decay),
+            # grad_norm squares one piece at a time: piece.grad.pow(2), then * its weight
+            "grad_norm_temporaries": 2 * F32 * piece,
             # matrices of the decoder layers (and adapters): autocast's bf16 copies are of these
             "matmul_params": sum(n for name, n, nd, _, _ in params if nd >= 2 and "word_embeddings" not in name
                                  and "output_layer" not in name),
@@ -215,23 +220,49 @@ def layer_terms(cfg, mc, c: _Coords, moe: bool) -> dict:
     return t
 
 
-def in_flight(schedule: str, pp: int, vpp: int, r: int, m: int) -> float:
-    """Micro batches' worth of this rank's layer activations alive at its peak (docstring)."""
-    if pp == 1:
-        return 1
-    if schedule == "gpipe":
-        return m
+def schedule_actions(schedule: str, pp: int, vpp: int, r: int, m: int) -> tuple:
+    """pp rank r's compute actions in one step, in order: (F | B | I | W, stage, micro batch),
+    as PipelineRunner._actions runs them (torch's own `pipeline_order` for the multi-stage
+    schedules, computed here without stages)."""
+    return _schedule_actions(schedule, pp, vpp, r, m)
+
+
+@lru_cache(maxsize=4096)
+def _schedule_actions(schedule: str, pp: int, vpp: int, r: int, m: int) -> tuple:
+    if schedule in ("1f1b", "gpipe"):
+        if schedule == "gpipe":
+            return tuple([("F", r, i) for i in range(m)] + [("B", r, i) for i in range(m)])
+        warmup = min(m, pp - r)
+        out = [("F", r, i) for i in range(warmup)]
+        for i in range(m):
+            out.append(("B", r, i))
+            if warmup + i < m:
+                out.append(("F", r, warmup + i))
+        return tuple(out)
+    from torch.distributed.pipelining import ScheduleInterleaved1F1B, ScheduleZBVZeroBubble
+
     if schedule == "interleaved":
-        return min(m * vpp, (vpp - 1) * pp + 2 * (pp - 1 - r) + 1) / vpp
-    if schedule == "zbv":
-        return (min(m, 2 * (pp - r) - 1) + min(m, 2 * r + 1)) / 2
-    return min(m, pp - r)
+        sched = object.__new__(ScheduleInterleaved1F1B)
+        sched.n_local_stages = vpp
+        rounds = max(1, m // pp)
+        sched.microbatches_per_round = m // rounds
+    else:
+        sched = object.__new__(ScheduleZBVZeroBubble)
+        sched.num_stages = 2 * pp
+    sched.pp_group_size, sched._n_microbatches = pp, m
+    return tuple((a.computation_type.value, a.stage_index, a.microbatch_index)
+                 for a in sched._calculate_single_rank_operations(r)
+                 if a is not None and a.computation_type.value in ("F", "B", "I", "W"))
+
+
+def _layer_of(name: str) -> int | None:
+    return int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
 
 
 def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer: bool = True) -> dict:
     """Predicted bytes of `rank` in a steady-state step (see the module docstring);
     `cuda_optimizer` as in dry_run_position (fused AdamW: no foreach temporaries)."""
-    from megaswift.parallel.pipeline_stages import num_stages, stages_of_rank
+    from megaswift.parallel.pipeline_stages import num_stages, split_layers, stages_of_rank
 
     mc, p = model_cfg, cfg.parallel
     c = _Coords(cfg, world_size, rank)
@@ -242,29 +273,25 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
     H, V = mc.hidden_size, mc.padded_vocab_size(p.tp) // p.tp
     stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
     mine = stages_of_rank(c.pp_rank, p.pp, stages, p.pp_schedule) if p.pp > 1 else [0]
+    split = split_layers(mc.num_layers, stages, p.pp_layers) if p.pp > 1 else [range(mc.num_layers)]
     first, last = 0 in mine, stages - 1 in mine
     names = [n for n, *_ in plist]
-    layer_ids = sorted({int(n.split(".")[2]) for n in names if n.startswith("decoder.layers.")})
+    layer_ids = sorted({_layer_of(n) for n in names if n.startswith("decoder.layers.")})
     n_moe = sum(1 for i in layer_ids if i in mc.moe_layers)
     dense, moe = layer_terms(cfg, mc, c, False), layer_terms(cfg, mc, c, True)
     weights = BF16 * state["matmul_params"]  # autocast's bf16 copies of every layer's matmul weights
     frozen = bool(cfg.model.lora.rank)
     per_dense, per_moe = sum(dense.values()), sum(moe.values())
     n_micro = cfg.train.global_batch(c.dp) // (cfg.train.micro_batch_size * c.dp)
-    flight = in_flight(p.pp_schedule, p.pp, p.vpp, c.pp_rank, n_micro)
-    layers = flight * ((len(layer_ids) - n_moe) * per_dense + n_moe * per_moe) + weights
     terms = {f"layer_{k}": v * (len(layer_ids) - n_moe) for k, v in dense.items()}
     for k, v in moe.items():
         terms[f"layer_{k}"] = terms.get(f"layer_{k}", 0) + v * n_moe
     terms["layer_weight_copies"] = weights
-    if cfg.train.recompute == "full":  # only each layer's input stays; one layer reruns in backward
-        one = max(per_dense if n_moe < len(layer_ids) else 0, per_moe if n_moe else 0) + weights // max(1, len(layer_ids))
-        # autocast caches the bf16 weight copies until the forward's autocast region ends
-        weights = BF16 * state["cached_params"]
-        terms = {"layer_inputs": flight * F32 * Tq * H * len(layer_ids), "layer_weight_copies": weights,
+    full = cfg.train.recompute == "full"
+    one = max(per_dense if n_moe < len(layer_ids) else 0, per_moe if n_moe else 0) + weights // max(1, len(layer_ids))
+    if full:  # only each layer's input stays; one layer reruns in backward
+        terms = {"layer_inputs": F32 * Tq * H * len(layer_ids), "layer_weight_copies": BF16 * state["cached_params"],
                  "recompute_one_layer": one}
-        layers = terms["layer_inputs"] + weights
-    terms["micro_batches_in_flight"] = flight
     inputs = n_micro * 4 * 8 * cfg.train.micro_batch_size * cfg.data.seq_len  # the step's token tensors
     cos_sin = 2 * F32 * T * mc.kv_channels
     # the embedding's output is saved by the first norm (not when frozen); the final norm keeps
@@ -272,28 +299,128 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
     emb = 0 if frozen else F32 * Tq * H
     final = F32 * ((0 if frozen else Tq * H) + Tq)
     out_in = 0 if frozen else BF16 * T * H  # the output layer's bf16 input, saved for its weight
-    common = inputs + cos_sin * flight + (emb * flight if first else 0) + (final if last else 0)
+    wgrad = 0 if frozen else (BF16 + F32) * V * H  # the output layer's weight gradient, bf16 and fp32
+    logits = BF16 * T * V + 2 * F32 * T * V  # bf16 logits, then the cross entropy's two fp32 copies
     terms.update(inputs=inputs, cos_sin=cos_sin)
-    candidates = {"optimizer": 0 if cuda_optimizer else state["adam_temporaries"]}
     if first:
         terms["embedding_out"] = emb
     if last:
-        wgrad = 0 if frozen else (BF16 + F32) * V * H
         terms.update(final_norm=final + F32 * Tq * H, output_input_bf16=out_in, output_weight_bf16=BF16 * V * H,
                      logits_bf16=BF16 * T * V, cross_entropy_fp32=2 * F32 * T * V, output_weight_grad=wgrad)
-        candidates["forward"] = (layers + common + F32 * Tq * H + out_in + BF16 * V * H + BF16 * T * V
-                                 + 2 * F32 * T * V)
-        candidates["backward"] = layers + common + wgrad + F32 * T * H
-    else:
-        candidates["forward"] = layers + common
-    if cfg.train.recompute == "full":
-        if "backward" in candidates:
-            candidates["backward"] -= weights
-        candidates["recompute"] = layers - weights + common + terms["recompute_one_layer"] + 2 * F32 * Tq * H
-    when = max(candidates, key=candidates.get)
     held = state["parameters"] + state["gradients"] + state["optimizer"]
+    # after the backward: dp's grad_norm squares each piece of the gradient (two fp32 temporaries)
+    candidates = {"optimizer": 0 if cuda_optimizer else state["adam_temporaries"],
+                  "grad_norm": inputs + state["grad_norm_temporaries"]}
+    if p.pp == 1:
+        layers = (n_moe * per_moe + (len(layer_ids) - n_moe) * per_dense) + weights
+        if full:
+            layers = terms["layer_inputs"] + terms["layer_weight_copies"]
+        common = inputs + cos_sin + emb + final
+        candidates["forward"] = layers + common + F32 * Tq * H + out_in + BF16 * V * H + logits
+        candidates["backward"] = layers + common + wgrad + F32 * T * H
+        if full:
+            candidates["backward"] -= terms["layer_weight_copies"]
+            candidates["recompute"] = layers - terms["layer_weight_copies"] + common + one + 2 * F32 * Tq * H
+        terms["micro_batches_in_flight"] = 1
+    else:
+        pp_candidates, flight = _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, terms)
+        terms["micro_batches_in_flight"] = flight
+        candidates.update({k: v + inputs for k, v in pp_candidates.items()})
+    when = max(candidates, key=candidates.get)
     act = candidates[when]
     return {"params": state["params"], "trainable": state["trainable"], "parameters": state["parameters"],
             "gradients": state["gradients"], "optimizer": state["optimizer"],
             "activations": 0 if when == "optimizer" else act, "temporaries": act if when == "optimizer" else 0,
             "peak": held + act, "peak_at": when, "candidates": candidates, "terms": terms}
+
+
+def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, terms) -> tuple[dict, float]:
+    """The largest live bytes (beyond the state and the step's inputs) in each phase of this
+    rank's schedule, by walking its actions (see the module docstring); and the most micro
+    batches (in units of the rank's layers) in flight at once."""
+    p = cfg.parallel
+    T = cfg.train.micro_batch_size * cfg.data.seq_len // p.cp
+    Tq = T // p.tp if p.sp else T
+    H, V = mc.hidden_size, mc.padded_vocab_size(p.tp) // p.tp
+    frozen = bool(cfg.model.lora.rank)
+    full = cfg.train.recompute == "full"
+    per_dense, per_moe = sum(dense.values()), sum(moe.values())
+    cos_sin = 2 * F32 * T * mc.kv_channels
+    out_trainable = not frozen
+    # per stage: saved activations per micro batch (A), per-micro-batch bf16 weight copies (Wu:
+    # weights autocast does not cache: experts, frozen), the cached copies (Wc: one per step),
+    # and the cached matrices in the order their casts were made (their gradients' order, reversed)
+    A, Wu, Wc, casts, n_layers = {}, {}, {}, {}, {}
+    for s in mine:
+        ids = set(split[s])
+        mats = [(name, n, t and not e) for name, n, nd, e, t in plist
+                if nd >= 2 and _layer_of(name) in ids]
+        cached = [n for _, n, keep in mats if keep]
+        Wc[s] = BF16 * sum(cached)
+        Wu[s] = BF16 * sum(n for _, n, keep in mats if not keep)
+        casts[s] = cached
+        n_m = sum(1 for i in ids if i in mc.moe_layers)
+        n_layers[s] = len(ids)
+        if full:
+            a = F32 * Tq * H * len(ids)
+            Wu[s] = 0
+        else:
+            a = n_m * per_moe + (len(ids) - n_m) * per_dense
+        # the stage's input: the embedding's output (first stage) or what the stage before sent
+        a += cos_sin + (F32 * Tq * H if s > 0 else (0 if frozen else F32 * Tq * H))
+        if s == stages - 1:
+            a += F32 * ((0 if frozen else Tq * H) + Tq) + (0 if frozen else BF16 * T * H)
+            Wc[s] += BF16 * V * H
+            if out_trainable:
+                casts[s] = casts[s] + [V * H]
+        A[s] = a
+    W = sum(Wc.values())
+    one_layer = 0
+    if full:  # one layer's activations rebuilt in each backward
+        one_layer = max(per_moe if any(i in mc.moe_layers for s in mine for i in split[s]) else 0, per_dense)
+        one_layer += max((Wu_s for Wu_s in [BF16 * terms.get("layer_weight_copies", 0) * 0]), default=0)
+
+    def drain(s):
+        """The most the bf16 weight gradients of stage s plus their fp32 casts hold when the casts
+        run last (every cast node made before this micro batch's graph): all bf16 gradients
+        first, then each cast in reverse order of creation frees its bf16 input."""
+        held, most = BF16 * sum(casts[s]), 0
+        for n in reversed(casts[s]):
+            most = max(most, held + F32 * n)
+            held -= BF16 * n
+        return most
+
+    grad_drain = {s: drain(s) for s in mine}
+    prompt = {s: max([(BF16 + F32) * n for n in casts[s]] or [0]) for s in mine}
+    emb_grad = 0 if frozen else F32 * V * H
+    last_stage = stages - 1
+    logits = BF16 * T * V + 2 * F32 * T * V
+    out = {"forward": 0, "backward": 0}
+    live, flight, most_flight = 0, {}, 0.0
+    per_rank_layers = max(1, sum(n_layers.values()))
+    for kind, s, i in schedule_actions(p.pp_schedule, p.pp, p.vpp, c.pp_rank, n_micro):
+        if kind == "F":
+            flight[(s, i)] = A[s] + Wu[s]
+            live += flight[(s, i)]
+            most_flight = max(most_flight, sum(n_layers[k[0]] for k in flight) / per_rank_layers)
+            top = live + (logits if s == last_stage else 0)
+            out["forward"] = max(out["forward"], W + top)
+            continue
+        if kind == "I" and s == 0:  # torch's first stage leaves its whole backward to W
+            continue
+        if kind == "I":  # the input gradients: the graph (and so the activations) stays for W
+            continue
+        mb = flight.pop((s, i))
+        others = live - mb
+        if s == 0:  # the embedding's dense fp32 gradient, made before the casts' gradients
+            end = max(emb_grad + (BF16 * sum(casts[s]) if i > 0 else 0), grad_drain[s] if i > 0 else prompt[s])
+        else:
+            end = grad_drain[s] if i > 0 else prompt[s]
+        top = others + end
+        if s == last_stage and i == 0 and not frozen:  # the output layer's weight gradient, first
+            top = max(top, live + (BF16 + F32) * V * H + F32 * T * H)
+        if full:
+            top = max(top, live + one_layer + 2 * F32 * Tq * H)
+        out["backward"] = max(out["backward"], W + top)
+        live = others
+    return out, most_flight

@@ -187,7 +187,8 @@ def dry_run_command(ns, cfg) -> int:
     if not ns.keep_dtype:
         cfg = with_values(cfg, {"model.cpu_autocast": True})
     mc = hf_model_config(directory, cfg)
-    results = dry_run(cfg, mc, ns.world_size, ns.rank or None, cap_micro_batches=not ns.all_micro_batches)
+    results = dry_run(cfg, mc, ns.world_size, ns.rank or None, algorithm=ns.algorithm,
+                      cap_micro_batches=not ns.all_micro_batches)
     for r in results:
         line = {"rank": r.rank, "pp_rank": r.pp_rank, "stages": r.stages, "layers": r.layers, "params": r.params,
                 "micro_batches": r.micro_batches,

@@ -41,6 +41,8 @@ class TrainContext:
     resume_dir: str | None      # the training checkpoint this run resumed from, if any
     prepare_micro_batch: Callable[[dict], dict]
     """This rank's part of a micro batch (its cp shard), on the device."""
+    dry_run: bool = False
+    """The dry run (megaswift/planner/): fake tensors, no weights to read, no data."""
 
     @property
     def seed(self) -> int:
@@ -105,6 +107,14 @@ class Algorithm:
     def build_data(self, ctx: TrainContext):
         raise NotImplementedError
 
+    def dry_run_batches(self, ctx: TrainContext, n_micro: int) -> list[dict]:
+        """One step's micro batches of this algorithm's shapes, for the dry run and the memory
+        benchmarks (planner/dry_run.py): instead of `build_data`, so it also sets up what the
+        algorithm holds besides data (DPO's reference model). Values do not matter. By default
+        language-model rows of full length."""
+        return [lm_rows(ctx.cfg.train.micro_batch_size, ctx.cfg.data.seq_len, ctx.model.cfg.vocab_size)
+                for _ in range(n_micro)]
+
     def count(self, micro_batch: dict) -> float:
         """Units (e.g. loss tokens) the loss of this micro batch sums over."""
         raise NotImplementedError
@@ -133,3 +143,10 @@ class Algorithm:
 
     def loss_sum(self, model, micro_batch: dict) -> tuple[torch.Tensor, dict]:
         return self.loss_from_output(model(**self.forward_inputs(micro_batch)), micro_batch)
+
+
+def lm_rows(rows: int, seq_len: int, vocab_size: int) -> dict:
+    """A micro batch of `rows` unpadded, unpacked language-model rows of random tokens."""
+    ids = torch.randint(0, vocab_size, (rows, seq_len))
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(seq_len).expand(rows, seq_len),
+            "document_ids": None, "token_mask": torch.ones(rows, seq_len, dtype=torch.long), "num_tokens": rows * seq_len}

@@ -110,6 +110,26 @@ class DPO(Algorithm):
             self.reference = Reference(ctx, "dpo", self.mode)
         return loader
 
+    def dry_run_batches(self, ctx, n_micro: int) -> list[dict]:
+        """Pairs of full-length rows (chosen rows, then rejected), and the reference as the run
+        would hold it (a precomputed table is a lookup: no model)."""
+        from .algorithm import lm_rows
+
+        cfg = ctx.cfg
+        pairs = cfg.train.micro_batch_size
+        if getattr(self, "ctx", None) is not ctx:  # the reference once, as build_data would
+            self.ctx, self.cfg = ctx, cfg.dpo
+            self.mode = "precompute" if self.cfg.precompute_ref else reference_mode(cfg, "dpo")
+            self.reference, self.table = None, torch.zeros(max(1, n_micro * pairs), 2, dtype=torch.float64)
+            if self.mode != "precompute":
+                self.reference = Reference(ctx, "dpo", self.mode)
+        out = []
+        for i in range(n_micro):
+            mb = lm_rows(2 * pairs, cfg.data.seq_len, ctx.model.cfg.vocab_size)
+            mb["pair_index"] = torch.arange(i * pairs, (i + 1) * pairs)
+            out.append(mb)
+        return out
+
     # -- reference log-probabilities -------------------------------------------------------------
     def _reference_logps(self, reference: Reference, mb: dict) -> torch.Tensor | None:
         """[pairs, 2] (chosen, rejected) on the ranks that compute the loss, else None."""

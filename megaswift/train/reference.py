@@ -56,9 +56,10 @@ class Reference:
         self.frozen = self.load() if self.mode == "copy" else None
 
     def load(self):
-        """A frozen copy of the reference weights, sharded like the policy."""
+        """A frozen copy of the reference weights, sharded like the policy (the dry run: shaped
+        only, nothing read)."""
         cfg = self.ctx.cfg
-        source = reference_source(cfg, getattr(cfg, self.section).ref_path)
+        source = None if self.ctx.dry_run else reference_source(cfg, getattr(cfg, self.section).ref_path)
         return setup.build_frozen_model(cfg, self.ctx.model, self.ctx.st, source)
 
     @property

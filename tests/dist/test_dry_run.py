@@ -7,8 +7,9 @@ within 5% of each other, and send the same bytes per collective class over tp, c
 pipeline's point-to-point (the real step's scalar metric reductions aside).
 
 Layouts, 4 ranks each at most: tp=2 with SP x pp=2 (1F1B, 2 micro batches) with full
-recompute; cp=2 (ring) x dp=2 with ZeRO-1 and 2 micro batches; an MoE at tp=2 x ep=2 with
-ZeRO-1 and selective recompute. fp32 on CPU, as the real run computes.
+recompute; cp=2 (ring) x dp=2 with ZeRO-1 and 2 micro batches; DPO at tp=2 with a frozen copy
+as the reference (its weights count as parameters); an MoE at tp=2 x ep=2 with ZeRO-1 and
+selective recompute. fp32 on CPU, as the real run computes.
 """
 import pytest
 
@@ -21,6 +22,7 @@ LAYOUTS = {
                                           "train.recompute": "full", "train.global_batch_size": 2}),
     "cp2_dp2_zero1": ("llama", 4, {"parallel.cp": 2, "optim.zero": 1, "train.global_batch_size": 4}),
     # the loop expert backend: torch's fake grouped GEMM takes bf16 only, as CUDA's does
+    "dpo_tp2_copy_reference": ("qwen3", 2, {"parallel.tp": 2, "train.global_batch_size": 2}, "dpo"),
     "moe_tp2_ep2_zero1": ("qwen3_moe", 2, {"parallel.tp": 2, "parallel.ep": 2, "optim.zero": 1,
                                            "train.recompute": "selective", "train.global_batch_size": 2,
                                            "moe.expert_backend": "loop"}),
@@ -35,7 +37,7 @@ def _config(hf_dir, overrides):
     return load_config(None, [f"--{k}={v}" for k, v in {**base, **overrides}.items()])
 
 
-def _real(rank, world, hf_dir, overrides):
+def _real(rank, world, hf_dir, overrides, algorithm):
     from megaswift.planner.dry_run import measure_step
     from megaswift.parallel.state import ParallelState
     from megaswift.setup import hf_model_config, plan_layout
@@ -43,7 +45,7 @@ def _real(rank, world, hf_dir, overrides):
     cfg = _config(hf_dir, overrides)
     mc = hf_model_config(hf_dir, cfg)
     st = ParallelState.build(plan_layout(cfg, world, mc))
-    return measure_step(cfg, mc, st, fake=False, weights=hf_dir).to_dict()
+    return measure_step(cfg, mc, st, algorithm, fake=False, weights=hf_dir).to_dict()
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -51,13 +53,14 @@ def test_dry_run_matches_a_real_run(name, tiny_hf, moe_hf):
     from megaswift.planner.dry_run import dry_run_position
     from megaswift.setup import hf_model_config
 
-    family, world, overrides = LAYOUTS[name]
+    family, world, overrides, *algorithm = LAYOUTS[name]
+    algorithm = algorithm[0] if algorithm else "sft"
     hf_dir = {**tiny_hf, **moe_hf}[family]
-    real = run_distributed(_real, world, hf_dir, overrides)
+    real = run_distributed(_real, world, hf_dir, overrides, algorithm)
     cfg = _config(hf_dir, overrides)
     mc = hf_model_config(hf_dir, cfg)
     for rank, measured in enumerate(real):
-        dry = dry_run_position(cfg, mc, world, rank, cuda_optimizer=False).to_dict()
+        dry = dry_run_position(cfg, mc, world, rank, algorithm, cuda_optimizer=False).to_dict()
         assert dry["params"] == measured["params"], (rank, dry["params"], measured["params"])
         assert dry["state_bytes"] == measured["state_bytes"], (rank, dry["state_bytes"], measured["state_bytes"])
         assert abs(dry["peak_bytes"] - measured["peak_bytes"]) <= PEAK_RTOL * measured["peak_bytes"], (rank, dry["peak_bytes"], measured["peak_bytes"], dry["peak_by_category"], measured["peak_by_category"])
