@@ -28,13 +28,13 @@ from megaswift.planner.hardware import GIB, hardware  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "real_configs")
 
-# model -> (nodes, gpus per node, gpu, seq len, tokens per step)
+# model -> [(nodes, gpus per node, gpu, seq len, tokens per step)]: 8 to 512 ranks
 SCENARIOS = {
-    "Qwen3-8B": (1, 8, "h100", 4096, 1 << 20),
-    "Llama-3.1-70B": (4, 8, "h100", 4096, 1 << 20),
-    "Qwen3-30B-A3B": (2, 8, "h100", 4096, 1 << 20),
-    "Qwen3-235B-A22B": (8, 8, "h100", 4096, 1 << 21),
-    "Mixtral-8x22B-v0.1": (8, 8, "h100", 4096, 1 << 21),
+    "Qwen3-8B": [(1, 8, "h100", 4096, 1 << 20)],
+    "Llama-3.1-70B": [(4, 8, "h100", 4096, 1 << 22), (64, 8, "h100", 4096, 1 << 24)],
+    "Qwen3-30B-A3B": [(2, 8, "h100", 4096, 1 << 21)],
+    "Qwen3-235B-A22B": [(8, 8, "h100", 4096, 1 << 22), (32, 8, "h100", 4096, 1 << 23)],
+    "Mixtral-8x22B-v0.1": [(8, 8, "h100", 4096, 1 << 22)],
 }
 
 
@@ -73,8 +73,7 @@ def run(names, top: int):
     from megaswift.setup import hf_model_config
 
     rows = []
-    for name in names:
-        nodes, gpn, gpu, seq, tokens = SCENARIOS[name]
+    for name, (nodes, gpn, gpu, seq, tokens) in [(n, sc) for n in names for sc in SCENARIOS[n]]:
         directory = os.path.join(CONFIGS, name)
         ns = argparse.Namespace(seq_len=seq, lora_rank=0)
         cfg = base_config(ns, directory)
@@ -84,6 +83,8 @@ def run(names, top: int):
         t0 = time.perf_counter()
         fit, _ = search(cfg, mc, world, gpn, hw, tokens)
         search_s = time.perf_counter() - t0
+        if not fit:
+            print(f"{name} on {world} {hw.name}: no layout fits", flush=True)
         for cand in fit[:top]:
             formula = megatron_formula(cand.cfg, mc, world)
             for result in dry_run(cand.cfg, mc, world, cand.ranks):

@@ -9,7 +9,7 @@ MLP width / tp, L the decoder layers of this rank.
 State (exact, mirrors parallel/data_parallel.py): trainable parameters go, in reverse module
 order, into buckets closed once they hold >= parallel.ddp_bucket_size elements, each padded to a
 multiple of its dp group (dense: dp x cp; experts: edp). parameters = 4 x padded buckets + 4 x
-frozen parameters (LoRA's base) + RoPE's inv_freq; gradients = 4 x padded buckets; optimizer =
+frozen parameters (LoRA's base) + RoPE's inv_freq (one per pipeline chunk); gradients = 4 x padded buckets; optimizer =
 2 x 4 x this rank's elements (ZeRO-1: its dp shard of every bucket).
 
 Saved activations, per layer, under bf16 autocast with fp32 master weights (what the code saves
@@ -47,14 +47,33 @@ next forward starts, so micro batches add nothing; the peak is state plus the la
              nothing; CPU's foreach AdamW (cuda_optimizer=False) allocates exp_avg_sq.sqrt() of
              every tensor of a parameter group at once (4 bytes per element of the larger group).
 
-Pipeline (unverified until the PP dry run lands): a rank holds the saved activations of
-several micro batches at once (`in_flight`, m micro batches per step, pp rank r): 1f1b
-min(m, pp - r); gpipe m; interleaved (torch's Interleaved1F1B, vpp chunks each 1/vpp of the
-rank's layers) min(m vpp, (vpp - 1) pp + 2 (pp - 1 - r) + 1) chunk-forwards; zbv (two chunks,
-stages r and 2 pp - 1 - r) about min(m, 2 (pp - r) - 1) forwards of the first chunk plus
-min(m, 2 r + 1) of the second, counted as whole micro batches of the rank's layers here. The
-bf16 weight copies count once (one autocast region around the whole schedule); the logits
-terms count once, on the last stage.
+After the backward (every layout): dp's grad_norm squares the gradient one piece (a parameter's
+part of this rank's shard) at a time, pow(2) and its weighted copy: 2 x 4 bytes of the largest
+piece, with only the state alive. It is the peak when the activations are small (high cp, pp).
+
+Pipeline (pp > 1, checked against the dry run for 1f1b, gpipe, interleaved and zbv): the rank's
+actions of the schedule (`schedule_actions`: the order PipelineRunner._actions runs, torch's own
+`pipeline_order` for the multi-stage schedules) are walked, keeping the saved activations of each
+(stage, micro batch) from its forward to its backward (zbv: to its W, the input-gradient pass
+frees nothing); the in-flight rule is therefore the schedule's, e.g. 1f1b min(m, pp - r) micro
+batches, gpipe m. Per (stage, micro batch): its layers' terms above, cos/sin, the stage input
+(the embedding's output on the first stage, the fp32 hidden states received on the others) and on
+the last stage the final norm, the output layer's bf16 input and the loss's saved fp32 exp
+(4 T V). The whole schedule runs in one autocast region, so autocast caches one bf16 copy of each
+trainable dense matrix for the step (the rank's, plus the output layer's 2 V H on the last
+stage; experts and frozen weights are cast per micro batch). That cache changes the backward: the
+cast nodes belong to micro batch 0's graph and autograd's ready queue runs the lowest sequence
+numbers last, so in the backward of every later micro batch all of the stage's bf16 weight
+gradients (2 x its cached elements) stay until the end, where the casts run (each adds its fp32
+gradient and frees its bf16 one); on the first stage the embedding's dense fp32 gradient (4 V H)
+comes first. The peak is the largest of
+  forward    the in-flight activations at the end of a forward (last stage: + the bf16 logits
+             and the loss's other fp32 copy, 2 T V + 4 T V);
+  backward   the start of a backward (+ fc2's bf16 weight gradient and the MLP's input
+             gradients; the last stage's micro batch 0: + the output layer's 6 V H), or its end
+             (the other micro batches in flight + the drained weight gradients above); full
+             recompute: + one layer rebuilt;
+  grad_norm  after the schedule (above); usually the first stage's end of a backward wins.
 """
 from __future__ import annotations
 
@@ -133,6 +152,14 @@ def param_list(cfg, mc, c: _Coords) -> list[tuple[str, int, int, bool, bool]]:
     return out
 
 
+def _chunks(cfg, c: _Coords) -> int:
+    """The model chunks (pipeline stages) this rank holds."""
+    from megaswift.parallel.pipeline_stages import num_stages
+
+    p = cfg.parallel
+    return 1 if p.pp == 1 else num_stages(p.pp, p.vpp, p.pp_schedule) // p.pp
+
+
 def state_bytes(cfg, mc, c: _Coords, params=None) -> dict:
     """parameters / gradients / optimizer bytes (exact), and the foreach AdamW temporaries."""
     params = param_list(cfg, mc, c) if params is None else params
@@ -160,7 +187,7 @@ def state_bytes(cfg, mc, c: _Coords, params=None) -> dict:
                 piece = max(piece, mine)
                 decay, no_decay = (decay + mine, no_decay) if nd >= 2 else (decay, no_decay + mine)
                 off += n
-    inv_freq = mc.kv_channels // 2 * F32
+    inv_freq = mc.kv_channels // 2 * F32 * _chunks(cfg, c)  # one RoPE buffer per pipeline chunk
     return {"params": sum(n for _, n, _, _, _ in params), "trainable": sum(n for _, n, _, _, t in params if t),
             "parameters": F32 * (buf_total + frozen) + inv_freq, "gradients": F32 * buf_total,
             "optimizer": 2 * F32 * opt, "adam_temporaries": F32 * max(decay, no_decay),
@@ -368,8 +395,8 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
             a = n_m * per_moe + (len(ids) - n_m) * per_dense
         # the stage's input: the embedding's output (first stage) or what the stage before sent
         a += cos_sin + (F32 * Tq * H if s > 0 else (0 if frozen else F32 * Tq * H))
-        if s == stages - 1:
-            a += F32 * ((0 if frozen else Tq * H) + Tq) + (0 if frozen else BF16 * T * H)
+        if s == stages - 1:  # the final norm, the output layer's bf16 input, the loss's saved exp
+            a += F32 * ((0 if frozen else Tq * H) + Tq) + (0 if frozen else BF16 * T * H) + F32 * T * V
             Wc[s] += BF16 * V * H
             if out_trainable:
                 casts[s] = casts[s] + [V * H]
@@ -378,7 +405,6 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
     one_layer = 0
     if full:  # one layer's activations rebuilt in each backward
         one_layer = max(per_moe if any(i in mc.moe_layers for s in mine for i in split[s]) else 0, per_dense)
-        one_layer += max((Wu_s for Wu_s in [BF16 * terms.get("layer_weight_copies", 0) * 0]), default=0)
 
     def drain(s):
         """The most the bf16 weight gradients of stage s plus their fp32 casts hold when the casts
@@ -394,7 +420,11 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
     prompt = {s: max([(BF16 + F32) * n for n in casts[s]] or [0]) for s in mine}
     emb_grad = 0 if frozen else F32 * V * H
     last_stage = stages - 1
-    logits = BF16 * T * V + 2 * F32 * T * V
+    logits = BF16 * T * V + F32 * T * V  # bf16 logits and the loss's other fp32 copy (its exp is saved)
+    # a backward's first layer (MLP first): fc2's bf16 weight gradient and the MLP's input gradients
+    F_mlp = (mc.moe_ffn_hidden_size // p.etp if any(i in mc.moe_layers for s in mine for i in split[s])
+             else mc.ffn_hidden_size // p.tp)
+    first_layer = 2 * BF16 * H * F_mlp + 2 * BF16 * T * F_mlp + F32 * Tq * H
     out = {"forward": 0, "backward": 0}
     live, flight, most_flight = 0, {}, 0.0
     per_rank_layers = max(1, sum(n_layers.values()))
@@ -416,11 +446,11 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
             end = max(emb_grad + (BF16 * sum(casts[s]) if i > 0 else 0), grad_drain[s] if i > 0 else prompt[s])
         else:
             end = grad_drain[s] if i > 0 else prompt[s]
-        top = others + end
+        top = max(others + end, live + first_layer)
         if s == last_stage and i == 0 and not frozen:  # the output layer's weight gradient, first
-            top = max(top, live + (BF16 + F32) * V * H + F32 * T * H)
-        if full:
-            top = max(top, live + one_layer + 2 * F32 * Tq * H)
+            top = max(top, live - F32 * T * V + (BF16 + F32) * V * H + F32 * T * H)
+        if full:  # the last layer rebuilt: the stage's other weight gradients are already made
+            top = max(top, live + one_layer + 2 * F32 * Tq * H + (BF16 * sum(casts[s]) if i > 0 else 0))
         out["backward"] = max(out["backward"], W + top)
         live = others
     return out, most_flight

@@ -43,3 +43,36 @@ def test_prediction_is_fast_and_explained():
     assert pred["peak_at"] == "forward"
     assert pred["terms"]["cross_entropy_fp32"] == 2 * 4 * 4096 * 152064 // 4  # two fp32 [s, V / tp]
     assert pred["peak"] == pred["parameters"] + pred["gradients"] + pred["optimizer"] + pred["activations"]
+
+
+# pipeline layouts (and a family without q/k norms), on real configs cut to a few layers: every
+# rank position of the schedule against the dry run
+PIPELINES = [
+    ("Qwen3-8B", 8, 8, ["--parallel.pp=2", "--parallel.vpp=2", "--parallel.pp_schedule=interleaved",
+                        "--parallel.cp=4", "--optim.zero=1", "--data.seq_len=4096", "--train.global_batch_size=8"]),
+    ("Qwen3-8B", 8, 8, ["--parallel.pp=4", "--parallel.tp=2", "--parallel.sp=true", "--data.seq_len=4096",
+                        "--train.global_batch_size=8"]),
+    ("Llama-3.1-70B", 4, 8, ["--parallel.pp=2", "--parallel.tp=4", "--parallel.sp=true", "--optim.zero=1",
+                             "--data.seq_len=4096", "--train.global_batch_size=4"]),
+]
+
+
+@pytest.mark.parametrize("name,layers,world,overrides", PIPELINES, ids=["qwen3-interleaved", "qwen3-1f1b-pp4",
+                                                                         "llama-1f1b-sp"])
+def test_pipeline_prediction_matches_dry_run(tmp_path, name, layers, world, overrides):
+    import json
+
+    from megaswift.planner.dry_run import capped, dry_run
+
+    raw = json.load(open(f"{REAL}/{name}/config.json"))
+    raw["num_hidden_layers"] = layers
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = str(tmp_path)
+    cfg = load_config(None, [f"--model.hf_path={hf}", "--model.cpu_autocast=true", "--model.dtype=bfloat16",
+                             "--train.micro_batch_size=1", *overrides])
+    mc = hf_model_config(hf, cfg)
+    for got in dry_run(cfg, mc, world):
+        pred = predict_position(capped(cfg, world), mc, world, got.rank)
+        for key in ("parameters", "gradients", "optimizer"):
+            assert pred[key] == got.state_bytes[key], (got.rank, key)
+        assert abs(pred["peak"] - got.peak_bytes) <= 0.02 * got.peak_bytes, (got.rank, pred["peak"], got.peak_bytes)
