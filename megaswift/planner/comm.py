@@ -57,8 +57,6 @@ from collections import defaultdict
 import torch
 
 from megaswift import setup
-from megaswift.errors import ConfigError
-from megaswift.models.sharding import layer_param_names, shard_layout
 from megaswift.parallel.experts import balanced_counts
 from megaswift.parallel.pipeline_stages import num_stages, split_layers, stages_of_rank
 
@@ -84,19 +82,27 @@ class _Tally:
         return {cls: dict(kinds) for cls, kinds in sorted(self.out.items())}
 
 
-def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str = "cpu") -> dict[str, dict[str, int]]:
-    """{class: {kind: bytes}} of one SFT step of `rank` (see the module docstring). The compute
-    dtype is setup.compute_dtype's on `device_type` (the dry run's "cpu": model.dtype under
-    model.cpu_autocast, else fp32; pass "cuda" for a GPU run's autocast)."""
-    if cfg.model.lora.rank:  # a silent full-fine-tuning answer would be far off: say so instead
-        raise ConfigError("the communication prediction models full fine-tuning, not LoRA (model.lora.rank)")
+def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str = "cpu",
+                 algorithm: str = "sft") -> dict[str, dict[str, int]]:
+    """{class: {kind: bytes}} of one step of `algorithm` ("sft" or "dpo") on `rank` (see the
+    module docstring). The compute dtype is setup.compute_dtype's on `device_type` (the dry
+    run's "cpu": model.dtype under model.cpu_autocast, else fp32; pass "cuda" for a GPU run's
+    autocast)."""
+    from megaswift.models.lora import target_set
+    from megaswift.planner.memory_model import _Coords, param_list, reference_mode
+
     lay, m, p, t = setup.plan_layout(cfg, world_size, model_cfg), model_cfg, cfg.parallel, _Tally()
     tp, cp, pp, ep, etp, dpc, edp = lay.tp, lay.cp, lay.pp, lay.ep, lay.etp, lay.dp * lay.cp, lay.edp
     sp, h, E = lay.sp and tp > 1, m.hidden_size, m.num_moe_experts
     c = torch.empty((), dtype=setup.compute_dtype(cfg, torch.device(device_type))).element_size()
-    b, s = cfg.train.micro_batch_size, cfg.data.seq_len // cp
-    n = cfg.train.global_batch(lay.dp) // (b * lay.dp)
+    dpo = algorithm == "dpo"
+    rows = cfg.train.micro_batch_size * (2 if dpo else 1)  # DPO: a micro batch's chosen, then rejected rows
+    b, s = rows, cfg.data.seq_len // cp
+    n = cfg.train.global_batch(lay.dp) // (cfg.train.micro_batch_size * lay.dp)
     X = b * s * h
+    lora = cfg.model.lora
+    adapted = target_set(lora.targets) if lora.rank else set()
+    Xr = b * s * lora.rank  # an adapter's rank-wide activations
     pp_rank, ep_rank = rank // (world_size // pp), (rank // etp) % ep
     stages = num_stages(pp, p.vpp, p.pp_schedule) if pp > 1 else 1
     split = split_layers(m.num_layers, stages, p.pp_layers if pp > 1 else None)
@@ -109,57 +115,86 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
     layer_fwd = n * (2 if cfg.train.recompute == "full" else 1)
     core_fwd = n * (1 if cfg.train.recompute == "none" else 2)
 
-    def column(times):  # a column-parallel linear on an fp32 input: f / all-gather forward
+    def column(times, bwd):  # a column-parallel linear on an fp32 input: f / all-gather forward
         t.add("tp", AG, times * X * F, tp if sp else 1)
-        t.add("tp", RS if sp else AR, n * X * F, tp)
+        t.add("tp", RS if sp else AR, bwd * X * F, tp)
 
-    def row(times, nbytes):  # a row-parallel sum g / reduce-scatter forward, its adjoint backward
-        t.add("tp", RS if sp else AR, times * X * nbytes, tp)
-        t.add("tp", AG, n * X * nbytes, tp if sp else 1)
+    def row(times, nbytes, bwd, width=X):  # a row-parallel sum g / reduce-scatter forward, its adjoint backward
+        t.add("tp", RS if sp else AR, times * width * nbytes, tp)
+        t.add("tp", AG, bwd * width * nbytes, tp if sp else 1)
 
-    dense, expert = [], []  # trainable parameter numels in model.parameters() order
-    for stage in mine:
-        pre, post, layers = stage == 0, stage == stages - 1, list(split[stage])
-        names = [TIED] if pre or (post and m.tie_word_embeddings) else []
+    def layers_pass(layers, fwd, core, bwd, grad_in, adapters):
+        """The collectives of `layers` run `fwd` times forward (`core`: the core attention's
+        forwards) and `bwd` times backward. A backward collective runs only where its tensor
+        needs a gradient: `grad_in`, whether the layer's input does (a frozen base's embedding
+        output does not), grows by the adapters met (`adapters`: the targeted linears)."""
         for i in layers:
-            names += layer_param_names(m, i)
-        if post:
-            names += ["decoder.final_layernorm.weight"] + ([] if m.tie_word_embeddings else ["output_layer.weight"])
-        for name in names:
-            if name == TIED and TIED in [q for q, _ in dense]:
-                continue  # first and last stage on one rank share the tied embedding
-            numel = math.prod(shard_layout(name, m, tp, 0, ep=ep, ep_rank=ep_rank, etp=etp).local_shape)
-            (expert if ".experts." in name else dense).append((name, numel))
-        if pre:
-            row(n, F)  # the vocab-parallel embedding's sum, fp32
-        for i in layers:
-            column(layer_fwd)  # linear_qkv
-            row(layer_fwd, c)  # linear_proj
-            _context_parallel(t, m, lay, b, s, c, core_fwd, layer_fwd, n)
+            qkv_out = grad_in or "linear_qkv" in adapters
+            column(fwd, bwd if grad_in else 0)  # linear_qkv
+            proj_out = qkv_out or "linear_proj" in adapters
+            row(fwd, c, bwd if qkv_out else 0)  # linear_proj
+            if "linear_proj" in adapters:  # the adapter's partial A x, summed (its B is replicated)
+                row(fwd, c, bwd, Xr)
+            _context_parallel(t, m, lay, b, s, c, core, fwd, bwd if qkv_out else 0)
+            grad_in = grad_in or proj_out
             if i in moe:
                 if tp > 1 and not sp:  # each tp rank routes 1/tp of the replicated tokens
-                    t.add("tp", AG, layer_fwd * X * c)  # the experts' outputs joined
-                    t.add("tp", AG, n * X * F)  # the input gradient joined
-                if m.moe_shared_expert_ffn_hidden_size:
-                    column(layer_fwd)
-                    row(layer_fwd, c)
-                _experts(t, cfg, m, lay, ep_rank, b * s // tp, c, layer_fwd, n)
+                    t.add("tp", AG, fwd * X * c)  # the experts' outputs joined
+                    t.add("tp", AG, bwd * X * F)  # the input gradient joined
+                if m.moe_shared_expert_ffn_hidden_size:  # a dense MLP beside the experts
+                    column(fwd, bwd if grad_in else 0)
+                    row(fwd, c, bwd if grad_in or "linear_fc1" in adapters else 0)
+                    if "linear_fc2" in adapters:
+                        row(fwd, c, bwd, Xr)
+                _experts(t, cfg, m, lay, ep_rank, b * s // tp, c, fwd, bwd)
+                grad_in = grad_in or bool(adapters)
             else:
-                column(layer_fwd)  # linear_fc1
-                row(n, c)  # linear_fc2's sum: the layer's last op that backward needs nothing of
+                fc1_out = grad_in or "linear_fc1" in adapters
+                column(fwd, bwd if grad_in else 0)  # linear_fc1
+                # linear_fc2's sum: the layer's last op that backward needs nothing of (unless an
+                # adapter's sum follows it: then recompute reruns it too)
+                row(fwd if "linear_fc2" in adapters else min(fwd, n), c, bwd if fc1_out else 0)
+                if "linear_fc2" in adapters:
+                    row(fwd, c, bwd, Xr)
+                grad_in = grad_in or fc1_out or "linear_fc2" in adapters
+        return grad_in
+
+    # the reference model of DPO: forward only (no_grad), once per micro batch, before the step
+    ref = reference_mode(cfg, algorithm)
+    ref_runs = n if ref in ("copy", "adapters") else 0
+
+    c_ = _Coords(cfg, world_size, rank)
+    plist = param_list(cfg, m, c_)
+    dense = [(name, k) for name, k, _, e, tr in plist if tr and not e]  # trainable, model.parameters() order
+    expert = [(name, k) for name, k, _, e, tr in plist if tr and e]
+    grad_in = not lora.rank  # a frozen embedding's output needs no gradient
+    for stage in mine:
+        pre, post, layers = stage == 0, stage == stages - 1, list(split[stage])
+        if pre:
+            row(n + ref_runs, F, n if not lora.rank else 0)  # the vocab-parallel embedding's sum, fp32
+        # a stage after the first gets its input from another stage: it needs a gradient (the
+        # runner asks for one) unless the stages before hold nothing trainable
+        stage_in = grad_in if pre else (not lora.rank or bool(adapted))
+        grad_in = layers_pass(layers, layer_fwd, core_fwd, n, stage_in, adapted)
+        if ref_runs:
+            layers_pass(layers, ref_runs, ref_runs, 0, False, set())  # a copy has no adapters; the policy's are off
         if post:
-            column(n)  # output layer
-            t.add("tp", AR, n * 3 * b * s * F, tp)  # vocab-parallel cross entropy
+            column(n + ref_runs, n if grad_in else 0)  # output layer
+            t.add("tp", AR, (n + ref_runs) * 3 * b * s * F, tp)  # vocab-parallel cross entropy
             if moe:
                 t.add("tp", AR, n * stats, tp)
                 t.add("dp", AR, n * stats, dpc)
-        # hidden states (and MoE statistics) to a neighbour stage on another rank: fwd + bwd
-        act = b * (s // tp if sp else s) * h * F + (stats if moe else 0)
+            if dpo:  # sequence_logps: each row's log-probability and token count summed over cp
+                t.add("cp", AR, (n + ref_runs) * 2 * b * F, cp)
+        # hidden states (and MoE statistics) to a neighbour stage on another rank: fwd + bwd;
+        # the reference's forward_stages sends the fp32 hidden states alone, forward only
+        act = b * (s // tp if sp else s) * h * F
         for nb in ([stage - 1] if not pre else []) + ([stage + 1] if not post else []):
             if pp_rank not in _owners(nb, pp, stages, p.pp_schedule):
-                t.add("pp", "send", n * act)
-                t.add("pp", "recv", n * act)
-        _finalize_grads(t, m, lay, sp, layers, post)
+                t.add("pp", "send", n * (act + (stats if moe else 0)))
+                t.add("pp", "recv", n * (act + (stats if moe else 0)))
+                t.add("pp", "send" if nb > stage else "recv", ref_runs * act)
+        _finalize_grads(t, m, lay, sp, layers, post, lora.rank, adapted)
 
     # per step: gradient buckets, norms and the engine's scalars
     for part, cls, group, mp_groups in ((dense, "dp", dpc, (("tp", tp),)),
@@ -177,10 +212,11 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
         for mp_cls, size in mp_groups:
             t.add(mp_cls, AR, F, size)
     has_first, has_last = 0 in mine, stages - 1 in mine
-    if m.tie_word_embeddings and pp > 1 and has_first != has_last:
+    if m.tie_word_embeddings and pp > 1 and has_first != has_last and not lora.rank:  # frozen: nothing to sum
         t.add("pp", AR, m.padded_vocab_size(tp) // tp * h * F)
-    t.add("pp", AR, F + 8 + 16 * pp + (8 * (2 + len(moe) * E) if moe else 0), pp)
-    t.add("dp", AR, 16 + 8, dpc)
+    metrics = 8 * (6 if dpo else 0)  # DPO's metric sums (rewards, accuracies, margins, logps), float64
+    t.add("pp", AR, F + 8 + metrics + 16 * pp + (8 * (2 + len(moe) * E) if moe else 0), pp)
+    t.add("dp", AR, 16 + 8 + metrics, dpc)
     t.add("other", AR, 4 * world_size, world_size)
     return t.result()
 
@@ -230,10 +266,24 @@ def _experts(t, cfg, m, lay, ep_rank, T, c, fwd, n) -> None:
         t.add("etp", AG, fwd * etp * E * 8, etp)
 
 
-def _finalize_grads(t, m, lay, sp, layers, post) -> None:
+def _finalize_grads(t, m, lay, sp, layers, post, lora_rank=0, adapted=frozenset()) -> None:
     """parallel/grads.finalize_grads for one chunk: one all-reduce of the tp-partial gradients,
-    one of the replicated KV rows."""
+    one of the replicated KV rows; only of trainable parameters (under LoRA: the adapters' A of a
+    column-parallel linear, B of a row-parallel one under sp, B's replicated KV rows)."""
     tp, h, hd = lay.tp, m.hidden_size, m.kv_channels
+    r, dense = lora_rank, [i for i in layers if i not in m.moe_layers]
+    if r:
+        partial = 0
+        if tp > 1:  # A [r, h] of linear_qkv and of a dense linear_fc1 (and a shared expert's)
+            fc1 = len(dense) + (len(layers) - len(dense)) * bool(m.moe_shared_expert_ffn_hidden_size)
+            partial += r * h * (len(layers) * ("linear_qkv" in adapted) + fc1 * ("linear_fc1" in adapted))
+        if sp:  # B [h, r] of linear_proj and of linear_fc2
+            fc2 = len(dense) + (len(layers) - len(dense)) * bool(m.moe_shared_expert_ffn_hidden_size)
+            partial += r * h * (len(layers) * ("linear_proj" in adapted) + fc2 * ("linear_fc2" in adapted))
+        t.add("tp", AR, F * partial, tp)
+        if tp > m.num_query_groups and "linear_qkv" in adapted:
+            t.add("tp", AR, F * m.num_query_groups * len(layers) * 2 * hd * r, tp)
+        return
     partial = h if post and sp else 0
     for i in layers:
         partial += 2 * h * sp + 2 * hd * (tp > 1 and m.qk_layernorm) + h * (sp and m.add_proj_bias)

@@ -202,10 +202,11 @@ def state_bytes(cfg, mc, c: _Coords, params=None) -> dict:
             "adapters": sum(1 for name, *_ in params if name.endswith(".lora.A"))}
 
 
-def layer_terms(cfg, mc, c: _Coords, moe: bool) -> dict:
-    """Saved-for-backward bytes of one decoder layer on one micro batch (see the docstring)."""
+def layer_terms(cfg, mc, c: _Coords, moe: bool, rows: int | None = None) -> dict:
+    """Saved-for-backward bytes of one decoder layer on one micro batch of `rows` rows (default
+    train.micro_batch_size; DPO's hold two per pair), see the docstring."""
     p, tp = cfg.parallel, cfg.parallel.tp
-    T = cfg.train.micro_batch_size * cfg.data.seq_len // p.cp
+    T = (rows or cfg.train.micro_batch_size) * cfg.data.seq_len // p.cp
     Tq = T // tp if p.sp else T
     H, hd = mc.hidden_size, mc.kv_channels
     nq = mc.num_attention_heads // tp
@@ -286,16 +287,36 @@ def _layer_of(name: str) -> int | None:
     return int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
 
 
-def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer: bool = True) -> dict:
-    """Predicted bytes of `rank` in a steady-state step (see the module docstring);
-    `cuda_optimizer` as in dry_run_position (fused AdamW: no foreach temporaries)."""
+def reference_mode(cfg, algorithm: str) -> str | None:
+    """What the algorithm holds as its reference: None (SFT), "precompute", "copy" or "adapters"
+    (train/dpo.py, train/reference.py)."""
+    if algorithm != "dpo":
+        return None
+    if cfg.dpo.precompute_ref:
+        return "precompute"
+    from megaswift.train.reference import reference_mode as resolve
+
+    return resolve(cfg, "dpo")
+
+
+def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer: bool = True,
+                     algorithm: str = "sft") -> dict:
+    """Predicted bytes of `rank` in a steady-state step of `algorithm` ("sft" or "dpo", see the
+    module docstring); `cuda_optimizer` as in dry_run_position (fused AdamW: no foreach
+    temporaries)."""
     from megaswift.parallel.pipeline_stages import num_stages, split_layers, stages_of_rank
 
     mc, p = model_cfg, cfg.parallel
     c = _Coords(cfg, world_size, rank)
     plist = param_list(cfg, mc, c)
     state = state_bytes(cfg, mc, c, plist)
-    T = cfg.train.micro_batch_size * cfg.data.seq_len // p.cp
+    ref = reference_mode(cfg, algorithm)
+    if ref == "copy":  # a frozen fp32 copy of the base, sharded like the policy, with its RoPE buffers
+        state["reference"] = F32 * sum(n for name, n, *_ in plist if ".lora." not in name) + \
+            mc.kv_channels // 2 * F32 * _chunks(cfg, c)
+        state["parameters"] += state["reference"]
+    rows = cfg.train.micro_batch_size * (2 if algorithm == "dpo" else 1)  # DPO: chosen and rejected rows
+    T = rows * cfg.data.seq_len // p.cp
     Tq = T // p.tp if p.sp else T
     H, V = mc.hidden_size, mc.padded_vocab_size(p.tp) // p.tp
     stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
@@ -305,7 +326,7 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
     names = [n for n, *_ in plist]
     layer_ids = sorted({_layer_of(n) for n in names if n.startswith("decoder.layers.")})
     n_moe = sum(1 for i in layer_ids if i in mc.moe_layers)
-    dense, moe = layer_terms(cfg, mc, c, False), layer_terms(cfg, mc, c, True)
+    dense, moe = layer_terms(cfg, mc, c, False, rows), layer_terms(cfg, mc, c, True, rows)
     weights = BF16 * state["matmul_params"]  # autocast's bf16 copies of every layer's matmul weights
     frozen = bool(cfg.model.lora.rank)
     per_dense, per_moe = sum(dense.values()), sum(moe.values())
@@ -319,7 +340,7 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
     if full:  # only each layer's input stays; one layer reruns in backward
         terms = {"layer_inputs": F32 * Tq * H * len(layer_ids), "layer_weight_copies": BF16 * state["cached_params"],
                  "recompute_one_layer": one}
-    inputs = n_micro * 4 * 8 * cfg.train.micro_batch_size * cfg.data.seq_len  # the step's token tensors
+    inputs = n_micro * 4 * 8 * rows * cfg.data.seq_len  # the step's token tensors
     cos_sin = 2 * F32 * T * mc.kv_channels
     # the embedding's output is saved by the first norm (not when frozen); the final norm keeps
     # x * rsqrt (not when frozen) and its output lives on as a local of GPTModel.forward
@@ -350,7 +371,7 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
             candidates["recompute"] = layers - terms["layer_weight_copies"] + common + one + 2 * F32 * Tq * H
         terms["micro_batches_in_flight"] = 1
     else:
-        pp_candidates, flight = _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, terms)
+        pp_candidates, flight = _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, terms, rows)
         terms["micro_batches_in_flight"] = flight
         candidates.update({k: v + inputs for k, v in pp_candidates.items()})
     when = max(candidates, key=candidates.get)
@@ -361,12 +382,12 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
             "peak": held + act, "peak_at": when, "candidates": candidates, "terms": terms}
 
 
-def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, terms) -> tuple[dict, float]:
+def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, terms, rows) -> tuple[dict, float]:
     """The largest live bytes (beyond the state and the step's inputs) in each phase of this
     rank's schedule, by walking its actions (see the module docstring); and the most micro
     batches (in units of the rank's layers) in flight at once."""
     p = cfg.parallel
-    T = cfg.train.micro_batch_size * cfg.data.seq_len // p.cp
+    T = rows * cfg.data.seq_len // p.cp
     Tq = T // p.tp if p.sp else T
     H, V = mc.hidden_size, mc.padded_vocab_size(p.tp) // p.tp
     frozen = bool(cfg.model.lora.rank)
@@ -428,11 +449,16 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
     out = {"forward": 0, "backward": 0}
     live, flight, most_flight = 0, {}, 0.0
     per_rank_layers = max(1, sum(n_layers.values()))
-    for kind, s, i in schedule_actions(p.pp_schedule, p.pp, p.vpp, c.pp_rank, n_micro):
+    # every schedule but GPipe reaches its most micro batches in flight within the first 2 pp
+    # (the dry run's cap, planner/dry_run.py): walking more would repeat the steady state
+    walked = n_micro if p.pp_schedule == "gpipe" else min(n_micro, 2 * p.pp)
+    flight_layers = 0
+    for kind, s, i in schedule_actions(p.pp_schedule, p.pp, p.vpp, c.pp_rank, walked):
         if kind == "F":
             flight[(s, i)] = A[s] + Wu[s]
             live += flight[(s, i)]
-            most_flight = max(most_flight, sum(n_layers[k[0]] for k in flight) / per_rank_layers)
+            flight_layers += n_layers[s]
+            most_flight = max(most_flight, flight_layers / per_rank_layers)
             top = live + (logits if s == last_stage else 0)
             out["forward"] = max(out["forward"], W + top)
             continue
@@ -441,6 +467,7 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
         if kind == "I":  # the input gradients: the graph (and so the activations) stays for W
             continue
         mb = flight.pop((s, i))
+        flight_layers -= n_layers[s]
         others = live - mb
         if s == 0:  # the embedding's dense fp32 gradient, made before the casts' gradients
             end = max(emb_grad + (BF16 * sum(casts[s]) if i > 0 else 0), grad_drain[s] if i > 0 else prompt[s])

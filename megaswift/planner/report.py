@@ -49,13 +49,15 @@ def command(cand, ns, directory: str, gpus_per_node: int) -> str:
     args = [f"train {ns.algorithm}", f"--model.hf_path {directory}", "--data.path DATA.jsonl",
             f"--data.seq_len {cfg.data.seq_len}", f"--train.micro_batch_size {t.micro_batch_size}",
             f"--train.global_batch_size {t.global_batch_size}", "--model.dtype bfloat16"]
-    for key, default in (("tp", 1), ("pp", 1), ("cp", 1), ("ep", 1), ("vpp", 1)):
+    for key, default in (("tp", 1), ("pp", 1), ("cp", 1), ("ep", 1), ("etp", 1), ("vpp", 1)):
         if getattr(p, key) != default:
             args.append(f"--parallel.{key} {getattr(p, key)}")
     if p.sp:
         args.append("--parallel.sp")
     if p.pp > 1 and p.pp_schedule != "1f1b":
         args.append(f"--parallel.pp_schedule {p.pp_schedule}")
+    if p.cp > 1 and p.cp_comm != "ring":
+        args.append(f"--parallel.cp_comm {p.cp_comm}")
     if p.pp_layers:
         args.append(f"--parallel.pp_layers '[{','.join(map(str, p.pp_layers))}]'")
     if cfg.optim.zero:

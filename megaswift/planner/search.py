@@ -4,10 +4,10 @@ planner/timing.py), those that do not fit dropped, the rest ranked by step time.
 
 A layout is tp (dividing the heads, within a node), pp (with `pp_layers` from
 `pipeline_stages.balanced` when the layers do not divide; 1F1B, and interleaved with 2 stages
-per rank where the layers allow), cp (ring; the sequence must divide by 2 cp tp), ep (dividing
-the experts and the ranks of a stage), dp the rest, ZeRO-1 on or off, sequence parallelism
-whenever tp > 1 (it only saves memory), micro batch size 1 (more only lengthens the bubble in
-this model). For each, recompute is the least that fits: none, then selective, then full.
+per rank and ZBV where the layers allow), cp (ring or Ulysses; the sequence must divide by
+2 cp tp), ep (dividing the experts and the ranks of a stage) with etp 1 or tp, dp the rest,
+ZeRO-1 wherever dp x cp (or expert-dp) > 1, sequence parallelism whenever tp > 1 (it only saves memory), micro batch
+size 1 (more only lengthens the bubble in this model). For each, recompute is the least that fits: none, then selective, then full.
 Ranking: predicted step time, where a layout's each parallel dimension in use (tp, pp, cp, ep,
 vpp) adds 0.5%, so that near-ties go to the simpler layout.
 """
@@ -52,8 +52,11 @@ class Candidate:
 
     def describe(self) -> str:
         p, dp = self.cfg.parallel, self.world // (self.cfg.parallel.tp * self.cfg.parallel.pp * self.cfg.parallel.cp)
-        parts = [f"tp{p.tp}{'+sp' if p.sp else ''}", f"pp{p.pp}" + (f"x{p.vpp}" if p.vpp > 1 else ""),
-                 f"cp{p.cp}", f"ep{p.ep}", f"dp{dp}", f"zero{self.cfg.optim.zero}", self.cfg.train.recompute]
+        pp = f"pp{p.pp}" + (f"x{p.vpp}" if p.vpp > 1 else "") + ("zbv" if p.pp > 1 and p.pp_schedule == "zbv" else "")
+        cp = f"cp{p.cp}" + ("u" if p.cp > 1 and p.cp_comm == "ulysses" else "")
+        ep = f"ep{p.ep}" + (f"/etp{p.etp}" if p.etp > 1 else "")
+        parts = [f"tp{p.tp}{'+sp' if p.sp else ''}", pp, cp, ep, f"dp{dp}", f"zero{self.cfg.optim.zero}",
+                 self.cfg.train.recompute]
         return " ".join(parts)
 
 
@@ -69,39 +72,59 @@ def _divisors(n: int) -> list[int]:
 def layouts(base_cfg, mc, world: int, gpus_per_node: int, global_sequences: int):
     """Every structurally valid layout (recompute left at none)."""
     seq = base_cfg.data.seq_len
-    experts = mc.num_moe_experts if mc.moe_layers else 1
+    moe = bool(mc.moe_layers)
+    experts = mc.num_moe_experts if moe else 1
     for tp in [d for d in _divisors(mc.num_attention_heads) if d <= gpus_per_node and world % d == 0]:
         for pp in [d for d in _divisors(world // tp) if d <= mc.num_layers]:
             for cp in [c for c in (1, 2, 4, 8) if (world // (tp * pp)) % c == 0]:
                 dp = world // (tp * pp * cp)
                 if global_sequences % dp:
                     continue
-                for ep in [e for e in _divisors(experts) if (world // pp) % e == 0]:
+                for ep, etp, cp_comm in _expert_and_cp_choices(experts, moe, tp, cp, world // pp):
                     try:
-                        layout = Layout(world_size=world, tp=tp, pp=pp, cp=cp, ep=ep, sp=tp > 1)
+                        layout = Layout(world_size=world, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, sp=tp > 1,
+                                        ulysses=cp if cp_comm == "ulysses" else 1)
                         layout.check_model(mc)
-                        layout.check_seq_len(seq, moe=bool(mc.moe_layers))
+                        layout.check_seq_len(seq, moe=moe)
                     except LayoutError:
                         continue
-                    schedules = [("1f1b", 1)]
-                    if pp > 1 and mc.num_layers >= 2 * pp:
-                        schedules.append(("interleaved", 2))
-                    for schedule, vpp in (schedules if pp > 1 else [("1f1b", 1)]):
-                        n_micro = global_sequences // dp
-                        if pp > 1:
-                            try:
-                                check_microbatches(schedule, pp, n_micro)
-                            except LayoutError:
-                                continue
+                    n_micro = global_sequences // dp
+                    for schedule, vpp in _schedules(pp, mc.num_layers, n_micro):
                         stages = num_stages(pp, vpp, schedule) if pp > 1 else 1
                         pp_layers = balanced(mc.num_layers, stages) if mc.num_layers % stages else None
-                        edp = world // (pp * ep) if mc.moe_layers else 1  # expert-dp: only experts have it
-                        for zero in ((0, 1) if dp * cp > 1 or edp > 1 else (0,)):
+                        edp = world // (pp * ep * etp) if moe else 1  # expert-dp: only experts have it
+                        # ZeRO-1 wherever there is a group to shard over: it equals plain DP in
+                        # result (parallel/data_parallel.py), holds less, costs one all-gather
+                        for zero in ((1,) if dp * cp > 1 or edp > 1 else (0,)):
                             yield _replace(base_cfg,
-                                           parallel=dict(tp=tp, pp=pp, cp=cp, ep=ep, sp=tp > 1, vpp=vpp,
-                                                         pp_schedule=schedule, pp_layers=pp_layers),
+                                           parallel=dict(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, sp=tp > 1, vpp=vpp,
+                                                         pp_schedule=schedule, pp_layers=pp_layers, cp_comm=cp_comm),
                                            optim=dict(zero=zero),
                                            train=dict(micro_batch_size=1, global_batch_size=global_sequences))
+
+
+def _expert_and_cp_choices(experts: int, moe: bool, tp: int, cp: int, per_stage: int):
+    """(ep, etp, cp_comm): ep dividing the experts and the ranks of a stage; etp 1 or tp (the
+    experts split like the dense layers); ring, and Ulysses where cp > 1."""
+    for ep in [e for e in _divisors(experts) if per_stage % e == 0]:
+        for etp in ((1, tp) if moe and tp > 1 else (1,)):
+            for cp_comm in (("ring", "ulysses") if cp > 1 else ("ring",)):
+                yield ep, etp, cp_comm
+
+
+def _schedules(pp: int, layers: int, n_micro: int):
+    """(schedule, vpp) for pp: 1F1B, interleaved with 2 stages per rank and ZBV where the layers
+    allow, each only if it accepts the micro batches per step."""
+    if pp == 1:
+        yield "1f1b", 1
+        return
+    options = [("1f1b", 1)] + ([("interleaved", 2), ("zbv", 1)] if layers >= 2 * pp else [])
+    for schedule, vpp in options:
+        try:
+            check_microbatches(schedule, pp, n_micro)
+        except LayoutError:
+            continue
+        yield schedule, vpp
 
 
 def evaluate(cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int, timed: bool = True) -> Candidate:
@@ -158,6 +181,10 @@ def search(base_cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int)
             if cand.fits:
                 time_candidate(cand, mc, gpus_per_node, hw, global_tokens)
                 fit.append(cand)
+                break
+            state = max(m["parameters"] + m["gradients"] + m["optimizer"] for m in cand.memory)
+            if state > cand.usable:  # the weights alone overflow: no recompute mode can help
+                over.append(cand)
                 break
         else:
             over.append(cand)

@@ -1,11 +1,14 @@
 """The planner's communication arithmetic (megaswift/planner/comm.py) against real gloo steps.
 
-Each layout runs two SFT steps of a tiny random model; the second runs inside the planner's
+Each layout runs two steps (SFT unless it says DPO) of a tiny random model; the second runs inside the planner's
 StepAccountant, which counts every collective's bytes by process-group class and kind, and the
 count must equal `predict_comm` exactly, byte for byte, class by class and kind by kind, on every
 rank. fp32 (no autocast) except the last layout, which checks the bf16 autocast dtypes.
 
-Not here (checked once by hand the same way): hybrid cp, etp, interleaved and zbv pipelines,
+Not here (checked once by hand the same way, all exact): LoRA on linear_qkv alone (tp2), on
+linear_proj alone (tp2 sp), under ZeRO-1 (dp2) and pp2; DPO under tp2 sp, pp2 with LoRA (the
+adapters-off reference and its forward_stages sends), Ulysses cp2 with a precomputed reference,
+tp2 LoRA with a copy reference. Nor: hybrid cp, etp, interleaved and zbv pipelines,
 MoE under pp, a shared expert; unbalanced MoE routing is data-dependent (the prediction is then
 the ranks' mean of the all-to-all bytes, not each rank's).
 """
@@ -13,12 +16,13 @@ import pytest
 
 from megaswift.testing.dist import run_distributed
 from tests.helpers.comm import measure_step
-from tests.helpers.train import write_chat_data
+from tests.helpers.train import write_chat_data, write_preference_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_chat_data(str(tmp_path_factory.mktemp("comm") / "train.jsonl"))
+    root = tmp_path_factory.mktemp("comm")
+    return {"sft": write_chat_data(str(root / "train.jsonl")), "dpo": write_preference_data(str(root / "pairs.jsonl"))}
 
 
 # (checkpoint fixture, family, world, overrides); global batch 8 of micro batches of 2 rows of 64
@@ -45,13 +49,23 @@ LAYOUTS = {
     "tp2_ep2_zero1_bf16": ("moe_hf", "qwen3_moe", 4, {
         "parallel__tp": 2, "parallel__ep": 2, "optim__zero": 1, "moe__router_force_balance": True,
         "model__dtype": "bfloat16", "model__cpu_autocast": True}),
+    # LoRA: the frozen base sends no weight gradients and, before the first adapter, no input
+    # gradients; the row-parallel adapters' rank-wide sums (reduce-scattered under sp); dp
+    # reduces the adapters alone; the tp-partial A (column) and B (row, sp) and B's replicated
+    # KV rows (one KV head at tp=2)
+    "tp2_sp_lora": ("tiny_hf", "mistral", 2, {"parallel__tp": 2, "parallel__sp": True, "model__lora__rank": 4,
+                                              "model__lora__targets": "[all-linear]"}),
+    # DPO: 2 rows a pair, the frozen copy's forward (ring attention, the embedding, the loss)
+    # before the step, sequence_logps' sums over cp, the six metric sums
+    "cp2_ring_dpo": ("tiny_hf", "qwen3", 2, {"parallel__cp": 2, "parallel__cp_comm": "ring"}, "dpo"),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_predicted_bytes_equal_measured(name, request, data, tmp_path):
-    fixture, family, world, overrides = LAYOUTS[name]
+    fixture, family, world, overrides, *algorithm = LAYOUTS[name]
+    algorithm = algorithm[0] if algorithm else "sft"
     hf = request.getfixturevalue(fixture)[family]
-    for rank, (measured, predicted) in enumerate(run_distributed(measure_step, world, hf, data, str(tmp_path),
-                                                                 **overrides)):
+    for rank, (measured, predicted) in enumerate(run_distributed(measure_step, world, hf, data[algorithm],
+                                                                 str(tmp_path), algorithm=algorithm, **overrides)):
         assert measured == predicted, f"rank {rank}:\nmeasured  {measured}\npredicted {predicted}"

@@ -14,17 +14,18 @@ def nested(comm: dict) -> dict[str, dict[str, int]]:
     return out
 
 
-def measure_step(rank, world, hf_dir, data, output_dir, **overrides) -> tuple[dict, dict]:
-    """(measured, predicted) {class: {kind: bytes}} of this rank's second training step: the
-    first warms up (the pipeline exchanges shape metadata once)."""
+def measure_step(rank, world, hf_dir, data, output_dir, algorithm="sft", **overrides) -> tuple[dict, dict]:
+    """(measured, predicted) {class: {kind: bytes}} of this rank's second training step of
+    `algorithm` (sft, or dpo on preference data): the first warms up (the pipeline exchanges
+    shape metadata once)."""
     from megaswift.planner.accountant import StepAccountant
     from megaswift.planner.comm import predict_comm
     from megaswift.planner.dry_run import group_classes
     from megaswift.train.build import build_trainer
-    from megaswift.train.sft import SFT
+    from megaswift.train.registry import algorithm_class
 
     cfg = train_config(hf_dir, data, output_dir, **overrides)
-    trainer = build_trainer(cfg, SFT())
+    trainer = build_trainer(cfg, algorithm_class(algorithm)())
     try:
         trainer.train_step(trainer.data.next_global_batch())
         batches = trainer.data.next_global_batch()
@@ -32,4 +33,4 @@ def measure_step(rank, world, hf_dir, data, output_dir, **overrides) -> tuple[di
             trainer.train_step(batches)
     finally:
         trainer.logger.close()
-    return nested(acct.comm), predict_comm(cfg, trainer.model.cfg, world, rank)
+    return nested(acct.comm), predict_comm(cfg, trainer.model.cfg, world, rank, algorithm=algorithm)
