@@ -3,17 +3,20 @@
 For one rank position of a layout, the process joins torch's fake process group as that rank of
 the whole world (`torch.testing._internal.distributed.fake_pg`: every group of the rank grid
 exists and collectives return at once without moving data), builds the real model, dp buckets,
-optimizer and pipeline stages under `FakeTensorMode` (tensors with shapes, dtypes and devices
-but no data), and runs two whole training steps on fake data through the engine's own parts
-(Trainer.forward_backward, reduce_gradients, apply_update): the first creates AdamW's state, the
-second is measured by `StepAccountant` (planner/accountant.py): peak bytes by category and the
-bytes of every collective by class.
+optimizer, pipeline stages and whatever the algorithm holds (DPO's reference) under
+`FakeTensorMode` (tensors with shapes, dtypes and devices but no data), creates AdamW's state
+with an optimizer step, then runs one whole training step on the algorithm's micro batches
+(`Algorithm.dry_run_batches`) through the engine's own parts (Trainer.forward_backward,
+reduce_gradients, apply_update), measured by `StepAccountant` (planner/accountant.py): peak
+bytes by category and the bytes of every collective by class. `measure_step(fake=False)` runs
+the same on real tensors through `Trainer.train_step` (the parity tests, the GPU check).
 
 What the fake tensors cannot do is read data, so the dry run
 - routes MoE tokens with `moe.router_force_balance` (an even spread; real routing is data-
-  dependent), and says so;
+  dependent);
 - skips the host reads of a real step (loss and gradient-norm values, the non-finite check,
-  clipping, metrics): those hold scalars only.
+  clipping, metrics): those hold scalars only;
+- runs SFT and DPO, not GRPO: its rollouts stop on the tokens they sample.
 
 Rank positions: ranks that differ in what they hold are the pipeline positions (the first stage
 holds the embedding, the last the output layer and loss, middle stages may hold more layers);
@@ -193,7 +196,7 @@ def fake_world(rank: int, world_size: int):
 
     if dist.is_initialized():
         raise RuntimeError("a dry run needs a process without a process group")
-    dist.init_process_group("cpu:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world_size)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:

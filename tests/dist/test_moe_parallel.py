@@ -61,7 +61,7 @@ def test_logits_match_transformers(moe_hf, family, layout):
     assert results[0]["max_abs_diff"] < 1e-4, results[0]
 
 
-def _capacity_logits(rank, world, hf_dir, capacity_factor):
+def _capacity_logits(rank, world, hf_dir, capacity_factor, force_balance=False):
     import torch
 
     from megaswift.convert.hf_import import load_hf_into_model
@@ -69,7 +69,7 @@ def _capacity_logits(rank, world, hf_dir, capacity_factor):
 
     model = _model(world, hf_dir, {"parallel.ep": world})
     load_hf_into_model(model, hf_dir)
-    model.set_moe_options(capacity_factor=capacity_factor)
+    model.set_moe_options(capacity_factor=capacity_factor, force_balance=force_balance)
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     return megaswift_logits(model, tokens)
 
@@ -177,26 +177,13 @@ def test_checkpoint_resumes_at_other_expert_layouts(moe_hf, data, tmp_path):
             np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want[3:]], rtol=RTOL, err_msg=key)
 
 
-def _balanced_logits(rank, world, hf_dir):
-    import torch
-
-    from megaswift.convert.hf_import import load_hf_into_model
-    from megaswift.convert.verify import megaswift_logits
-
-    model = _model(world, hf_dir, {"parallel.ep": world})
-    load_hf_into_model(model, hf_dir)
-    model.set_moe_options(force_balance=True)
-    tokens = torch.randint(0, model.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    return megaswift_logits(model, tokens)
-
-
 def test_force_balanced_routing_is_the_same_at_any_ep(moe_hf):
     """moe.router_force_balance (dry runs, benchmarks): ep=2 gives the one-process logits, and
     the imposed routing changes them (the router's own top-k is really replaced)."""
     import torch
 
     hf = moe_hf["qwen3_moe"]
-    one = _balanced_logits(0, 1, hf)
-    two = run_distributed(_balanced_logits, 2, hf)
+    one = _capacity_logits(0, 1, hf, None, True)
+    two = run_distributed(_capacity_logits, 2, hf, None, True)
     torch.testing.assert_close(two[0], one, rtol=1e-5, atol=1e-6)
     assert (one - _capacity_logits(0, 1, hf, None)).abs().max() > 1e-3
