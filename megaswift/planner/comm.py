@@ -1,13 +1,14 @@
 """The bytes one training step sends, per collective class and kind, predicted by arithmetic.
 
-`predict_comm(cfg, model_cfg, world_size, rank)` returns {class: {kind: bytes}} for one
-steady-state SFT step of global rank `rank`, counted as planner/accountant.py counts a real step
-(all-reduce: the tensor; all-gather: the gathered output; reduce-scatter: the full input;
-all-to-all: what this rank sends; send and recv: the tensor). tests/dist/test_comm_volume.py
+`predict_comm(cfg, model_cfg, world_size, rank, algorithm=...)` returns {class: {kind: bytes}}
+for one steady-state SFT or DPO step (full fine-tuning or LoRA) of global rank `rank`, counted
+as planner/accountant.py counts a real step (all-reduce: the tensor; all-gather: the gathered
+output; reduce-scatter: the full input; all-to-all: what this rank sends; send and recv: the
+tensor). tests/dist/test_comm_volume.py
 holds it to the accountant's count of real gloo steps. `formulas()` is the table below.
 
 FORMULAS
-Notation: b micro batch, s = seq_len / cp tokens of a cp rank, h hidden, n micro batches per step
+Notation: b rows of a micro batch, s = seq_len / cp tokens of a cp rank, h hidden, n micro batches per step
 (global batch / (b dp)), X = b s h, c bytes of the compute dtype (2 under autocast, else 4),
 f = 4: fp32 is what the residual stream (started by the fp32 embedding), the norms' outputs, the
 gradients flowing into them and every master gradient are. "fwd" terms repeat under recompute
@@ -46,12 +47,32 @@ Recompute: full reruns each layer's forward inside backward (its tp, cp, ep, etp
 selective the core attention (the cp fwd terms twice); torch's checkpoint stops rerunning once
 the last tensor backward needs is rebuilt, so a dense layer's linear_fc2 sum and, under
 selective, Ulysses' all-to-all of the output back run once.
-Not modelled: LoRA (adapters change what trains and add row-parallel sums: predict_comm refuses
-it), DPO/GRPO (their extra forwards and rollouts).
+LoRA (model.lora, r its rank; parallel/lora.py): the base is frozen, so
+  - backward collectives run only where a tensor needs a gradient: the embedding's output does
+    not, a layer's activations do from the first targeted linear on (linear_qkv's input
+    gradient of layer 0 is not summed; with all-linear everything after it is as above);
+  - each adapted row-parallel linear (linear_proj, linear_fc2) sums its partial A x over tp:
+    fwd b s r c (reduce-scatter under sp) [+ bwd all-gather b s r c under sp]; under full
+    recompute an adapted linear_fc2's base sum reruns too (the adapter's sum follows it);
+  - dp / edp buckets hold the adapters alone; finalize_grads sums over tp only their partial
+    gradients: A [r, h] of linear_qkv and linear_fc1 (tp > 1), B [h, r] of linear_proj and
+    linear_fc2 (sp), and B's replicated KV rows 4 ng L 2 hd r when tp > kv heads; no
+    tied-embedding sum over pp.
+DPO (algorithm="dpo", train/dpo.py): every term above with b = 2 micro_batch_size rows (chosen
+and rejected), n unchanged; and per micro batch
+  - the reference forward (dpo.reference copy, or adapters: the policy with adapters off; none
+    when dpo.precompute_ref): every forward collective once (no recompute, no backward, no
+    adapter sums): tp, cp, ep / etp, the embedding, output layer and cross entropy; under pp
+    forward_stages sends the fp32 hidden states b s h f (s / tp under sp) forward only, no
+    MoE statistics;
+  - cp: sequence_logps all-reduces each row's log-probability and token count, 2 x 2 b f, for
+    the policy and again for the reference;
+  - per step: the engine's six metric sums, 6 x 8 more over dp x cp and over pp.
+Not modelled: GRPO (rollouts); DPO's reference under MoE and LoRA with MoE or recompute are
+built from the same rules but not checked against a real step.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch

@@ -150,16 +150,17 @@ def run_measured_steps(trainer, acct: StepAccountant, make_batches, real: bool =
     return state
 
 
-def stage_input(cfg, model_cfg, st):
+def stage_input(cfg, model_cfg, st, rows: int):
     """What a pipeline stage receives from the stage before, per micro batch, as empty tensors:
-    the hidden states [mb, s, h] of this rank's tokens (s / cp, and / tp under sequence
+    the hidden states [rows, s, h] of this rank's tokens (rows: the algorithm's rows per micro
+    batch, 2 per pair for DPO) (s / cp, and / tp under sequence
     parallelism) in fp32 (the residual stream: the embedding's output is fp32, and fp32 + the
     bf16 outputs of autocast's matmuls stays fp32), and for MoE models the router statistics
     [MoE layers, 2E + 2] (models/moe.py)."""
     from megaswift.models.moe import stats_width
 
     seq = cfg.data.seq_len // st.cp_size // (st.tp_size if st.sp else 1)
-    shape = (cfg.train.micro_batch_size, seq, model_cfg.hidden_size)
+    shape = (rows, seq, model_cfg.hidden_size)
 
     def make(_index: int) -> tuple:
         hidden = torch.empty(shape, dtype=torch.float32)
@@ -279,11 +280,12 @@ def measure_step(cfg, model_cfg, st, algorithm: str = "sft", *, fake: bool, weig
             # what AdamW allocates while it steps is a temporary, whatever phase the step is in
             trainer.optimizer.register_step_pre_hook(lambda *_: setattr(acct, "in_optimizer", True))
             trainer.optimizer.register_step_post_hook(lambda *_: setattr(acct, "in_optimizer", False))
-            if fake and trainer.pipeline is not None:
-                trainer.pipeline.fake_neighbours = stage_input(cfg, model_cfg, st)
 
             trainer.ctx.dry_run = fake
-            dry_alg.dry_run_batches(trainer.ctx, 1)  # sets up what the algorithm holds (DPO's reference) now
+            # sets up what the algorithm holds (DPO's reference) now, and says its rows per micro batch
+            rows = dry_alg.dry_run_batches(trainer.ctx, 1)[0]["input_ids"].shape[0]
+            if fake and trainer.pipeline is not None:
+                trainer.pipeline.fake_neighbours = stage_input(cfg, model_cfg, st, rows)
 
             def batches():
                 return dry_alg.dry_run_batches(trainer.ctx, trainer.n_micro)

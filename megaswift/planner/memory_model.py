@@ -1,7 +1,8 @@
 """What one rank holds in a training step, by arithmetic: the analytic twin of the dry run.
 
-`predict_position(cfg, model_cfg, world_size, rank)` predicts what `dry_run_position` measures
-(planner/dry_run.py), without tensors (thousands of layouts a second). Bytes, b = micro batch,
+`predict_position(cfg, model_cfg, world_size, rank, algorithm=...)` predicts what
+`dry_run_position` measures (planner/dry_run.py) for SFT or DPO, without tensors (thousands of
+layouts a second). Bytes, b = rows of a micro batch (train.micro_batch_size; DPO: 2 x, see below),
 s = seq_len / cp, T = b s tokens per rank, Tq = T / tp under sequence parallelism (else T),
 H hidden, V = padded vocab / tp, hd head dim, nq / nkv the heads this tp rank computes, F the
 MLP width / tp, L the decoder layers of this rank.
@@ -46,6 +47,18 @@ next forward starts, so micro batches add nothing; the peak is state plus the la
   optimizer  CUDA's fused AdamW (what the GPU and, by default, the dry run step with) allocates
              nothing; CPU's foreach AdamW (cuda_optimizer=False) allocates exp_avg_sq.sqrt() of
              every tensor of a parameter group at once (4 bytes per element of the larger group).
+
+DPO (algorithm="dpo", train/dpo.py): a micro batch holds micro_batch_size pairs, 2 rows each
+(chosen, then rejected), so b above is 2 x micro_batch_size (activations and the step's token
+tensors double; the micro batches per step do not). The reference (dpo.reference /
+dpo.precompute_ref): `copy` holds a frozen fp32 model sharded like the policy: + 4 x the rank's
+base parameter elements (adapters excluded) + its RoPE buffers, labelled parameters as the dry
+run labels them; `adapters` (LoRA) is the policy with its adapters off and `precompute` a table
+lookup: nothing held. The reference forward runs under no_grad in before_step, before the
+policy's first forward: it saves nothing, and its transient (one layer's temporaries, then the
+bf16 logits and the loss's fp32 copies) is at most the policy forward's per-micro-batch terms
+without any saved layer, so it is never the peak and is not a candidate. Measured: within 0.3%
+without a pipeline (tp, sp, cp ring/Ulysses, recompute, LoRA, MoE), within 2.5% with one.
 
 After the backward (every layout): dp's grad_norm squares the gradient one piece (a parameter's
 part of this rank's shard) at a time, pow(2) and its weighted copy: 2 x 4 bytes of the largest
@@ -231,7 +244,7 @@ def layer_terms(cfg, mc, c: _Coords, moe: bool, rows: int | None = None) -> dict
         t["core"] += F32 * T * nq * hd  # ring attention keeps its fp32 out
     t["casts"] = BF16 * T * H * (int(saved("linear_qkv")) + (0 if moe else int(saved("linear_fc1"))))
     if moe:
-        E, k, ep, etp = mc.num_moe_experts, mc.moe_router_topk, p.ep, p.etp
+        E, k, etp = mc.num_moe_experts, mc.moe_router_topk, p.etp
         Tm = T // tp if tp > 1 else T
         if p.sp:
             Tm = Tq

@@ -18,7 +18,7 @@ from megaswift.errors import ConfigError
 
 from .hardware import GIB, hardware
 
-ALGORITHMS = ("sft",)
+ALGORITHMS = ("sft", "dpo")
 
 
 def model_dir(path: str) -> str:
@@ -117,7 +117,7 @@ def plan_command(ns) -> int:
         raise ConfigError(f"--global-batch-tokens {ns.global_batch_tokens} must be a multiple of --seq-len "
                           f"{ns.seq_len} (whole sequences per step)")
     t0 = time.perf_counter()
-    fit, over = search(cfg, mc, world, ns.gpus_per_node, hw, ns.global_batch_tokens)
+    fit, over = search(cfg, mc, world, ns.gpus_per_node, hw, ns.global_batch_tokens, ns.algorithm)
     searched_s = time.perf_counter() - t0
     top = fit[: ns.top]
     measured = {}
@@ -125,7 +125,7 @@ def plan_command(ns) -> int:
         from .dry_run import dry_run
 
         for i, cand in enumerate(top):
-            measured[i] = dry_run(cand.cfg, mc, world)
+            measured[i] = dry_run(cand.cfg, mc, world, algorithm=ns.algorithm)
     if ns.json:
         print(json.dumps(_as_json(top, over, measured, ns, directory, hw, world, searched_s), indent=1))
         return 0

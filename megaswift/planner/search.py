@@ -33,6 +33,7 @@ RECOMPUTE = ("none", "selective", "full")
 class Candidate:
     cfg: object                         # the run config of this layout
     world: int
+    algorithm: str = "sft"
     memory: list[dict] = field(default_factory=list)   # per rank position (memory_model)
     ranks: list[int] = field(default_factory=list)
     time: dict = field(default_factory=dict)           # the slowest position's (timing.step_time)
@@ -127,11 +128,12 @@ def _schedules(pp: int, layers: int, n_micro: int):
         yield schedule, vpp
 
 
-def evaluate(cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int, timed: bool = True) -> Candidate:
+def evaluate(cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int, timed: bool = True,
+             algorithm: str = "sft") -> Candidate:
     """Predict one layout: memory at every rank position, and (`timed`) time at the slowest."""
-    cand = Candidate(cfg, world, usable=hw.usable_bytes)
+    cand = Candidate(cfg, world, usable=hw.usable_bytes, algorithm=algorithm)
     cand.ranks = positions(cfg, mc, world)
-    cand.memory = [memory_model.predict_position(cfg, mc, world, r) for r in cand.ranks]
+    cand.memory = [memory_model.predict_position(cfg, mc, world, r, algorithm=algorithm) for r in cand.ranks]
     if timed:
         time_candidate(cand, mc, gpus_per_node, hw, global_tokens)
     return cand
@@ -142,23 +144,11 @@ def time_candidate(cand: Candidate, mc, gpus_per_node: int, hw, global_tokens: i
     per_pp = world // cfg.parallel.pp
     times = []
     for rank, mem in zip(cand.ranks, cand.memory):
-        comm = _comm(cfg, mc, world, rank, mem)
+        comm = comm_model.predict_comm(cfg, mc, world, rank, device_type="cuda", algorithm=cand.algorithm)
         shard = mem["optimizer"] // 8  # AdamW keeps 8 bytes (two fp32 moments) per element it updates
-        times.append(step_time(cfg, mc, world, gpus_per_node, hw, comm, rank // per_pp, shard, global_tokens))
+        times.append(step_time(cfg, mc, world, gpus_per_node, hw, comm, rank // per_pp, shard, global_tokens,
+                               reference_forward=memory_model.reference_mode(cfg, cand.algorithm) in ("copy", "adapters")))
     cand.time = max(times, key=lambda t: t["step_s"])
-
-
-def _comm(cfg, mc, world: int, rank: int, mem: dict) -> dict:
-    """planner/comm.py's bytes. It does not model LoRA: then the full model's tp, cp, ep and pp
-    traffic stands in (the adapters add only rank-wide sums), and dp reduces the adapters'
-    gradients alone, one fp32 all-reduce of the trainable elements (an approximation)."""
-    if not cfg.model.lora.rank:
-        return comm_model.predict_comm(cfg, mc, world, rank, device_type="cuda")
-    full = comm_model.predict_comm(_replace(cfg, model=dict(lora=dataclasses.replace(cfg.model.lora, rank=0))),
-                                   mc, world, rank, device_type="cuda")
-    full.pop("edp", None)
-    full["dp"] = {"allreduce": 4 * mem["trainable"]}
-    return full
 
 
 def complexity(cfg) -> int:
@@ -167,17 +157,19 @@ def complexity(cfg) -> int:
     return sum(x > 1 for x in (p.tp, p.pp, p.cp, p.ep, p.vpp))
 
 
-def search(base_cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int) -> tuple[list, list]:
+def search(base_cfg, mc, world: int, gpus_per_node: int, hw, global_tokens: int,
+           algorithm: str = "sft") -> tuple[list, list]:
     """(layouts that fit, fastest first; those that do not, smallest overflow first). Each
     structural layout is tried with no recompute, then selective, then full, and kept at the
     first that fits."""
     seq = base_cfg.data.seq_len
-    global_sequences = global_tokens // seq
+    # the global batch counts sequences, or pairs (two rows each) for DPO
+    global_sequences = global_tokens // seq // (2 if algorithm == "dpo" else 1)
     fit, over = [], []
     for cfg in layouts(base_cfg, mc, world, gpus_per_node, global_sequences):
         for mode in RECOMPUTE:  # memory first: only a layout that fits is timed
             cand = evaluate(_replace(cfg, train=dict(recompute=mode)), mc, world, gpus_per_node, hw, global_tokens,
-                            timed=False)
+                            timed=False, algorithm=algorithm)
             if cand.fits:
                 time_candidate(cand, mc, gpus_per_node, hw, global_tokens)
                 fit.append(cand)

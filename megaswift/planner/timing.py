@@ -98,14 +98,17 @@ def bandwidth(cls: str, cfg, world: int, gpus_per_node: int, hw) -> float:
 
 
 def step_time(cfg, mc, world: int, gpus_per_node: int, hw, comm: dict, pp_rank: int, shard_elements: int,
-              global_tokens: int) -> dict:
+              global_tokens: int, reference_forward: bool = False) -> dict:
     """Seconds of one step on the rank at pp rank `pp_rank`, by part. `comm`: planner/comm.py's
-    {class: {kind: bytes}} for that rank; `shard_elements`: the elements AdamW updates there."""
+    {class: {kind: bytes}} for that rank; `shard_elements`: the elements AdamW updates there;
+    `reference_forward`: a reference model's forward over every row too (DPO), a third more."""
     p = cfg.parallel
     dp = world // (p.tp * p.pp * p.cp)
     n_micro = cfg.train.global_batch(dp) // (cfg.train.micro_batch_size * dp)
     ranks_per_stage = world // p.pp
     flops = stage_flops_per_token(cfg, mc, pp_rank) * global_tokens / ranks_per_stage
+    if reference_forward:
+        flops *= 4 / 3
     rate = hw.peak_tflops * 1e12 * hw.compute_efficiency
     compute = flops / rate
     b = bubble(cfg, n_micro)

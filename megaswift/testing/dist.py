@@ -1,8 +1,8 @@
 """Run a function on N CPU processes joined by a gloo process group, and return each rank's result.
 
 This is what the multi-process tests use (nanotron's `init_distributed`, on gloo). The workers come
-from a forkserver that has imported torch once, so each test pays a fork, not a fresh
-`import torch`. A rank that raises fails the call with that rank's traceback; a rank that hangs
+from a forkserver that has imported torch, transformers and megaswift's engine once, so each test
+pays a fork, not ~3 s of imports per rank. A rank that raises fails the call with that rank's traceback; a rank that hangs
 fails it at `timeout_s`, and every worker is killed either way, so a broken test never hangs CI.
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed"])
+        # what nearly every worker imports; a module missing here is imported by the worker itself
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "transformers", "megaswift.train.engine",
+                                     "megaswift.setup", "megaswift.convert.hf_import", "megaswift.convert.verify"])
     return _CTX
 
 

@@ -1,9 +1,10 @@
 """The planner's communication arithmetic (megaswift/planner/comm.py) against real gloo steps.
 
-Each layout runs two steps (SFT unless it says DPO) of a tiny random model; the second runs inside the planner's
-StepAccountant, which counts every collective's bytes by process-group class and kind, and the
-count must equal `predict_comm` exactly, byte for byte, class by class and kind by kind, on every
-rank. fp32 (no autocast) except the last layout, which checks the bf16 autocast dtypes.
+Each layout runs two steps (SFT unless it says DPO) of a tiny random model; the second runs
+inside the planner's StepAccountant, which counts every collective's bytes by process-group
+class and kind, and the count must equal `predict_comm` exactly, byte for byte, class by class
+and kind by kind, on every rank. fp32 (no autocast) except tp2_ep2_zero1_bf16, which checks the
+bf16 autocast dtypes.
 
 Not here (checked once by hand the same way, all exact): LoRA on linear_qkv alone (tp2), on
 linear_proj alone (tp2 sp), under ZeRO-1 (dp2) and pp2; DPO under tp2 sp, pp2 with LoRA (the
@@ -29,7 +30,6 @@ def data(tmp_path_factory):
 LAYOUTS = {
     # one KV head: replicated KV rows at tp=2 (their gradient sum), 4 micro batches
     "tp2": ("tiny_hf", "mistral", 2, {"parallel__tp": 2}),
-    "tp2_sp": ("tiny_hf", "mistral", 2, {"parallel__tp": 2, "parallel__sp": True}),
     # ZeRO-1 over several padded buckets, 2 micro batches accumulated
     "dp2_zero1": ("tiny_hf", "llama", 2, {"optim__zero": 1, "parallel__ddp_bucket_size": 30000}),
     # tied embeddings: their gradient crosses the pipeline's embedding group; 4 micro batches
@@ -52,7 +52,7 @@ LAYOUTS = {
     # LoRA: the frozen base sends no weight gradients and, before the first adapter, no input
     # gradients; the row-parallel adapters' rank-wide sums (reduce-scattered under sp); dp
     # reduces the adapters alone; the tp-partial A (column) and B (row, sp) and B's replicated
-    # KV rows (one KV head at tp=2)
+    # KV rows (one KV head at tp=2); sequence parallelism without LoRA: tp2_sp_full_recompute
     "tp2_sp_lora": ("tiny_hf", "mistral", 2, {"parallel__tp": 2, "parallel__sp": True, "model__lora__rank": 4,
                                               "model__lora__targets": "[all-linear]"}),
     # DPO: 2 rows a pair, the frozen copy's forward (ring attention, the embedding, the loss)
