@@ -119,14 +119,25 @@ def test_plan_dry_run_measures_each_printed_layout_within_10_percent(capsys, sma
         assert abs(pct) <= 10, line
 
 
-def test_dry_run_command_reports_each_pipeline_position(capsys, small_qwen3):
+def _dry_run_rows(capsys, model_dir, *extra):
     from megaswift.cli import _run, parse
 
-    ns, cfg = parse(["dry-run", "--world-size", "4", "--json", "--model.hf_path", small_qwen3, "--parallel.pp", "2",
-                     "--parallel.tp", "2", "--data.seq_len", "256", "--train.global_batch_size", "4"])
+    ns, cfg = parse(["dry-run", "--world-size", "4", "--json", "--model.hf_path", model_dir, "--parallel.pp", "2",
+                     "--parallel.tp", "2", "--data.seq_len", "256", "--train.global_batch_size", "4", *extra])
     assert _run(ns, cfg) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_dry_run_command_reports_each_pipeline_position(capsys, small_qwen3):
+    rows = _dry_run_rows(capsys, small_qwen3)
     assert [r["rank"] for r in rows] == [0, 2] and [r["pp_rank"] for r in rows] == [0, 1]
     assert all(r["layers"] == 2 and r["micro_batches"] == 4 for r in rows)  # at most 2 pp: the peak is reached
-    first, last = rows
-    assert first["peak_gib_by_category"]["parameters"] > 0 and "pp" in first["comm_gib"]
+    assert rows[0]["peak_gib_by_category"]["parameters"] > 0 and "pp" in rows[0]["comm_gib"]
+    # DPO holds a frozen fp32 copy as its reference: twice the parameter bytes; the pairs' two
+    # rows travel between the stages, and the reference's forward sends them once more: 3x the
+    # pipeline bytes
+    dpo = _dry_run_rows(capsys, small_qwen3, "--algorithm", "dpo")
+    for s, d in zip(rows, dpo):
+        assert d["peak_gib_by_category"]["parameters"] == pytest.approx(2 * s["peak_gib_by_category"]["parameters"],
+                                                                          abs=2e-3)
+        assert d["comm_gib"]["pp"] == pytest.approx(3 * s["comm_gib"]["pp"], rel=2e-3)
