@@ -392,6 +392,10 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
         if full:
             candidates["backward"] -= terms["layer_weight_copies"]
             candidates["recompute"] = layers - terms["layer_weight_copies"] + common + one + 2 * F32 * Tq * H
+        if n_moe and not frozen:  # an MoE layer's grouped weight gradient in bf16 and its fp32 cast
+            fc1 = mc.num_moe_experts // p.ep * 2 * (mc.moe_ffn_hidden_size // p.etp) * H
+            candidates["expert_weight_grad"] = (layers - (terms["layer_weight_copies"] if full else 0) + common
+                                                + (one if full else 0) + (BF16 + F32) * fc1)
         terms["micro_batches_in_flight"] = 1
     else:
         pp_candidates, flight = _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, terms, rows)
@@ -519,6 +523,13 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
                     + (0 if i in mc.moe_layers else BF16 * T_ * F_) for i in split[last_stage])
         w_pass[last_stage] = max(w_pass[last_stage], (BF16 + F32) * V * H + BF16 * T * V
                                  - igrad[last_stage] - freed)
+    # the experts' weights are cast by hand for the grouped GEMM (parallel/experts.py), so their
+    # weight gradient comes out of the GEMM in bf16 for all of a rank's experts at once and is
+    # cast to the fp32 master gradient: both live together, for fc1, the larger of the two
+    e_local = (mc.num_moe_experts or 0) // p.ep
+    fc1 = e_local * 2 * ((mc.moe_ffn_hidden_size or 0) // p.etp) * H
+    expert_wgrad = {s: (BF16 + F32) * fc1 if not frozen and any(i in mc.moe_layers for i in split[s]) else 0
+                    for s in mine}
     one_layer = 0
     if full:  # one layer's activations rebuilt in each backward
         one_layer = max(per_moe if any(i in mc.moe_layers for s in mine for i in split[s]) else 0, per_dense)
@@ -588,6 +599,8 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
             top = max(top, live - F32 * T * V + (BF16 + F32) * V * H + F32 * T * H)
         if full:  # the last layer rebuilt: the stage's other weight gradients are already made
             top = max(top, live + one_layer + 2 * F32 * Tq * H + (BF16 * sum(casts[s]) if i > 0 else 0))
+        if expert_wgrad[s]:  # an MoE layer's grouped weight gradient (bf16) and its fp32 cast
+            top = max(top, held_i + live + expert_wgrad[s] + (one_layer if full else 0))
         out["backward"] = max(out["backward"], W + top)
         live = others
     return out, most_flight
