@@ -108,14 +108,19 @@ def plan_command(ns) -> int:
 
     if ns.algorithm not in ALGORITHMS:
         raise ConfigError(f"megaswift plan predicts {', '.join(ALGORITHMS)} so far, not {ns.algorithm}")
+    for name in ("nodes", "gpus_per_node", "seq_len", "top"):
+        if getattr(ns, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(ns, name)}")
+    rows = 2 if ns.algorithm == "dpo" else 1  # a DPO pair is two rows
+    if ns.global_batch_tokens < rows * ns.seq_len or ns.global_batch_tokens % (rows * ns.seq_len):
+        raise ConfigError(f"--global-batch-tokens {ns.global_batch_tokens} must be a positive multiple of "
+                          f"{'2 x ' if rows == 2 else ''}--seq-len {ns.seq_len} (whole "
+                          f"{'pairs' if rows == 2 else 'sequences'} per step)")
     directory = model_dir(ns.model)
     cfg = base_config(ns, directory)
     mc = hf_model_config(directory, cfg)
     hw = hardware(ns.gpu, ns.set)
     world = ns.nodes * ns.gpus_per_node
-    if ns.global_batch_tokens % ns.seq_len:
-        raise ConfigError(f"--global-batch-tokens {ns.global_batch_tokens} must be a multiple of --seq-len "
-                          f"{ns.seq_len} (whole sequences per step)")
     t0 = time.perf_counter()
     fit, over = search(cfg, mc, world, ns.gpus_per_node, hw, ns.global_batch_tokens, ns.algorithm)
     searched_s = time.perf_counter() - t0

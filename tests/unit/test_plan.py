@@ -94,6 +94,11 @@ def test_constants_are_printed_and_overridable(capsys):
     assert "compute_efficiency" in out and "tp " in out and "dp " in out  # constants and formulas
     with pytest.raises(ConfigError, match="known: a100"):
         hardware("v100")
+    for bad, match in ((["--nodes", 0], "--nodes must be at least 1"),
+                       (["--global-batch-tokens", 1000], "multiple of --seq-len"),
+                       (["--algorithm", "grpo"], "predicts sft, dpo so far")):
+        with pytest.raises(ConfigError, match=match):
+            _plan(capsys, REAL / "Qwen3-8B", "--seq-len", 2048, *bad)
     with pytest.raises(ConfigError, match="name=value"):
         hardware("h100", ["speed=3"])
 
