@@ -40,6 +40,7 @@ def main(argv=None):
 
     import torch
 
+    from megaswift import device
     from megaswift.planner.dry_run import measure_step
     from megaswift.planner.hardware import GIB, hardware
     from megaswift.planner.report import base_config
@@ -73,20 +74,18 @@ def main(argv=None):
             run_cfg = with_values(run_cfg, {"model.cpu_autocast": False})
         dev = torch.device("cpu" if args.cpu else "cuda")
         st = ParallelState.single(dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        device.reset_peak_memory()
         times = []
         t_prev = [time.perf_counter()]
 
         def on_step():
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            device.synchronize()
             now = time.perf_counter()
             times.append(now - t_prev[0])
             t_prev[0] = now
         result = measure_step(run_cfg, mc, st, fake=False, cuda_optimizer=dev.type == "cuda", steps=args.steps,
                               on_step=on_step)
-        allocated = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
+        allocated = device.peak_memory_bytes() if dev.type == "cuda" else None
         predicted = cand.memory[0]["peak"]
         step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
         print(f"layout: {cand.describe()} (one {hw.name}), {mc.num_layers} layers, seq {args.seq_len}, {tokens} tokens per step")

@@ -154,6 +154,12 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def reset_peak_memory() -> None:
+    """Start `peak_memory_bytes` afresh (CUDA; the CPU's resident peak cannot be reset)."""
+    if cuda_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def synchronize() -> None:
     """Wait for queued kernels, so wall-clock timings mean what they say."""
     if cuda_available():
