@@ -38,6 +38,8 @@ from megaswift.errors import LayoutError
 
 from megaswift.faults import inject_test_fault
 
+from .pipeline_stages import single_stage_order
+
 from .watchdog import beat
 
 SINGLE_STAGE = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
@@ -203,23 +205,14 @@ class PipelineRunner:
 
     def _actions(self) -> list[tuple[str, int, int]]:
         """This rank's compute actions in execution order: (F | B | I | W, stage, micro batch).
-        The multi-stage schedules execute torch's `pipeline_order`; for the single-stage ones it
-        is only a description (in torch 2.13 its 1F1B order for the last rank skips micro batch
-        0), so their order is written here as their `_step_microbatches` runs it."""
+        The multi-stage schedules execute torch's `pipeline_order`; the single-stage ones run as
+        `pipeline_stages.single_stage_order` says."""
         if not isinstance(self.schedule, (Schedule1F1B, ScheduleGPipe)):
             return [(a.computation_type.value, a.stage_index, a.microbatch_index)
                     for a in self.schedule.pipeline_order[self.pp_rank]
                     if a is not None and a.computation_type.value in ("F", "B", "I", "W")]
-        s, n = self.stages[0].stage_index, self.n_microbatches
-        if isinstance(self.schedule, ScheduleGPipe):
-            return [("F", s, i) for i in range(n)] + [("B", s, i) for i in range(n)]
-        warmup = min(n, self.num_stages - s)  # torch: the last stage 1, the first num_stages
-        out = [("F", s, i) for i in range(warmup)]
-        for i in range(n):
-            out.append(("B", s, i))
-            if warmup + i < n:
-                out.append(("F", s, warmup + i))
-        return out
+        name = "gpipe" if isinstance(self.schedule, ScheduleGPipe) else "1f1b"
+        return single_stage_order(name, self.stages[0].stage_index, self.num_stages, self.n_microbatches)
 
     def _p2p(self, kind: str, tensors, stage: int) -> None:
         """Send to / receive from the pp rank that runs `stage` (on the fake process group: moves

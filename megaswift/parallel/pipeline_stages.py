@@ -73,3 +73,20 @@ def stages_of_rank(pp_rank: int, pp: int, stages: int, schedule: str) -> list[in
     if schedule == "zbv":
         return [pp_rank, 2 * pp - 1 - pp_rank]
     return list(range(pp_rank, stages, pp))
+
+
+def single_stage_order(schedule: str, stage: int, num_stages: int, n: int) -> list[tuple[str, int, int]]:
+    """The compute actions of a one-stage-per-rank schedule for the rank running `stage`, in
+    the order torch's `_step_microbatches` runs them: (F | B, stage, micro batch). GPipe: every
+    forward, then every backward; 1F1B: min(n, num_stages - stage) forwards, then a backward and
+    a forward in turn. (torch's own `pipeline_order` for these schedules is only a description,
+    and in torch 2.13 its 1F1B order for the last rank skips micro batch 0.)"""
+    if schedule == "gpipe":
+        return [("F", stage, i) for i in range(n)] + [("B", stage, i) for i in range(n)]
+    warmup = min(n, num_stages - stage)
+    out = [("F", stage, i) for i in range(warmup)]
+    for i in range(n):
+        out.append(("B", stage, i))
+        if warmup + i < n:
+            out.append(("F", stage, warmup + i))
+    return out

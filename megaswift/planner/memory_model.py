@@ -103,6 +103,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from megaswift.models.sharding import layer_param_names, layout_on
+from megaswift.parallel.pipeline_stages import single_stage_order
 
 F32, BF16 = 4, 2
 
@@ -281,15 +282,7 @@ def schedule_actions(schedule: str, pp: int, vpp: int, r: int, m: int) -> tuple:
 @lru_cache(maxsize=4096)
 def _schedule_actions(schedule: str, pp: int, vpp: int, r: int, m: int) -> tuple:
     if schedule in ("1f1b", "gpipe"):
-        if schedule == "gpipe":
-            return tuple([("F", r, i) for i in range(m)] + [("B", r, i) for i in range(m)])
-        warmup = min(m, pp - r)
-        out = [("F", r, i) for i in range(warmup)]
-        for i in range(m):
-            out.append(("B", r, i))
-            if warmup + i < m:
-                out.append(("F", r, warmup + i))
-        return tuple(out)
+        return tuple(single_stage_order(schedule, r, pp, m))
     from torch.distributed.pipelining import ScheduleInterleaved1F1B, ScheduleZBVZeroBubble
 
     if schedule == "interleaved":
