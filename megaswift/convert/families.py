@@ -41,12 +41,15 @@ class Derived:
 
 @dataclass(frozen=True)
 class MoENames:
-    """Where an MoE layer's tensors live in HF checkpoints: `<block>gate.weight` is the router,
-    `<block>experts.<e>.<gate|up|down>.weight` the experts (the hub's per-expert layout)."""
+    """Where an MoE layer's tensors live in HF checkpoints: `<block>gate.weight` is the router
+    (`<block>gate.e_score_correction_bias` its expert bias), `<block>experts.<e>.<gate|up|
+    down>.weight` the experts (the hub's per-expert layout), `<block><shared>` the shared
+    expert's MLP and `<block>shared_expert_gate.weight` its gate."""
     block: str
     gate: str
     up: str
     down: str
+    shared: str = "shared_expert."
 
     def expert(self, prefix: str, e: int, which: str) -> str:
         return f"{prefix}{self.block}experts.{e}.{getattr(self, which)}.weight"
@@ -71,6 +74,16 @@ class FamilySpec:
     router: str = "softmax_topk"
     """The router of MoE layers (models/routers.py ROUTERS)."""
 
+    def passthrough_prefixes(self, hf: dict) -> tuple[str, ...]:
+        """Name prefixes of HF tensors megaswift does not train but must keep: import stores them
+        verbatim beside the checkpoint and export writes them back (convert/passthrough.py). The
+        multi-token-prediction layers of DeepSeek-V3 / GLM-4.5 (`num_nextn_predict_layers`,
+        stored as the layers after the last decoder layer), which serving engines use for
+        speculative decoding and transformers ignores."""
+        n_mtp = hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0
+        layers = hf.get("num_hidden_layers", 0)
+        return tuple(f"model.layers.{layers + i}." for i in range(n_mtp))
+
     def required_keys(self) -> list[str]:
         """config.json keys without which the model's shape is unknown."""
         flags = [r.key for r in self.flags.values() if isinstance(r, HFKey) and r.default is None]
@@ -88,6 +101,9 @@ class FamilySpec:
         heads = hf["num_attention_heads"]
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        # transformers >= 5 keeps partial_rotary_factor among the rope parameters, older
+        # configs (GLM-4.5's published one) at the top level
+        rotary_fraction = rope.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor") or 1.0
         if rope.get("rope_type", rope.get("type", "default")) == "default":
             rope = {}
         flags = {k: _resolve_rule(v, hf) for k, v in self.flags.items()}
@@ -96,7 +112,7 @@ class FamilySpec:
             unsupported.append(f"hidden_act={hf['hidden_act']}")
         if unsupported:
             raise CheckpointError(f"{self.name} checkpoints with {', '.join(unsupported)} are not supported")
-        return ModelConfig(
+        fields = dict(
             family=self.name,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -121,15 +137,23 @@ class FamilySpec:
             dense_mlp=self.dense_mlp,
             moe_mlp=self.moe_mlp,
             moe_router=self.router,
-            **flags,
+            rotary_fraction=float(rotary_fraction),
         )
+        fields.update(flags)  # a family's rules override the common reading (MLA's head dims)
+        return ModelConfig(**fields)
 
     def hf_config(self, cfg: ModelConfig, dtype: str) -> dict:
         """config.json for an exported checkpoint: the source's own keys plus the model's maths."""
         hf = dict(cfg.extra_hf_config)
         rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+        if cfg.rotary_fraction != 1.0:
+            rope["partial_rotary_factor"] = hf["partial_rotary_factor"] = cfg.rotary_fraction
+        # a checkpoint keeps the model_type and architectures it came with (Kimi-K2: kimi_k2 over
+        # DeepseekV3ForCausalLM), and its auto_map with them
+        hf.setdefault("architectures", [self.architecture])
+        hf.setdefault("model_type", self.model_types[0])
         hf.update(
-            architectures=[self.architecture], model_type=self.model_types[0], vocab_size=cfg.vocab_size,
+            vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_query_groups, head_dim=cfg.kv_channels, rms_norm_eps=cfg.norm_epsilon,
@@ -138,6 +162,8 @@ class FamilySpec:
             max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
             sliding_window=cfg.sliding_window, torch_dtype=dtype, dtype=dtype,
         )
+        if cfg.is_mla:  # transformers' DeepseekV3Config: head_dim is the rope part
+            hf["head_dim"] = cfg.qk_rope_head_dim
         if cfg.layer_types is not None:
             hf["layer_types"] = cfg.layer_types
         for field_name, rule in self.flags.items():
@@ -154,6 +180,8 @@ class FamilySpec:
         parts = name.split(".")  # decoder.layers.<i>.<module path>
         i, local = parts[2], ".".join(parts[3:])
         prefix = f"model.layers.{i}."
+        if cfg.is_mla and local in _MLA_NAMES:
+            return [Segment(0, _rows(name, cfg), prefix + _MLA_NAMES[local], 0)]
         if local in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
             return _qkv_segments(cfg, prefix + "self_attn.", local.rsplit(".", 1)[1])
         if local.startswith(("mlp.router.", "mlp.experts.", "mlp.shared_expert")):
@@ -173,12 +201,14 @@ class FamilySpec:
             raise KeyError(f"{self.name}: family has no experts, but the model asks for {local!r}")
         if local == "mlp.router.weight":
             return [Segment(0, E, f"{prefix}{names.block}gate.weight", 0)]
+        if local == "mlp.router.expert_bias":
+            return [Segment(0, E, f"{prefix}{names.block}gate.e_score_correction_bias", 0)]
         if local == "mlp.experts.linear_fc1.weight":
             return [Segment(e * 2 * F + half * F, F, names.expert(prefix, e, which), 0)
                     for e in range(E) for half, which in enumerate(("gate", "up"))]
         if local == "mlp.experts.linear_fc2.weight":
             return [Segment(e * H, H, names.expert(prefix, e, "down"), 0) for e in range(E)]
-        shared, S = f"{prefix}{names.block}shared_expert.", cfg.moe_shared_expert_ffn_hidden_size
+        shared, S = f"{prefix}{names.block}{names.shared}", cfg.moe_shared_expert_ffn_hidden_size
         if local == "mlp.shared_expert.linear_fc1.weight":
             return [Segment(0, S, shared + "gate_proj.weight", 0), Segment(S, S, shared + "up_proj.weight", 0)]
         if local == "mlp.shared_expert.linear_fc2.weight":
@@ -194,7 +224,19 @@ _DERIVED_HF_KEYS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
     "max_position_embeddings", "tie_word_embeddings", "attention_bias", "sliding_window", "layer_types",
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "transformers_version", "torch_dtype", "dtype", "partial_rotary_factor",
+}
+
+# multi-latent attention (models/mla.py): megaswift (Megatron-Core) name -> HF DeepseekV3 name
+_MLA_NAMES = {
+    "self_attention.linear_q_proj.weight": "self_attn.q_proj.weight",
+    "self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight",
+    "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
+    "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
+    "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
 }
 
 _TOP_LEVEL = {
@@ -251,6 +293,42 @@ def _qkv_segments(cfg: ModelConfig, attn: str, kind: str) -> list[Segment]:
 
 
 _ATTN_BIAS = HFKey("attention_bias", False)
+
+
+def _dense_first_layers(hf: dict) -> list[int]:
+    """DeepSeek-V3 / GLM-4.5 (transformers' rule): the first first_k_dense_replace layers are
+    dense, every later one has experts."""
+    return list(range(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"]))
+
+
+def _shared_width(hf: dict) -> int:
+    """n_shared_experts shared experts are stored as one MLP of their summed width."""
+    return (hf.get("n_shared_experts") or 0) * hf["moe_intermediate_size"]
+
+
+# the sigmoid, group-limited router with an expert bias and ungated shared experts (DeepSeek-V3,
+# Kimi-K2, GLM-4.5)
+_GROUP_ROUTED = {
+    "num_moe_experts": HFKey("n_routed_experts", aliases=("num_local_experts",)),
+    "moe_ffn_hidden_size": HFKey("moe_intermediate_size"), "moe_router_topk": HFKey("num_experts_per_tok"),
+    "moe_norm_topk_prob": HFKey("norm_topk_prob", True), "moe_router_num_groups": HFKey("n_group", 1),
+    "moe_router_group_topk": HFKey("topk_group", 1), "moe_router_scaling_factor": HFKey("routed_scaling_factor", 1.0),
+    "moe_router_expert_bias": True, "moe_shared_expert_ffn_hidden_size": Derived(_shared_width),
+    "moe_shared_expert_gate": False, "moe_layer_ids": Derived(_dense_first_layers),
+}
+
+_MLA = {
+    "q_lora_rank": Derived(lambda hf: hf.get("q_lora_rank")),  # null: a plain query projection
+    "kv_lora_rank": HFKey("kv_lora_rank"), "qk_nope_head_dim": HFKey("qk_nope_head_dim"),
+    "qk_rope_head_dim": HFKey("qk_rope_head_dim"), "v_head_dim": HFKey("v_head_dim"),
+    # the published DeepSeek-V3 config has no rope_interleave key; its weights are interleaved,
+    # which transformers' default (True) assumes
+    "rope_interleave": HFKey("rope_interleave", True),
+    "kv_channels": Derived(lambda hf: hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"]),
+    "add_proj_bias": _ATTN_BIAS,  # models/mla.py refuses it: no published MLA model has one
+    "num_query_groups": Derived(lambda hf: hf["num_attention_heads"]),
+}
+
 _ROUTER_LOSS = {"moe_aux_loss_coef": HFKey("router_aux_loss_coef", 0.001),
                 "moe_output_router_logits": HFKey("output_router_logits", False)}
 
@@ -276,6 +354,17 @@ FAMILIES: dict[str, FamilySpec] = {
                     "moe_shared_expert_ffn_hidden_size": HFKey("shared_expert_intermediate_size", 0),
                     "moe_layer_ids": Derived(_qwen3_moe_layers), **_ROUTER_LOSS},
                    moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj")),
+        # DeepSeek-V3 / R1; Kimi-K2 is this architecture under model_type kimi_k2 (family_for
+        # finds it by its architectures, export keeps its model_type and auto_map)
+        FamilySpec("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", {**_MLA, **_GROUP_ROUTED},
+                   moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj", shared="shared_experts."),
+                   token_mixer="mla", router="sigmoid_group"),
+        # GLM-4.5 / 4.5-Air: GQA with partial RoPE, QKV bias (o_proj never has one), optional
+        # q/k norms, and DeepSeek-V3's router and shared experts
+        FamilySpec("glm4_moe", ("glm4_moe",), "Glm4MoeForCausalLM",
+                   {"add_qkv_bias": _ATTN_BIAS, "qk_layernorm": HFKey("use_qk_norm", False), **_GROUP_ROUTED},
+                   moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj", shared="shared_experts."),
+                   router="sigmoid_group"),
         FamilySpec("mixtral", ("mixtral",), "MixtralForCausalLM",
                    {"num_moe_experts": HFKey("num_local_experts"), "moe_ffn_hidden_size": HFKey("intermediate_size"),
                     "moe_router_topk": HFKey("num_experts_per_tok"), "moe_norm_topk_prob": True, **_ROUTER_LOSS},
@@ -285,9 +374,17 @@ FAMILIES: dict[str, FamilySpec] = {
 
 
 def family_for(hf_config: dict) -> FamilySpec:
+    """The family of a config.json: by its model_type, else (a model_type of its own over a known
+    architecture, as Kimi-K2's kimi_k2 over DeepseekV3ForCausalLM) by its architectures.
+    megaswift never runs a checkpoint's own code (auto_map); it only reads its tensors."""
     model_type = hf_config.get("model_type")
     for spec in FAMILIES.values():
         if model_type in spec.model_types:
             return spec
+    architectures = hf_config.get("architectures") or []
+    for spec in FAMILIES.values():
+        if spec.architecture in architectures:
+            return spec
     supported = ", ".join(t for s in FAMILIES.values() for t in s.model_types)
-    raise CheckpointError(f"unsupported model_type {model_type!r}; supported: {supported}")
+    raise CheckpointError(f"unsupported model_type {model_type!r} (architectures {architectures}); "
+                          f"supported: {supported}")

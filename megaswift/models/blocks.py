@@ -31,6 +31,7 @@ from megaswift.parallel.state import ParallelState
 
 from .attention import SelfAttention
 from .config import ModelConfig
+from .mla import MultiLatentAttention
 from .mlp import MLP
 from .moe import MoELayer
 
@@ -50,6 +51,7 @@ class MLPBlock(Protocol):
 
 TOKEN_MIXERS: dict[str, type[nn.Module]] = {
     "gqa": SelfAttention,  # grouped-query attention: fused QKV, RoPE, optional q/k norms and window
+    "mla": MultiLatentAttention,  # multi-latent attention (DeepSeek-V3): low-rank q and kv, shared rope key
 }
 
 MLPS: dict[str, type[nn.Module]] = {

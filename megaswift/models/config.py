@@ -48,8 +48,22 @@ class ModelConfig:
     moe_norm_topk_prob: bool = True
     """Renormalise the top-k router probabilities to sum to one (Mixtral always does)."""
     moe_shared_expert_ffn_hidden_size: int = 0
-    """Width of the shared expert every token also goes through, gated by a sigmoid (Qwen2-MoE
-    shared_expert_intermediate_size); 0 means none."""
+    """Width of the shared expert every token also goes through (Qwen2-MoE
+    shared_expert_intermediate_size; DeepSeek-V3: n_shared_experts x moe_intermediate_size, one
+    MLP as HF stores it); 0 means none."""
+    moe_shared_expert_gate: bool = True
+    """The shared expert's output is scaled by sigmoid(linear(x)) (Qwen2-MoE); DeepSeek-V3 and
+    GLM-4.5 add it ungated."""
+    moe_router_num_groups: int = 1
+    """Expert groups of the group-limited router (HF n_group): a token picks experts only from
+    its topk_group best groups, a group scored by the sum of its two best experts."""
+    moe_router_group_topk: int = 1
+    """Groups each token may route to (HF topk_group)."""
+    moe_router_scaling_factor: float = 1.0
+    """The routed experts' weights are multiplied by it (HF routed_scaling_factor)."""
+    moe_router_expert_bias: bool = False
+    """The router has a per-expert bias added to the scores only to choose experts (HF
+    e_score_correction_bias, fp32), which aux-loss-free balancing moves (moe.bias_update_rate)."""
     moe_layer_ids: list[int] | None = None
     """Layers with experts; None means every layer when num_moe_experts > 0. Qwen3-MoE derives it
     from decoder_sparse_step and mlp_only_layers."""
@@ -57,9 +71,25 @@ class ModelConfig:
     """HF router_aux_loss_coef: weight of the load-balancing loss."""
     moe_output_router_logits: bool = False
     """HF output_router_logits: transformers adds the load-balancing loss only when it is set."""
+    rotary_fraction: float = 1.0
+    """Share of each q/k head's dims that RoPE rotates, from the front (HF partial_rotary_factor;
+    GLM-4.5: 0.5); the rest passes unrotated."""
+    # -- multi-latent attention (token_mixer 'mla'; DeepSeek-V2/V3, Kimi-K2) ---------------------
+    q_lora_rank: int | None = None
+    """Rank of the query down-projection (HF q_lora_rank); None: a plain query projection."""
+    kv_lora_rank: int = 0
+    """Rank of the compressed key/value latent (HF kv_lora_rank)."""
+    qk_nope_head_dim: int = 0
+    """Per-head q/k dims without RoPE (HF qk_nope_head_dim)."""
+    qk_rope_head_dim: int = 0
+    """Per-head q/k dims with RoPE; the key's part is one vector shared by every head."""
+    v_head_dim: int = 0
+    """Per-head value dim (HF v_head_dim); MLA's q/k heads are qk_nope + qk_rope wide."""
+    rope_interleave: bool = False
+    """RoPE pairs dims (0, 1), (2, 3), ... instead of (i, i + d/2) (HF rope_interleave)."""
     token_mixer: str = "gqa"
     """Token mixer of every layer, by name in models/blocks.py TOKEN_MIXERS: 'gqa' (grouped-query
-    self-attention with RoPE)."""
+    self-attention with RoPE) or 'mla' (multi-latent attention)."""
     dense_mlp: str = "swiglu"
     """MLP of the layers without experts, by name in models/blocks.py MLPS: 'swiglu'."""
     moe_mlp: str = "moe"
@@ -67,7 +97,8 @@ class ModelConfig:
     experts, optional shared expert)."""
     moe_router: str = "softmax_topk"
     """Router of the MoE layers, by name in models/routers.py ROUTERS: 'softmax_topk' (softmax over
-    a linear gate, top-k, optional renormalisation)."""
+    a linear gate, top-k, optional renormalisation) or 'sigmoid_group' (DeepSeek-V3: sigmoid
+    scores, expert bias, group-limited top-k, scaled weights)."""
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     extra_hf_config: dict = field(default_factory=dict)
@@ -89,6 +120,41 @@ class ModelConfig:
         if not self.num_moe_experts:
             return []
         return list(range(self.num_layers)) if self.moe_layer_ids is None else sorted(self.moe_layer_ids)
+
+    @property
+    def is_mla(self) -> bool:
+        return self.token_mixer == "mla"
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head width of queries and keys (MLA: nope + rope dims; else kv_channels)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.kv_channels
+
+    @property
+    def value_head_dim(self) -> int:
+        """Per-head width of values and of the attention output (MLA: v_head_dim)."""
+        return self.v_head_dim if self.is_mla else self.kv_channels
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims RoPE rotates per head (MLA: the rope part; else kv_channels x rotary_fraction)."""
+        if self.is_mla:
+            return self.qk_rope_head_dim
+        return int(self.kv_channels * self.rotary_fraction)
+
+    @property
+    def softmax_scale(self) -> float:
+        """The attention's score scale: qk_head_dim^-0.5, times YaRN's mscale(factor,
+        mscale_all_dim)^2 for MLA under YaRN (DeepSeek's reference, as transformers'
+        yarn_apply_mscale)."""
+        from .rope import yarn_mscale
+
+        scale = self.qk_head_dim ** -0.5
+        s = self.rope_scaling or {}
+        if self.is_mla and s.get("rope_type", s.get("type")) == "yarn" and s.get("mscale_all_dim"):
+            m = yarn_mscale(s["factor"], s["mscale_all_dim"])
+            scale = scale * m * m
+        return scale
 
     def window_for_layer(self, i: int) -> int | None:
         if self.sliding_window is None:

@@ -85,7 +85,8 @@ class GPTModel(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         tied_output = post_process and cfg.tie_word_embeddings
         self.embedding = Embedding(cfg, st, dtype, device) if pre_process or tied_output else None
-        self.rotary = RotaryEmbedding(cfg.kv_channels, cfg.rope_theta, cfg.rope_scaling, device=device)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, device=device,
+                                      max_position_embeddings=cfg.max_position_embeddings)
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
         self.decoder = TransformerBlock(cfg, st, layer_ids, dtype, device, final_norm=post_process)
         self.vocab_local = cfg.padded_vocab_size(st.tp_size) // st.tp_size

@@ -147,11 +147,12 @@ class MoELayer(nn.Module):
         if st.tp_size > 1:
             mark_tp_partial_grad(self.router.weight)
         self.shared_expert = self.shared_expert_gate = None
-        if cfg.moe_shared_expert_ffn_hidden_size:  # Qwen2-MoE: every token also takes a gated dense MLP
+        if cfg.moe_shared_expert_ffn_hidden_size:  # every token also takes a dense MLP
             self.shared_expert = MLP(cfg, st, layer_idx, dtype, device, width=cfg.moe_shared_expert_ffn_hidden_size)
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, device=device)
-            if st.sp:  # the gate sees only this rank's sequence shard
-                mark_tp_partial_grad(self.shared_expert_gate.weight)
+            if cfg.moe_shared_expert_gate:  # Qwen2-MoE gates it; DeepSeek-V3 and GLM-4.5 do not
+                self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, device=device)
+                if st.sp:  # the gate sees only this rank's sequence shard
+                    mark_tp_partial_grad(self.shared_expert_gate.weight)
 
     def set_moe_options(self, capacity_factor: float | None = None, backend: str = "auto",
                         force_balance: bool = False) -> None:
@@ -161,7 +162,10 @@ class MoELayer(nn.Module):
                 moe_stats: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         out, row = self._routed(x, token_mask)
         if self.shared_expert is not None:  # on the layer's input as it comes (tp-split like any MLP)
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)[0]
+            shared = self.shared_expert(x)[0]
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
         if moe_stats is not None:
             hot = torch.zeros(moe_stats.shape[0], 1, device=row.device)
             hot[self.stats_row] = 1

@@ -110,6 +110,39 @@ def _expert_layout(name: str, cfg: ModelConfig, ep: int, ep_rank: int, etp: int,
     raise KeyError(f"no shard layout for expert parameter {name!r}")
 
 
+# multi-latent attention (models/mla.py): the down-projections and their norms are replicated,
+# the up-projections split by head (rows; HF's per-head order [nope, rope] / [nope, v] is kept),
+# the output projection by head along its input
+def _mla_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], int | None]]:
+    """leaf -> (canonical shape, rows per head for a head-split weight; None: replicated)."""
+    H, n, qk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
+    out = {"linear_kv_down_proj.weight": ((cfg.kv_lora_rank + cfg.qk_rope_head_dim, H), None),
+           "kv_layernorm.weight": ((cfg.kv_lora_rank,), None),
+           "linear_kv_up_proj.weight": ((n * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+                                        cfg.qk_nope_head_dim + cfg.v_head_dim),
+           "linear_proj.weight": ((H, n * cfg.v_head_dim), cfg.v_head_dim)}
+    if cfg.q_lora_rank is None:
+        out["linear_q_proj.weight"] = ((n * qk, H), qk)
+    else:
+        out.update({"linear_q_down_proj.weight": ((cfg.q_lora_rank, H), None),
+                    "q_layernorm.weight": ((cfg.q_lora_rank,), None),
+                    "linear_q_up_proj.weight": ((n * qk, cfg.q_lora_rank), qk)})
+    return out
+
+
+def _mla_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int) -> ShardLayout:
+    leaf = ".".join(name.split(".")[-2:])
+    try:
+        shape, per_head = _mla_shapes(cfg)[leaf]
+    except KeyError:
+        raise KeyError(f"no shard layout for multi-latent attention parameter {name!r}") from None
+    if per_head is None:
+        return ShardLayout.replicated(shape)
+    n = cfg.num_attention_heads // tp
+    dim = 1 if leaf == "linear_proj.weight" else 0
+    return ShardLayout(shape, dim, ((tp_rank * n * per_head, n * per_head),))
+
+
 def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int, *, ep: int = 1, ep_rank: int = 0,
                  etp: int = 1, etp_rank: int = 0) -> ShardLayout:
     """The layout of parameter `name` (a Megatron-style name) on TP rank `tp_rank` (and, for
@@ -118,6 +151,8 @@ def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int, *, ep: int 
     qkv_out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hd
     if ".experts." in name:
         return _expert_layout(name, cfg, ep, ep_rank, etp, etp_rank)
+    if cfg.is_mla and ".self_attention." in name:
+        return _mla_layout(name, cfg, tp, tp_rank)
     if ".shared_expert." in name:  # a dense SwiGLU MLP of its own width, split over tp
         F = cfg.moe_shared_expert_ffn_hidden_size
     leaf = ".".join(name.split(".")[-2:])
@@ -141,6 +176,8 @@ def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int, *, ep: int 
         return ShardLayout.replicated((H,))
     if leaf == "router.weight":  # replicated: every rank routes its own tokens
         return ShardLayout.replicated((cfg.num_moe_experts, H))
+    if leaf == "router.expert_bias":
+        return ShardLayout.replicated((cfg.num_moe_experts,))
     if leaf == "shared_expert_gate.weight":
         return ShardLayout.replicated((1, H))
     if leaf.endswith("layernorm.weight"):
@@ -151,6 +188,10 @@ def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int, *, ep: int 
 
 def layer_param_names(cfg: ModelConfig, i: int) -> list[str]:
     p = f"decoder.layers.{i}."
+    if cfg.is_mla:
+        names = [p + "input_layernorm.weight"] + [p + "self_attention." + leaf for leaf in _mla_shapes(cfg)]
+        names.append(p + "pre_mlp_layernorm.weight")
+        return names + _mlp_param_names(cfg, i)
     names = [p + "input_layernorm.weight", p + "self_attention.linear_qkv.weight"]
     if cfg.add_qkv_bias:
         names.append(p + "self_attention.linear_qkv.bias")
@@ -160,11 +201,20 @@ def layer_param_names(cfg: ModelConfig, i: int) -> list[str]:
     if cfg.add_proj_bias:
         names.append(p + "self_attention.linear_proj.bias")
     names.append(p + "pre_mlp_layernorm.weight")
+    return names + _mlp_param_names(cfg, i)
+
+
+def _mlp_param_names(cfg: ModelConfig, i: int) -> list[str]:
+    p, names = f"decoder.layers.{i}.", []
     if i in cfg.moe_layers:
-        names += [p + "mlp.router.weight", p + "mlp.experts.linear_fc1.weight", p + "mlp.experts.linear_fc2.weight"]
+        names.append(p + "mlp.router.weight")
+        if cfg.moe_router_expert_bias:
+            names.append(p + "mlp.router.expert_bias")
+        names += [p + "mlp.experts.linear_fc1.weight", p + "mlp.experts.linear_fc2.weight"]
         if cfg.moe_shared_expert_ffn_hidden_size:
-            names += [p + "mlp.shared_expert.linear_fc1.weight", p + "mlp.shared_expert.linear_fc2.weight",
-                      p + "mlp.shared_expert_gate.weight"]
+            names += [p + "mlp.shared_expert.linear_fc1.weight", p + "mlp.shared_expert.linear_fc2.weight"]
+            if cfg.moe_shared_expert_gate:
+                names.append(p + "mlp.shared_expert_gate.weight")
     else:
         names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
     return names

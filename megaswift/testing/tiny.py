@@ -34,6 +34,22 @@ TINY_FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
                                          shared_expert_intermediate_size=32, rope_theta=1000000.0)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0)),
+    # multi-latent attention with a query down-projection (q/k heads 14 wide, v heads 10), YaRN
+    # with mscale, interleaved RoPE; 8 experts in 4 groups (top-3 from 2 groups), a shared
+    # expert, the first layer dense
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        num_key_value_heads=8, head_dim=6, q_lora_rank=20, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6,
+        v_head_dim=10, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+        moe_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        rope_interleave=True, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.8,
+            "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1})),
+    # GQA with half the head dims rotated, QKV bias, q/k norms; the same router as DeepSeek-V3
+    "glm4_moe": ("Glm4MoeConfig", dict(
+        head_dim=16, attention_bias=True, use_qk_norm=True, n_routed_experts=8, n_group=2, topk_group=1,
+        num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=1,
+        routed_scaling_factor=1.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "partial_rotary_factor": 0.5})),
 }
 
 
@@ -80,9 +96,12 @@ def make_tiny_hf(family: str, out_dir: str, *, seed: int = 0, max_shard_size: st
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # HF zero-inits biases and ones-inits norms: randomise so they are tested
-        for name, p in model.named_parameters():
+        biases = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+        for name, p in [*model.named_parameters(), *biases]:
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("e_score_correction_bias"):  # a real bias, large enough to change choices
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:

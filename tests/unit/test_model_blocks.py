@@ -18,20 +18,25 @@ from megaswift.models.mlp import MLP
 from megaswift.models.moe import MoELayer
 from megaswift.models.pipeline_model import PipelineModel
 from megaswift.models.protocol import Model
-from megaswift.models.routers import TopKRouter, route
+from megaswift.models.mla import MultiLatentAttention
+from megaswift.models.routers import GroupLimitedRouter, TopKRouter, route
 from megaswift.parallel.grads import finalize_grads
 from megaswift.parallel.state import ParallelState
 
 _BASE_HF = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
 _MOE_HF = dict(num_experts=4, num_local_experts=4, moe_intermediate_size=16, num_experts_per_tok=2,
-               shared_expert_intermediate_size=24, mlp_only_layers=[1])
+               shared_expert_intermediate_size=24, mlp_only_layers=[1], n_routed_experts=4, n_group=2, topk_group=1,
+               n_shared_experts=1, first_k_dense_replace=1)
+_MLA_HF = dict(q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
 
 
 def _hf(family: str) -> dict:
     hf = dict(_BASE_HF, model_type=FAMILIES[family].model_types[0])
     if FAMILIES[family].moe is not None:
         hf.update(_MOE_HF)
+    if FAMILIES[family].token_mixer == "mla":
+        hf.update(_MLA_HF)
     return hf
 
 
@@ -68,22 +73,25 @@ def registries():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_todays_families_get_todays_modules(family):
     cfg = _cfg(family)
-    assert (cfg.token_mixer, cfg.dense_mlp, cfg.moe_mlp, cfg.moe_router) == ("gqa", "swiglu", "moe", "softmax_topk")
+    mixer, router = {"deepseek_v3": ("mla", "sigmoid_group"), "glm4_moe": ("gqa", "sigmoid_group")}.get(
+        family, ("gqa", "softmax_topk"))
+    assert (cfg.token_mixer, cfg.dense_mlp, cfg.moe_mlp, cfg.moe_router) == (mixer, "swiglu", "moe", router)
     model = GPTModel(cfg)
     moe_layers = cfg.moe_layers
     assert bool(moe_layers) == (FAMILIES[family].moe is not None)
     for i, layer in model.decoder.layers.items():
-        assert type(layer.self_attention) is SelfAttention
+        assert type(layer.self_attention) is {"gqa": SelfAttention, "mla": MultiLatentAttention}[mixer]
         if int(i) in moe_layers:
-            assert type(layer.mlp) is MoELayer and type(layer.mlp.router) is TopKRouter
+            assert type(layer.mlp) is MoELayer
+            assert type(layer.mlp.router) is {"softmax_topk": TopKRouter, "sigmoid_group": GroupLimitedRouter}[router]
         else:
             assert type(layer.mlp) is MLP
 
 
 def test_registry_tables_name_todays_modules():
-    assert blocks.TOKEN_MIXERS["gqa"] is SelfAttention
+    assert blocks.TOKEN_MIXERS["gqa"] is SelfAttention and blocks.TOKEN_MIXERS["mla"] is MultiLatentAttention
     assert blocks.MLPS["swiglu"] is MLP and blocks.MLPS["moe"] is MoELayer
-    assert routers.ROUTERS["softmax_topk"] is TopKRouter
+    assert routers.ROUTERS["softmax_topk"] is TopKRouter and routers.ROUTERS["sigmoid_group"] is GroupLimitedRouter
 
 
 def test_config_saved_before_the_block_names_loads_as_todays_model():
@@ -96,9 +104,9 @@ def test_config_saved_before_the_block_names_loads_as_todays_model():
 
 
 def test_an_unknown_block_name_is_a_one_line_error():
-    with pytest.raises(ConfigError, match=r"unknown token_mixer 'mla'; known: gqa"):
-        GPTModel(_cfg(token_mixer="mla"))
-    with pytest.raises(ConfigError, match=r"unknown moe_router 'sigmoid_grouped'; known: softmax_topk"):
+    with pytest.raises(ConfigError, match=r"unknown token_mixer 'latent'; known: gqa, mla"):
+        GPTModel(_cfg(token_mixer="latent"))
+    with pytest.raises(ConfigError, match=r"unknown moe_router 'sigmoid_grouped'; known: sigmoid_group, softmax_topk"):
         GPTModel(_cfg("mixtral", moe_router="sigmoid_grouped"))
 
 
