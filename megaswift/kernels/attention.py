@@ -23,6 +23,13 @@ Backends:
 Gradients through lse: the fused kernels return lse as a non-differentiable output, which would
 silently drop the lse term of ring attention's gradient. `_LseGrad` restores it (see there).
 
+Head dims: v's head dim dv may differ from q/k's d (multi-latent attention, DeepSeek-V3: d 192,
+dv 128); out then has dv. The fused kernels that need equal head dims (the CPU op, aten's flash
+kernel, flash-attn 2) get zero columns: padding v (or q and k, when dv > d) to the larger dim
+changes no score and no real output column, the scale is passed explicitly, the padded output
+columns are cut, and the pad's backward drops the padded columns' gradients. Equal head dims
+pad nothing (no copy).
+
 Masks: `causal` (query i sees keys j <= i), `document_ids` (packed sequences: a query sees only
 keys of its own document id), `window` (HF Mistral's sliding window: key j is visible to query i
 only if i - j < window). They combine. A query that sees no key gets out = 0 and lse = -inf,
@@ -34,6 +41,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import attention_cuda
@@ -46,9 +54,10 @@ _TINY = torch.finfo(torch.float32).tiny
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, document_ids: Tensor | None = None,
               window: int | None = None, scale: float | None = None, backend: str = "auto",
               mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """q [b, s, hq, d], k/v [b, s, hkv, d] (hq % hkv == 0: GQA, each kv head serves hq/hkv
-    consecutive query heads, as in HF's repeat_kv). Returns out [b, s, hq, d] (dtype of q) and
-    lse [b, hq, s] float32: the natural-log log-sum-exp of the scaled, masked scores per query.
+    """q [b, s, hq, d], k [b, s, hkv, d], v [b, s, hkv, dv] (hq % hkv == 0: GQA, each kv head
+    serves hq/hkv consecutive query heads, as in HF's repeat_kv; dv may differ from d). Returns
+    out [b, s, hq, dv] (dtype of q) and lse [b, hq, s] float32: the natural-log log-sum-exp of
+    the scaled, masked scores per query.
 
     document_ids: [b, s] int; the flash_attn backend also assumes each document is one
     contiguous run of tokens (what packing produces). scale defaults to d ** -0.5.
@@ -60,7 +69,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, document_
     _check_inputs(q, k, v, causal, document_ids, window, mask)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    backend = _resolve_backend(backend, q, mask)
+    backend = _resolve_backend(backend, q, v, mask)
     if backend == "reference":
         return _reference(q, k, v, _visible_keys(q, k, causal, document_ids, window, mask), scale)
 
@@ -123,28 +132,32 @@ def merge_attention_blocks(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: T
     return out.to(out_a.dtype), lse
 
 
-def _resolve_backend(backend: str, q: Tensor, mask: Tensor | None) -> str:
-    return choose_backend(backend, q.device.type, q.dtype, q.shape[-1], mask is not None)
+def _resolve_backend(backend: str, q: Tensor, v: Tensor, mask: Tensor | None) -> str:
+    return choose_backend(backend, q.device.type, q.dtype, q.shape[-1], mask is not None, v_head_dim=v.shape[-1])
 
 
-def choose_backend(backend: str, device_type: str, dtype: torch.dtype, head_dim: int, has_mask: bool) -> str:
+def choose_backend(backend: str, device_type: str, dtype: torch.dtype, head_dim: int, has_mask: bool,
+                   v_head_dim: int | None = None) -> str:
     """The backend `auto` stands for (others are returned as given, once checked). On CUDA:
     flash_attn where the package imports, the inputs are half precision, no explicit mask is
-    given and the head dim fits its kernels; sdpa otherwise. On CPU: sdpa."""
+    given and the head dims fit its kernels; sdpa otherwise. On CPU: sdpa. v_head_dim (default
+    head_dim) counts too: flash-attn runs both at the larger of the two (see flash_attn_varlen)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     if device_type == "cuda":
-        fits = dtype in attention_cuda.HALF and head_dim <= attention_cuda.FLASH_MAX_HEAD_DIM and not has_mask
+        widest = max(head_dim, head_dim if v_head_dim is None else v_head_dim)
+        fits = dtype in attention_cuda.HALF and widest <= attention_cuda.FLASH_MAX_HEAD_DIM and not has_mask
         return "flash_attn" if fits and attention_cuda.flash_attn_available() else "sdpa"
     return "sdpa" if device_type == "cpu" else "reference"
 
 
 def _check_inputs(q, k, v, causal, document_ids, window, mask) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim] with k and v alike; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    # v may have its own head dim (multi-latent attention); batch, positions and heads match k's
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim] with k and v alike but for head_dim; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not q.dtype == k.dtype == v.dtype:
         # the fused kernels read all three buffers in q's dtype; aten's memory-efficient kernel
         # does not check, so a bf16 v next to fp32 q/k would be read as fp32 garbage on CUDA
@@ -207,17 +220,32 @@ def _reference(q, k, v, visible, scale):
     total = e.sum(-1, keepdim=True)
     lse = torch.where(total > 0, total.clamp_min(_TINY).log() + shift, -math.inf)
     probs = e / total.clamp_min(_TINY)  # = exp(scores - lse) where any key is visible
-    out = probs @ vh  # [b, hq, s_q, d]
+    out = probs @ vh  # [b, hq, s_q, dv]
     return out.transpose(1, 2).to(q.dtype), lse.squeeze(-1)
 
 
 def _sdpa_cpu(q, k, v, *, bias, is_causal, scale):
     """[b, s, h, d] in and out. The op takes [b, h, s, d] views (any strides), handles GQA itself
     (measured: bitwise equal to repeat_interleave of k/v, gradients included) and is
-    differentiable in out through its registered backward; its lse has no gradient."""
+    differentiable in out through its registered backward; its lse has no gradient.
+
+    The op needs one head dim for q, k and v: torch 2.13 raises "Q/K/V should have the same head
+    size" for v's 12 or 128 beside q/k's 20 or 192 (fp32 and bf16, forward and its backward op
+    alike), so dv != d runs zero-padded to the larger dim (see the module docstring). Padded, at
+    d/dv 20/12 and 12/20 (fp32; causal, documents, window, GQA), out, lse and the q/k/v gradients
+    with the lse term measured within 2.3e-6 of the reference, as equal head dims are (1.7e-6)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    width = max(d, dv)
+    q, k, v = pad_head_dim(q, width), pad_head_dim(k, width), pad_head_dim(v, width)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=bias, scale=scale)
-    return out.transpose(1, 2), lse
+    return out.transpose(1, 2)[..., :dv], lse
+
+
+def pad_head_dim(x: Tensor, width: int) -> Tensor:
+    """x with zero columns appended to its last dim up to `width`; x itself when it is that wide
+    already (no copy)."""
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
 class _LseGrad(torch.autograd.Function):
@@ -229,7 +257,8 @@ class _LseGrad(torch.autograd.Function):
                                                incoming gradient g * q
     so the same kernel computes both (GQA included: the value-gradient sums over each kv head's
     query heads). Costs one extra forward and one forward+backward, and only when lse is used in
-    the loss (ring attention's merge), not for ordinary training.
+    the loss (ring attention's merge), not for ordinary training. Neither call involves v: both
+    pass values of k's head dim d (k itself, and zeros like k), so dv != d changes nothing here.
     """
 
     @staticmethod

@@ -2,6 +2,13 @@
 
 Written from the op schemas of torch 2.13 and flash-attn 2.6+; verified only on a GPU, by the
 `gpu` tests in tests/unit/test_attention.py (they compare every path with the reference).
+
+v's head dim dv may differ from q/k's d (multi-latent attention). aten's flash kernel and
+flash-attn 2 need one head dim for q, k and v (torch's sdp_utils `check_head_dim_size_flash`;
+flash-attn checks v against q's shape), so there the narrower side gets zero columns up to the
+wider one and the output is cut back to dv. aten's memory-efficient kernel takes dv natively
+(sdp_utils `check_head_dim_size_mem_efficient` asks only q/k equal and each of d, dv aligned; its
+forward and backward size out and dV from value.size(-1)), so it pads each to its own alignment.
 """
 from __future__ import annotations
 
@@ -45,16 +52,20 @@ def head_dim_multiple(dtype: torch.dtype) -> int:
     return 8 if dtype in HALF else 4
 
 
-def sdpa_kernel(dtype: torch.dtype, head_dim: int, masked: bool) -> tuple[str, int]:
-    """Which aten kernel `sdpa` runs, and the head dim it pads q/k/v to: ("flash" | "efficient",
-    padded head dim). flash takes no mask and half precision only; the rest is memory-efficient.
-    A head dim off the alignment is zero-padded (as torch's public sdpa does): zero columns add
-    nothing to q.k, the scale is passed explicitly, and the padded output columns are cut."""
+def sdpa_kernel(dtype: torch.dtype, head_dim: int, masked: bool, v_head_dim: int | None = None) -> tuple[str, int, int]:
+    """Which aten kernel `sdpa` runs, and the head dims it pads q/k and v to: ("flash" |
+    "efficient", padded q/k head dim, padded v head dim). flash takes no mask and half precision
+    only; the rest is memory-efficient. A head dim off the alignment is zero-padded (as torch's
+    public sdpa does): zero columns add nothing to q.k, the scale is passed explicitly, and the
+    padded output columns are cut. v_head_dim defaults to head_dim; flash needs the two equal, so
+    both go to the larger (see the module docstring), the memory-efficient kernel keeps them apart."""
     m = head_dim_multiple(dtype)
-    padded = -(-head_dim // m) * m
-    if not masked and dtype in HALF and padded <= FLASH_MAX_HEAD_DIM:
-        return "flash", padded
-    return "efficient", padded
+    dv = head_dim if v_head_dim is None else v_head_dim
+    padded, padded_v = -(-head_dim // m) * m, -(-dv // m) * m
+    widest = max(padded, padded_v)
+    if not masked and dtype in HALF and widest <= FLASH_MAX_HEAD_DIM:
+        return "flash", widest, widest
+    return "efficient", padded, padded_v
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, *, visible: Tensor | None, causal: bool, scale: float):
@@ -63,11 +74,11 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, visible: Tensor | None, causal: boo
     Without a mask, half precision goes to the flash kernel; masks (documents, window, ring
     blocks) and fp32 go to the memory-efficient kernel with an additive [b, 1, s_q, s_k] bias,
     which costs s_q * s_k memory per row: for long packed sequences prefer backend='flash_attn'.
+    v's head dim may differ from q/k's: out is [b, s, hq, v.shape[-1]].
     """
-    d = q.shape[-1]
-    kernel, padded = sdpa_kernel(q.dtype, d, visible is not None)
-    if padded != d:
-        q, k, v = (F.pad(x, (0, padded - d)) for x in (q, k, v))
+    d, dv = q.shape[-1], v.shape[-1]
+    kernel, padded, padded_v = sdpa_kernel(q.dtype, d, visible is not None, v_head_dim=dv)
+    q, k, v = _pad_head_dim(q, padded), _pad_head_dim(k, padded), _pad_head_dim(v, padded_v)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, s, d]
     b, hq, s_q, _ = qh.shape
     if kh.shape[1] != hq:  # neither aten kernel takes GQA: repeat kv heads as HF's repeat_kv
@@ -75,7 +86,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, visible: Tensor | None, causal: boo
     if kernel == "flash":
         # no mask argument, half precision only; returns lse [b, h, s_q] float32
         out, lse = aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False, scale=scale)[:2]
-        return out.transpose(1, 2)[..., :d], lse
+        return out.transpose(1, 2)[..., :dv], lse
     bias = None
     if visible is not None:
         s_k = kh.shape[2]
@@ -90,14 +101,21 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, visible: Tensor | None, causal: boo
         bias = bias[..., :s_k].expand(b, hq, s_q, s_k)
     out, lse = aten._scaled_dot_product_efficient_attention(qh, kh, vh, bias, True, 0.0, causal, scale=scale)[:2]
     # the kernel pads lse to a multiple of 32 positions (see torch's meta registration)
-    return out.transpose(1, 2)[..., :d], lse[..., :s_q]
+    return out.transpose(1, 2)[..., :dv], lse[..., :s_q]
+
+
+def _pad_head_dim(x: Tensor, width: int) -> Tensor:
+    """Zero columns appended to the head dim up to `width`; x itself (no copy) when it is that wide."""
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
 def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, document_ids: Tensor | None,
                       window: int | None, scale: float):
     """The flash-attn package: every document (or every row without document_ids) is one
     variable-length sequence, so packed batches cost no [s, s] mask. Assumes each document is one
-    contiguous run of tokens. flash-attn handles GQA itself (same head grouping as repeat_kv)."""
+    contiguous run of tokens. flash-attn handles GQA itself (same head grouping as repeat_kv).
+    flash-attn 2 takes one head dim for q, k and v, so dv != d runs at the larger of the two (zero
+    columns, see the module docstring); the package rounds that up to its own alignment itself."""
     usable, why = flash_attn_status()
     if not usable:
         raise ImportError(f"attention backend 'flash_attn' needs a working flash-attn package (CUDA only), and "
@@ -107,16 +125,18 @@ def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, document
 
     if not q.is_cuda:
         raise ValueError(f"attention backend 'flash_attn' runs on CUDA only, got {q.device}; use backend='sdpa'")
-    b, s, hq, d = q.shape
+    b, s, hq, _ = q.shape
+    dv = v.shape[-1]
+    width = max(q.shape[-1], dv)
+    q, k, v = (_pad_head_dim(x, width).reshape(b * s, -1, width) for x in (q, k, v))
     cu_seqlens, max_len = varlen_layout(document_ids, b, s, q.device)
     # flash's window (left, right) shows keys i - left <= j <= i + right; ours is i - j < window
     window_size = (-1, -1) if window is None else (window - 1, 0 if causal else -1)
     out, lse, _ = flash_attn_varlen_func(
-        q.reshape(b * s, hq, d), k.reshape(b * s, -1, d), v.reshape(b * s, -1, d), cu_seqlens, cu_seqlens,
-        max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=causal, window_size=window_size,
-        return_attn_probs=True)
+        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=causal,
+        window_size=window_size, return_attn_probs=True)
     # flash-attn >= 2.6 returns the varlen lse unpadded, [hq, b * s]
-    return out.view(b, s, hq, d), lse.view(hq, b, s).transpose(0, 1)
+    return out.view(b, s, hq, width)[..., :dv], lse.view(hq, b, s).transpose(0, 1)
 
 
 def varlen_layout(document_ids: Tensor | None, b: int, s: int, device) -> tuple[Tensor, int]:

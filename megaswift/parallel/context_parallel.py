@@ -19,6 +19,8 @@ Attention (`context_parallel_attention`), on a cp group of U (Ulysses) x R (ring
   from their log-sum-exp in fp32. The backward pass sends K/V around again, recomputes each
   block, and passes each block's dK/dV accumulator along with it until it is home.
 - Hybrid: Ulysses inside, ring across; ring or Ulysses alone are the cases R = 1 or U = 1.
+V's head dim may differ from Q/K's (multi-latent attention): K and V travel the ring as one
+tensor, stacked when their head dims agree and concatenated along the head dim otherwise.
 
 Written here rather than taken from torch: torch's `context_parallel` has no CPU kernels (see
 shared/torch-on-cpu.md) and no packed-document or Ulysses support.
@@ -33,7 +35,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch import Tensor
 
 from megaswift.errors import LayoutError
-from megaswift.kernels.attention import attention, merge_attention_blocks
+from megaswift.kernels.attention import attention, merge_attention_blocks, pad_head_dim
 
 from .tp_comm import group_rank, group_size
 from .watchdog import beat
@@ -160,8 +162,9 @@ def block_mask(q_index: Tensor, k_index: Tensor, document_ids: Tensor | None, wi
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, cp_index: Tensor, document_ids: Tensor | None,
                                window: int | None, backend: str, ulysses_group, ring_group,
                                scale: float | None = None) -> Tensor:
-    """q [b, s_local, hq, d], k/v [b, s_local, hkv, d] of this cp rank's tokens -> out like q."""
-    if not q.dtype == k.dtype == v.dtype:  # stacking K with V would silently promote both
+    """q [b, s_local, hq, d], k [b, s_local, hkv, d], v [b, s_local, hkv, dv] of this cp rank's
+    tokens -> out [b, s_local, hq, dv]."""
+    if not q.dtype == k.dtype == v.dtype:  # packing K with V would silently promote both
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     U, R = group_size(ulysses_group), group_size(ring_group)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -197,7 +200,8 @@ def _replicate_kv(hq: int, k: Tensor, v: Tensor, U: int) -> tuple[Tensor, Tensor
 class _AllToAll(torch.autograd.Function):
     """Ulysses' exchange. to_heads: [b, s, h, d] (own tokens, all heads) -> [b, U s, h/U, d]
     (the U ranks' tokens in rank order, this rank's heads); the reverse otherwise. The backward
-    of one direction is the other."""
+    of one direction is the other. q, k and v go through one at a time, so V's head dim may
+    differ from Q/K's."""
 
     @staticmethod
     def forward(ctx, x, group, to_heads):
@@ -235,17 +239,18 @@ class _RingAttention(torch.autograd.Function):
         ring = _Ring(group)
         masks = _MaskMaker(blocks, me, document_ids, window, live)
         out = lse = None
-        kv = torch.stack([k, v])
+        d = k.shape[-1]
+        kv = _pack_kv(k, v)
         for t in range(R):
             pending = ring.shift([kv], tag=1) if t < R - 1 else None  # the next block travels meanwhile
             mask = masks(t)
             if mask is not None:
-                o, l = attention(q, kv[0], kv[1], causal=False, mask=mask, scale=scale, backend=backend)
+                o, l = attention(q, *_unpack_kv(kv, d), causal=False, mask=mask, scale=scale, backend=backend)
                 out, lse = (o.float(), l) if out is None else merge_attention_blocks(out, lse, o, l)
             if pending is not None:
                 (kv,) = pending.wait()
         if out is None:  # no query sees any key (all padding)
-            out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            out = torch.zeros((*q.shape[:3], v.shape[3]), dtype=torch.float32, device=q.device)
             lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse, blocks, document_ids)
         ctx.me, ctx.window, ctx.backend, ctx.scale, ctx.group, ctx.live = me, window, backend, scale, group, live
@@ -260,7 +265,8 @@ class _RingAttention(torch.autograd.Function):
         dout = dout.float()
         lse_safe = torch.where(torch.isfinite(lse), lse, 0.0)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
+        d = k.shape[-1]
+        kv = _pack_kv(k, v)
         dkv_done = None  # the accumulated dK/dV of the block handled last step, to pass on
         for t in range(R):
             kv_next = ring.shift([kv], tag=1) if t < R - 1 else None
@@ -269,10 +275,10 @@ class _RingAttention(torch.autograd.Function):
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             mask = masks(t)
             if mask is not None:
-                dq_b, dk_b, dv_b = _block_backward(q, kv[0], kv[1], mask, out, lse_safe, dout, ctx.scale,
+                dq_b, dk_b, dv_b = _block_backward(q, *_unpack_kv(kv, d), mask, out, lse_safe, dout, ctx.scale,
                                                    ctx.backend)
                 dq += dq_b
-                dkv = torch.stack([dk_b, dv_b])
+                dkv = _pack_kv(dk_b, dv_b)
             if dkv_in is not None:
                 (incoming,) = dkv_in.wait()
                 dkv = dkv + incoming
@@ -281,8 +287,21 @@ class _RingAttention(torch.autograd.Function):
                 (kv,) = kv_next.wait()
         if R > 1:  # one more hop brings each block's gradient home
             (dkv_done,) = ring.shift([dkv_done], tag=2).wait()
-        return (dq.to(q.dtype), dkv_done[0].to(k.dtype), dkv_done[1].to(v.dtype),
-                None, None, None, None, None, None, None, None)
+        dk, dv = _unpack_kv(dkv_done, d)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None)
+
+
+def _pack_kv(k: Tensor, v: Tensor) -> Tensor:
+    """K and V (or their gradients) as one tensor, so each ring hop is one message: stacked,
+    [2, b, s, h, d], when their head dims agree (what it always was: no copy beyond the stack,
+    and K and V come back as contiguous views); else concatenated along the head dim,
+    [b, s, h, d + dv], one copy as well."""
+    return torch.stack([k, v]) if k.shape[-1] == v.shape[-1] else torch.cat([k, v], dim=-1)
+
+
+def _unpack_kv(kv: Tensor, d: int) -> tuple[Tensor, Tensor]:
+    """Views of K and V in `_pack_kv`'s tensor; d is K's head dim. A stack has one more dim."""
+    return (kv[0], kv[1]) if kv.dim() == 5 else (kv[..., :d], kv[..., d:])
 
 
 def _block_backward(q, k, v, mask, out, lse, dout, scale, backend):
@@ -293,13 +312,22 @@ def _block_backward(q, k, v, mask, out, lse, dout, scale, backend):
     dv_j = sum_i P_ij do_i, ds = P (do v^T - rowsum(do * out)), dq = scale ds k, dk = scale ds^T q.
     On CPU with the sdpa backend that is one fused kernel call. Otherwise the block is recomputed
     with autograd: out = sum_j w_j o_j with w_j = exp(lse_j - lse), so dL/do_j = w_j dout and
-    dL/dlse_j = w_j (dout . (o_j - out))."""
+    dL/dlse_j = w_j (dout . (o_j - out)).
+
+    The CPU backward op, like its forward, needs one head dim for q, k, v (torch 2.13: "Q/K/V
+    should have the same head size"); dv != d runs zero-padded to the larger one, as in
+    kernels/attention.py. Zero columns of v, out and dout add nothing to do.v^T or
+    rowsum(do * out), zero columns of q and k nothing to the scores, and the gradients' padded
+    columns (all zero) are cut."""
     if q.device.type == "cpu" and backend in ("sdpa", "auto"):
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -math.inf)[:, None]
-        t = lambda x: x.transpose(1, 2)  # noqa: E731 - [b, s, h, d] <-> [b, h, s, d]
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        d, dv = q.shape[-1], v.shape[-1]
+        width = max(d, dv)
+        t = lambda x: pad_head_dim(x, width).transpose(1, 2)  # noqa: E731 - [b, s, h, *] -> [b, h, s, width]
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             t(dout.to(q.dtype)), t(q), t(k), t(v), t(out.to(q.dtype)), lse, 0.0, False, attn_mask=bias, scale=scale)
-        return t(dq).float(), t(dk).float(), t(dv).float()
+        return (gq.transpose(1, 2)[..., :d].float(), gk.transpose(1, 2)[..., :d].float(),
+                gv.transpose(1, 2)[..., :dv].float())
     qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
     with torch.enable_grad():
         o, l = attention(qq, kk, vv, causal=False, mask=mask, scale=scale, backend=backend)

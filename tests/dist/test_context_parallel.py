@@ -1,8 +1,10 @@
 """Ring, Ulysses and hybrid attention equal full attention: outputs and the gradients of q, k, v
 (fp32, reference kernel: max abs diff 2e-5 and rel 1e-4 at most; measured about 1e-6), for plain
 causal rows and packed rows of odd document lengths, a sliding window, GQA with fewer KV heads than
-the Ulysses degree, at cp = 2 and 4. Also the sharding itself: zigzag chunks, padding after odd
-documents, and gathering per-token values back into the original order."""
+the Ulysses degree, at cp = 2 and 4, and V's head dim other than Q/K's (multi-latent attention; K
+and V then travel the ring concatenated, and the CPU kernels run zero-padded). Also the sharding
+itself: zigzag chunks, padding after odd documents, and gathering per-token values back into the
+original order."""
 import pytest
 import torch
 
@@ -11,12 +13,12 @@ from megaswift.testing.dist import run_distributed
 B, S, D = 2, 22, 8  # S = 22 is not a multiple of 2 cp: only the packed cases use it
 
 
-def _case(name, hq, hkv, S_row, window=None, packed=False, seed=0):
+def _case(name, hq, hkv, S_row, window=None, packed=False, seed=0, d=D, dv=D):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, S_row, hq, D, generator=g)
-    k = torch.randn(B, S_row, hkv, D, generator=g)
-    v = torch.randn(B, S_row, hkv, D, generator=g)
-    weight = torch.randn(B, S_row, hq, D, generator=g)
+    q = torch.randn(B, S_row, hq, d, generator=g)
+    k = torch.randn(B, S_row, hkv, d, generator=g)
+    v = torch.randn(B, S_row, hkv, dv, generator=g)
+    weight = torch.randn(B, S_row, hq, dv, generator=g)
     docs = None
     if packed:  # odd document lengths, different per row, a trailing padding run
         lengths = [[5, 9, 3, S_row - 17], [1, 13, S_row - 14]]
@@ -29,6 +31,9 @@ CASES = [
     _case("causal_window_gqa1", 4, 1, 24, window=5, seed=1),
     _case("packed_odd_docs", 8, 4, 22, packed=True, seed=2),
     _case("packed_window", 4, 4, 22, window=4, packed=True, seed=3),
+    # V's head dim narrower than Q/K's (as DeepSeek-V3's 128 beside 192), and wider
+    _case("dv_lt_d_packed_window_gqa", 8, 2, 22, window=6, packed=True, seed=4, d=20, dv=12),
+    _case("dv_gt_d_causal_gqa1", 4, 1, 24, seed=5, d=12, dv=20),
 ]
 
 

@@ -3,6 +3,8 @@
 Tolerances (fp32 inputs): reference vs the float64 naive version rtol 1e-5 / atol 1e-6; the CPU
 sdpa kernel vs the reference rtol 1e-5 / atol 5e-6 (measured max |diff| about 1.4e-6, grads of
 q/k/v with the lse term included). bf16 and the CUDA kernels get the looser bounds stated below.
+v's head dim may differ from q/k's (multi-latent attention): the same bounds hold at 20/12 and
+12/20 (measured max |diff| about 2.3e-6 for the CPU kernel, which runs them zero-padded).
 """
 import math
 
@@ -31,12 +33,17 @@ CASES = {
 }
 
 
-def make_case(name, dtype=torch.float32, device="cpu", seed=0, s=S, spec=None):
+# q/k head dim, v head dim: multi-latent attention (DeepSeek-V3: 192 and 128) at odd sizes, v
+# narrower and wider than q/k
+HEAD_DIMS = {"dv_lt_d": (20, 12), "dv_gt_d": (12, 20)}
+
+
+def make_case(name, dtype=torch.float32, device="cpu", seed=0, s=S, spec=None, d=D, dv=None):
     b, hq, hkv, causal, lengths, window = spec or CASES[name]
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, s, hq, D, generator=g).to(device, dtype).requires_grad_()
-    k = torch.randn(b, s, hkv, D, generator=g).to(device, dtype).requires_grad_()
-    v = torch.randn(b, s, hkv, D, generator=g).to(device, dtype).requires_grad_()
+    q = torch.randn(b, s, hq, d, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(b, s, hkv, d, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(b, s, hkv, dv or d, generator=g).to(device, dtype).requires_grad_()
     ids = None
     if lengths is not None:
         ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths]).to(device)
@@ -103,6 +110,47 @@ def test_sdpa_matches_reference(case):
     assert_close(out, r_out, "out", **FP32_SDPA)
     assert_close(lse, r_lse, "lse", **FP32_SDPA)
     for name, a, e in zip("qkv", loss_grads(out, lse, (q, k, v)), loss_grads(r_out, r_lse, (q, k, v))):
+        assert_close(a, e, f"grad {name}", **FP32_SDPA)
+
+
+@pytest.mark.parametrize("dims", list(HEAD_DIMS))
+@pytest.mark.parametrize("case", ["causal", "bidirectional", "documents_window", "gqa_hkv2", "batch2_layouts_window"])
+def test_v_head_dim_other_than_q_k(case, dims):
+    """out [b, s, hq, dv], lse and the q/k/v gradients (lse term included) of both CPU backends,
+    the reference against float64 and sdpa (which runs dv != d zero-padded) against the reference."""
+    d, dv = HEAD_DIMS[dims]
+    q, k, v, kw = make_case(case, d=d, dv=dv)
+    out, lse = attention(q, k, v, backend="reference", **kw)
+    assert out.shape == (*q.shape[:3], dv) and lse.shape == (q.shape[0], q.shape[2], S)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    n_out, n_lse = naive_attention(*leaves, naive_mask(q.shape[0], S, **kw))
+    assert_close(out, n_out, "reference out", **FP32_REF)
+    assert_close(lse, n_lse, "reference lse", **FP32_REF)
+    ref_grads = loss_grads(out, lse, (q, k, v))
+    for name, a, e in zip("qkv", ref_grads, loss_grads(n_out, n_lse, leaves)):
+        assert_close(a, e, f"reference grad {name}", **FP32_REF)
+    s_out, s_lse = attention(q, k, v, backend="sdpa", **kw)
+    assert s_out.shape == out.shape
+    assert_close(s_out, out, "sdpa out", **FP32_SDPA)
+    assert_close(s_lse, lse, "sdpa lse", **FP32_SDPA)
+    for name, a, e in zip("qkv", loss_grads(s_out, s_lse, (q, k, v)), ref_grads):
+        assert a.shape == e.shape
+        assert_close(a, e, f"sdpa grad {name}", **FP32_SDPA)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("dims", list(HEAD_DIMS))
+def test_merge_blocks_with_v_head_dim_other_than_q_k(dims, backend):
+    """Ring attention's path at dv != d: blocks with explicit masks over fewer keys than queries,
+    merged through their lse, equal full attention, gradients included."""
+    d, dv = HEAD_DIMS[dims]
+    q, k, v, kw = make_case("batch2_layouts_window", d=d, dv=dv)
+    out, lse = attention(q, k, v, backend=backend, **kw)
+    (out_a, lse_a), (out_b, lse_b) = _blocks(q, k, v, naive_mask(q.shape[0], S, **kw), "halves", backend)
+    m_out, m_lse = merge_attention_blocks(out_a, lse_a, out_b, lse_b)
+    assert_close(m_out, out, "out", **FP32_SDPA)
+    assert_close(m_lse, lse, "lse", **FP32_SDPA)
+    for name, a, e in zip("qkv", loss_grads(m_out, m_lse, (q, k, v)), loss_grads(out, lse, (q, k, v))):
         assert_close(a, e, f"grad {name}", **FP32_SDPA)
 
 
@@ -233,6 +281,11 @@ def test_bad_inputs_name_the_values():
         attention(q, k[:, :8], v[:, :8])
     with pytest.raises(ValueError, match="window must be >= 1"):
         attention(q, k, v, window=0)
+    # v's head dim is free; its batch, positions and heads are k's
+    with pytest.raises(ValueError, match="k and v alike but for head_dim"):
+        attention(q, k, v[:, :8])
+    with pytest.raises(ValueError, match="k and v alike but for head_dim"):
+        attention(q, k, v[:, :, :1, :5])
 
 
 # --- CUDA: run by the gpu marker on a GPU machine -----------------------------------------------
@@ -340,6 +393,10 @@ def test_auto_takes_flash_attn_only_where_its_kernels_apply(flash_attn_package):
     assert choose_backend("auto", "cuda", torch.float32, 128, False) == "sdpa"  # half precision only
     assert choose_backend("auto", "cuda", torch.bfloat16, 128, True) == "sdpa"  # no explicit masks
     assert choose_backend("auto", "cuda", torch.bfloat16, 320, False) == "sdpa"  # head dim past 256
+    # v's head dim counts as well: flash-attn runs both at the larger one
+    assert choose_backend("auto", "cuda", torch.bfloat16, 192, False, v_head_dim=128) == "flash_attn"  # MLA
+    assert choose_backend("auto", "cuda", torch.bfloat16, 128, False, v_head_dim=320) == "sdpa"
+    assert choose_backend("auto", "cuda", torch.bfloat16, 320, False, v_head_dim=128) == "sdpa"
     assert choose_backend("auto", "cpu", torch.bfloat16, 128, False) == "sdpa"
 
 
@@ -350,7 +407,20 @@ def test_auto_takes_flash_attn_only_where_its_kernels_apply(flash_attn_package):
 def test_sdpa_kernel_choice_and_head_dim_padding(dtype, d, masked, kernel, padded):
     from megaswift.kernels.attention_cuda import sdpa_kernel
 
-    assert sdpa_kernel(dtype, d, masked) == (kernel, padded)
+    assert sdpa_kernel(dtype, d, masked) == (kernel, padded, padded)
+
+
+@pytest.mark.parametrize("dtype, d, dv, masked, expect", [
+    (torch.bfloat16, 192, 128, False, ("flash", 192, 192)),  # flash: one head dim, v padded to q/k's
+    (torch.bfloat16, 12, 20, False, ("flash", 24, 24)),  # q/k padded to v's (aligned)
+    (torch.bfloat16, 192, 128, True, ("efficient", 192, 128)),  # memory-efficient: dv native
+    (torch.bfloat16, 20, 12, True, ("efficient", 24, 16)),  # each aligned on its own
+    (torch.float32, 20, 12, False, ("efficient", 20, 12)),
+    (torch.bfloat16, 128, 264, False, ("efficient", 128, 264))])  # past flash's 256
+def test_sdpa_kernel_head_dims_of_v_other_than_q_k(dtype, d, dv, masked, expect):
+    from megaswift.kernels.attention_cuda import sdpa_kernel
+
+    assert sdpa_kernel(dtype, d, masked, v_head_dim=dv) == expect
 
 
 class _StandInCudaKernels:
@@ -376,11 +446,15 @@ class _StandInCudaKernels:
     def _check(self, q, k, v):
         assert q.dtype == k.dtype == v.dtype, (q.dtype, k.dtype, v.dtype)
         assert q.shape[1] == k.shape[1], "no GQA in the aten kernels"
-        if q.shape[-1] % (8 if q.dtype in (torch.float16, torch.bfloat16) else 4):
+        assert q.shape[-1] == k.shape[-1], "q and k share one head dim"
+        align = 8 if q.dtype in (torch.float16, torch.bfloat16) else 4
+        if q.shape[-1] % align or v.shape[-1] % align:  # v's own head dim is aligned on its own
             raise RuntimeError("cutlassF: no kernel found to launch!")
 
     def _scaled_dot_product_flash_attention(self, q, k, v, dropout_p, is_causal, return_debug_mask, scale=None):
         self._check(q, k, v)
+        if v.shape[-1] != q.shape[-1]:  # sdp_utils' check_head_dim_size_flash: one head dim for all three
+            raise RuntimeError("flash attention requires q, k, v to have the same last dimension")
         assert q.dtype in (torch.float16, torch.bfloat16), "flash: half precision only"
         self.ran.append("flash")
         out, lse = self._math(q, k, v, None, is_causal, scale)
@@ -397,23 +471,26 @@ class _StandInCudaKernels:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", ["causal", "documents_window", "gqa_hkv2"])
-def test_cuda_sdpa_runs_odd_head_dims(case, dtype, monkeypatch):
-    """attention_cuda.sdpa against stand-ins of aten's CUDA kernels, with a head dim of 6 (off
-    both alignments): the padding to the kernels' alignment must give the reference's out, lse
-    and gradients."""
+@pytest.mark.parametrize("d, dv", [(6, 6), (20, 12), (6, 10)])
+def test_cuda_sdpa_runs_odd_head_dims(d, dv, case, dtype, monkeypatch):
+    """attention_cuda.sdpa against stand-ins of aten's CUDA kernels, with head dims of 6 and 10
+    (off both alignments) and v's head dim other than q/k's: the padding to the kernels'
+    alignment (and, for flash, to one head dim) must give the reference's out, lse and
+    gradients."""
     from megaswift.kernels import attention_cuda
 
     kernels = _StandInCudaKernels()
     monkeypatch.setattr(attention_cuda, "aten", kernels)
     b, hq, hkv, causal, lengths, window = CASES[case]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, S, h, 6, generator=g).to(dtype).requires_grad_() for h in (hq, hkv, hkv))
+    q, k, v = (torch.randn(b, S, h, n, generator=g).to(dtype).requires_grad_()
+               for h, n in ((hq, d), (hkv, d), (hkv, dv)))
     _, _, _, kw = make_case(case)
     visible = None if lengths is None and window is None else naive_mask(b, S, **kw)
-    out, lse = attention_cuda.sdpa(q, k, v, visible=visible, causal=causal and visible is None, scale=6 ** -0.5)
+    out, lse = attention_cuda.sdpa(q, k, v, visible=visible, causal=causal and visible is None, scale=d ** -0.5)
     want_out, want_lse = attention(q, k, v, backend="reference", **kw)
     tol = GPU_TOL[dtype]
-    assert out.shape == q.shape and lse.shape == (b, hq, S)
+    assert out.shape == (*q.shape[:3], dv) and lse.shape == (b, hq, S)
     assert_close(out, want_out, "out", **tol)
     assert_close(lse, want_lse, "lse", **tol)
     grads = torch.autograd.grad((out.float() ** 2).sum(), (q, k, v))
@@ -444,14 +521,17 @@ def test_varlen_layout_is_computed_once_per_document_ids_tensor():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["sdpa", "flash_attn"])
 @pytest.mark.parametrize("case", ["causal", "documents_window", "gqa_hkv2"])
-@pytest.mark.parametrize("d", [6, 12])
-def test_cuda_odd_head_dims_match_reference(d, case, backend, dtype):
-    """The real CUDA kernels at head dims off their alignment (the stand-in test above checks the
-    padding on the CPU; this one that the kernels take it)."""
+@pytest.mark.parametrize("d, dv", [(6, 6), (12, 12), (20, 12), (12, 20), (192, 128)])
+def test_cuda_odd_head_dims_match_reference(d, dv, case, backend, dtype):
+    """The real CUDA kernels at head dims off their alignment, and with v's head dim other than
+    q/k's (multi-latent attention, 192/128 as DeepSeek-V3): the stand-in test above checks the
+    padding on the CPU; this one that the kernels take it (the memory-efficient kernel with dv
+    native, the flash kernels padded to one head dim)."""
     if backend == "flash_attn" and (not flash_attn_available() or dtype == torch.float32):
         pytest.skip("flash-attn is not installed" if not flash_attn_available() else "flash-attn: half precision only")
     b, hq, hkv, causal, lengths, window = CASES[case]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, S, h, d, generator=g).to("cuda", dtype).requires_grad_() for h in (hq, hkv, hkv))
+    q, k, v = (torch.randn(b, S, h, n, generator=g).to("cuda", dtype).requires_grad_()
+               for h, n in ((hq, d), (hkv, d), (hkv, dv)))
     _, _, _, kw = make_case(case, device="cuda")
     _assert_matches_reference(q, k, v, kw, backend, GPU_TOL[dtype])
