@@ -57,3 +57,26 @@ def moe_hf(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("moe_hf")
     return {f: make_tiny_hf(f, str(root / f), seed=20 + i) for i, f in enumerate(MOE_FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def latent_hf(tmp_path_factory):
+    """The DeepSeek-V3 architecture and its relatives (issue 21), tiny:
+    - deepseek_v3: multi-latent attention with a query down-projection, YaRN with mscale,
+      interleaved RoPE; 8 experts in 4 groups (top-3 of 2 groups), expert bias, a shared
+      expert, the first layer dense (megaswift/testing/tiny.py);
+    - deepseek_v3_noq: the same with q_lora_rank null (a plain query projection, as
+      DeepSeek-V2-Lite), plain RoPE order, no YaRN;
+    - kimi_k2: deepseek_v3's tensors under Kimi-K2's config.json (model_type kimi_k2 over
+      DeepseekV3ForCausalLM, an auto_map megaswift never runs), one expert group;
+    - glm4_moe: GQA with partial RoPE, QKV bias, q/k norms, DeepSeek's router."""
+    from megaswift.testing.tiny import make_kimi_k2_style, make_tiny_hf
+
+    root = tmp_path_factory.mktemp("latent_hf")
+    out = {"deepseek_v3": make_tiny_hf("deepseek_v3", str(root / "deepseek_v3"), seed=30),
+           "deepseek_v3_noq": make_tiny_hf("deepseek_v3", str(root / "deepseek_v3_noq"), seed=31, q_lora_rank=None,
+                                           rope_interleave=False,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+           "glm4_moe": make_tiny_hf("glm4_moe", str(root / "glm4_moe"), seed=32)}
+    out["kimi_k2"] = make_kimi_k2_style(str(root / "kimi_k2"), seed=33)
+    return out

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from megaswift.parallel.collectives import all_gather_object, broadcast_object, initialized
+from megaswift.parallel.context_parallel import shard_batch
 from megaswift.parallel.tp_comm import gather_from_tp_region
 
 from .hf_import import load_hf_into_model
@@ -12,10 +14,14 @@ from .hf_import import load_hf_into_model
 @torch.no_grad()
 def megaswift_logits(model, tokens) -> torch.Tensor | None:
     """Full-vocab logits [b, s, vocab] of a loaded megaswift model (a GPTModel or this rank's
-    pipeline stages); None on ranks that do not run the last pipeline stage."""
+    pipeline stages); None on ranks that do not run the last pipeline stage. Under context
+    parallelism each cp rank runs its zigzag share of the tokens, as in training, and the
+    logits are gathered back into row order."""
     st, cfg = model.st, model.cfg
     model.eval()
     tokens = tokens.to(st.device)
+    if st.cp_size > 1:
+        return _context_parallel_logits(model, tokens)
     out = model.forward_without_schedule(input_ids=tokens)  # None on ranks without the last stage
     if out is None:
         return None
@@ -23,11 +29,67 @@ def megaswift_logits(model, tokens) -> torch.Tensor | None:
     return logits.float().cpu()
 
 
-@torch.no_grad()
-def hf_logits(hf_dir, dtype, tokens) -> torch.Tensor:
+def _context_parallel_logits(model, tokens) -> torch.Tensor | None:
+    st, cfg = model.st, model.cfg
+    b, s = tokens.shape
+    multiple = st.layout.seq_multiple(bool(cfg.moe_layers))
+    if s % multiple:
+        raise ValueError(f"verify under cp needs a sequence length divisible by {multiple}; got {s}")
+    positions = torch.arange(s, device=tokens.device).expand(b, s)
+    mb = shard_batch({"input_ids": tokens, "position_ids": positions}, st.cp_size, st.cp_rank, multiple=multiple)
+    out = model.forward_without_schedule(input_ids=mb["input_ids"], position_ids=mb["position_ids"],
+                                         document_ids=mb["document_ids"], cp_index=mb["cp_index"].to(tokens.device))
+    if out is None:
+        return None
+    local = gather_from_tp_region(out, st.tp_group, dim=-1)[..., : cfg.vocab_size].float()  # [b, s/cp, V]
+    parts = [torch.empty_like(local) for _ in range(st.cp_size)]
+    dist.all_gather(parts, local.contiguous(), group=st.cp_group)
+    # rank r's tokens sit at positions cp_index[:, r] of the row (no padding: s divides)
+    where = mb["cp_index"].reshape(b, -1, 1).expand(-1, -1, local.shape[-1]).to(local.device)
+    return torch.zeros(b, s, local.shape[-1], device=local.device).scatter(1, where, torch.cat(parts, 1)).cpu()
+
+
+def hf_model_class(hf_dir):
+    """transformers' class for a checkpoint, never its own code: AutoModelForCausalLM by
+    model_type, or, for a model_type transformers does not know (Kimi-K2's kimi_k2, whose
+    auto_map points at remote code), the transformers class its `architectures` names
+    (DeepseekV3ForCausalLM)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .hf_io import read_hf_config
+
+    hf = read_hf_config(hf_dir)
+    if hf.get("model_type") in CONFIG_MAPPING:
+        return transformers.AutoModelForCausalLM
+    for arch in hf.get("architectures") or []:
+        if hasattr(transformers, arch):
+            return getattr(transformers, arch)
+    raise ValueError(f"transformers {transformers.__version__} has no class for model_type "
+                     f"{hf.get('model_type')!r} or architectures {hf.get('architectures')}")
+
+
+def load_hf_model(hf_dir, dtype):
+    """The transformers model of a checkpoint (see hf_model_class). For an architecture reached
+    through `architectures`, its own config class reads config.json, so transformers converts
+    the checkpoint's tensors as it does for that architecture's own model_type."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager")
+    from .hf_io import read_hf_config
+
+    cls = hf_model_class(hf_dir)
+    kwargs = {}
+    if cls is not AutoModelForCausalLM:
+        # transformers picks how to convert a checkpoint's tensors (the hub's per-expert tensors
+        # into its fused experts) by the config's model_type: give it the architecture's own
+        hf = {k: v for k, v in read_hf_config(hf_dir).items() if k not in ("model_type", "auto_map")}
+        kwargs["config"] = cls.config_class.from_dict(hf)
+    return cls.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager", **kwargs)
+
+
+@torch.no_grad()
+def hf_logits(hf_dir, dtype, tokens) -> torch.Tensor:
+    model = load_hf_model(hf_dir, dtype)
     model.eval()
     return model(tokens).logits.float()
 

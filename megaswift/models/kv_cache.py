@@ -42,7 +42,7 @@ class KVCache:
         if layer not in self.k:
             shape = (self.batch, self.max_len) + tuple(k.shape[2:])
             self.k[layer] = k.new_zeros(shape)
-            self.v[layer] = v.new_zeros(shape)
+            self.v[layer] = v.new_zeros((self.batch, self.max_len) + tuple(v.shape[2:]))  # MLA: v heads are narrower
         end = self.length + self._new
         self.k[layer][:, self.length:end] = k
         self.v[layer][:, self.length:end] = v

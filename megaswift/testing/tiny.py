@@ -111,3 +111,23 @@ def make_tiny_hf(family: str, out_dir: str, *, seed: int = 0, max_shard_size: st
     if tokenizer:
         save_tiny_tokenizer(out_dir)
     return out_dir
+
+
+def make_kimi_k2_style(out_dir: str, *, seed: int = 0, **overrides) -> str:
+    """A tiny deepseek_v3 checkpoint dressed as Kimi-K2 publishes its config.json: model_type
+    kimi_k2 (which transformers does not know) over architectures DeepseekV3ForCausalLM, an
+    auto_map naming remote code (never run: megaswift reads tensors only), one expert group."""
+    import json
+
+    kw = dict(n_group=1, topk_group=1, routed_scaling_factor=2.827, **overrides)
+    make_tiny_hf("deepseek_v3", out_dir, seed=seed, **kw)
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(model_type="kimi_k2", auto_map={
+        "AutoConfig": "configuration_deepseek.DeepseekV3Config",
+        "AutoModel": "modeling_deepseek.DeepseekV3Model",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+    return out_dir
