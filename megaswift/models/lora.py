@@ -1,7 +1,8 @@
 """Attach LoRA adapters to a model's parallel linears by megaswift name, freeze the rest.
 
 Targets: linear_qkv, linear_proj, linear_fc1, linear_fc2 (dense MLPs, shared experts and
-grouped experts alike), or all-linear for all of them. The adapters' maths and split live in
+grouped experts alike), multi-latent attention's linear_q_proj, linear_q_down_proj,
+linear_q_up_proj, linear_kv_down_proj, linear_kv_up_proj, or all-linear for all of them. The adapters' maths and split live in
 parallel/lora.py; their canonical shapes and slices in models/sharding.py (`lora_layout`), so
 checkpoints of adapters reshard like any weight.
 """
@@ -17,8 +18,11 @@ from megaswift.parallel import lora as plora
 
 from .sharding import box_of, fill_from_canonical, layout_on
 
-TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-COLUMN = ("linear_qkv", "linear_fc1")
+# multi-latent attention's projections (models/mla.py): the down-projections are replicated over
+# tp, the up-projections column-parallel; all are "column" adapters (B follows the weight's rows)
+MLA_TARGETS = ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
+TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", *MLA_TARGETS)
+COLUMN = ("linear_qkv", "linear_fc1", *MLA_TARGETS)
 
 
 def target_set(targets: list[str]) -> set[str]:

@@ -72,5 +72,10 @@ def attach(layer: nn.Module, kind: str, a_shape, b_shape, **kwargs) -> LoRA:
         mark_tp_replicated_rows(lora.B, *replicated)
     if kind == "row" and kwargs.get("sequence_parallel"):
         mark_tp_partial_grad(lora.B)
+    if getattr(layer.weight, "tp_partial_grad", False):
+        # a layer replicated over tp that sees only the rank's share of the tokens (MLA's
+        # down-projections under SP): its adapter's gradients are partial sums, as its weight's
+        mark_tp_partial_grad(lora.A)
+        mark_tp_partial_grad(lora.B)
     layer.lora = lora
     return lora

@@ -43,3 +43,83 @@ def test_logits_match_transformers(latent_hf, family, layout):
     results = run_distributed(_verify, world, latent_hf[family], overrides)
     assert all(r == results[0] for r in results)
     assert results[0]["max_abs_diff"] < 1e-4, results[0]
+
+
+# -- training ---------------------------------------------------------------------------------------
+# 5 SFT steps on deepseek_v3: the same losses, gradient norms and expert biases as the single-process
+# run (relative 1e-5). The load-balancing losses are in the gradient; the expert bias moves each step.
+# The load-balancing loss is taken over each global micro batch, so with dp > 1 the layout runs one
+# micro batch per step and the reference one of micro_batch_size x dp (as tests/dist/test_moe_parallel.py).
+RTOL = 1e-5
+MOE = {"moe__z_loss_coef": 1e-3, "moe__aux_loss_coef": 0.01}
+TRAIN = {  # name -> (world, reference micro batch size, overrides)
+    "tp2_sp": (2, 2, {"parallel__tp": 2, "parallel__sp": True}),
+    "dp2_ep2_zero1": (2, 8, {"parallel__ep": 2, "optim__zero": 1, "train__micro_batch_size": 4}),
+    "pp2": (2, 2, {"parallel__pp": 2}),
+    "cp2": (2, 2, {"parallel__cp": 2}),
+}
+
+
+def _steps_and_biases(rank, world, hf_dir, data, output_dir, **overrides):
+    """Per-step metrics, and every expert bias this rank holds after the last step (by layer)."""
+    from megaswift.train.build import build_trainer
+    from megaswift.train.sft import SFT
+    from tests.helpers.train import train_config
+
+    cfg = train_config(hf_dir, data, output_dir, **overrides)
+    trainer = build_trainer(cfg, SFT())
+    metrics = [trainer.train_step(trainer.data.next_global_batch()) for _ in range(cfg.train.steps)]
+    biases = {name.split(".")[2]: p.detach().tolist() for name, p in trainer.model.named_parameters()
+              if name.endswith("router.expert_bias")}
+    return metrics, biases
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tests.helpers.train import write_chat_data
+
+    return write_chat_data(str(tmp_path_factory.mktemp("latent") / "train.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def reference(latent_hf, data, tmp_path_factory):
+    cache = {}
+
+    def get(mbs, **extra):
+        key = (mbs, tuple(sorted(extra.items())))
+        if key not in cache:
+            cache[key] = _steps_and_biases(0, 1, latent_hf["deepseek_v3"], data, str(tmp_path_factory.mktemp("ref")),
+                                           train__micro_batch_size=mbs, **MOE, **extra)
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("name", list(TRAIN))
+def test_training_matches_single_process(name, reference, latent_hf, data, tmp_path):
+    import numpy as np
+
+    world, ref_mbs, overrides = TRAIN[name]
+    want, want_bias = reference(ref_mbs)
+    results = run_distributed(_steps_and_biases, world, latent_hf["deepseek_v3"], data, str(tmp_path), **overrides,
+                              **MOE)
+    got_bias = {}
+    for got, biases in results:
+        got_bias.update(biases)
+        for key in ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss"):
+            np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=RTOL, err_msg=key)
+    assert set(got_bias) == set(want_bias) == {"1"}
+    for layer, bias in want_bias.items():
+        np.testing.assert_allclose(got_bias[layer], bias, rtol=RTOL, atol=1e-7, err_msg=layer)
+
+
+def test_lora_matches_single_process(reference, latent_hf, data, tmp_path):
+    """LoRA on every linear (MLA's projections, experts, shared expert) at tp=2 x ep=2."""
+    import numpy as np
+
+    lora = {"model__lora__rank": 4, "model__lora__alpha": 8, "model__lora__targets": "[all-linear]"}
+    want, _ = reference(2, **lora)
+    got, _ = run_distributed(_steps_and_biases, 2, latent_hf["deepseek_v3"], data, str(tmp_path), parallel__tp=2,
+                             parallel__ep=2, **lora, **MOE)[0]
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=RTOL, err_msg=key)
+    assert want[-1]["loss"] < want[0]["loss"]
