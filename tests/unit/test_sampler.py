@@ -26,15 +26,18 @@ def _prompts(vocab, lens=PROMPT_LENS, seed=0):
     return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lens]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])  # mistral: a sliding window of 8
-def test_greedy_equals_transformers_generate(tiny_hf, family):
+# mistral: a sliding window of 8; deepseek_v3: multi-latent attention (q/k heads wider than v) and
+# the group-limited router with an expert bias; glm4_moe: partial RoPE
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "deepseek_v3", "glm4_moe"])
+def test_greedy_equals_transformers_generate(tiny_hf, latent_hf, family):
     from transformers import AutoModelForCausalLM
 
-    model = _model(tiny_hf[family])
+    hf_dir = (latent_hf if family in latent_hf else tiny_hf)[family]
+    model = _model(hf_dir)
     prompts = _prompts(model.cfg.vocab_size)
     n_new = 8
     ours = generate(model, prompts, SamplingParams(max_new_tokens=n_new, temperature=0), seeds=[0, 1, 2])
-    hf = AutoModelForCausalLM.from_pretrained(tiny_hf[family], dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     width = max(PROMPT_LENS)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
