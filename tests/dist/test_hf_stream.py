@@ -58,6 +58,13 @@ def test_streamed_expert_weights_equal_the_checkpoint(moe_hf):
     _check(run_distributed(_stream, 4, hf, {"parallel.ep": 2, "parallel.etp": 2}), hf)
 
 
+def test_streamed_latent_attention_weights_equal_the_checkpoint(latent_hf):
+    """deepseek_v3 at tp=2 x ep=2: MLA's replicated down-projections and head-split
+    up-projections, the expert bias and the ungated shared expert."""
+    hf = latent_hf["deepseek_v3"]
+    _check(run_distributed(_stream, 2, hf, {"parallel.tp": 2, "parallel.ep": 2}), hf)
+
+
 def _check(results, hf_dir):
     want = _hf_tensors(hf_dir)
     got = results[0]
