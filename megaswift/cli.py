@@ -16,6 +16,7 @@ _WRAPPERS = ("launch", "slurm")  # commands that run another megaswift command g
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megaswift.dtypes import EXPORT_FORMATS
     from megaswift.train.registry import ALGORITHMS
 
     p = argparse.ArgumentParser(prog="megaswift", description="Megatron-style parallel training on PyTorch.")
@@ -35,13 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     s = with_config(sub.add_parser("import-hf", help="convert an HF checkpoint into a megaswift checkpoint"))
     s.add_argument("hf_dir")
     s.add_argument("ckpt_dir")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's dtype")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: the checkpoint's dtype (bfloat16 for an fp8 checkpoint, which is dequantized)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
 
     s = sub.add_parser("export-hf", help="write a megaswift checkpoint as an HF checkpoint")
     s.add_argument("ckpt_dir")
     s.add_argument("hf_dir")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the dtype it was imported in")
+    s.add_argument("--dtype", choices=list(EXPORT_FORMATS),
+                   help="default: the dtype it was imported in; fp8-block: 2-D linear weights in fp8 with per-block "
+                   "scales (DeepSeek-V3's format, for vLLM and SGLang), the rest bf16")
     s.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB, 2GB")
     s.add_argument("--merge-lora", action="store_true",
                    help="LoRA checkpoints: write the base weights with the adapters merged in (default: a PEFT adapter)")
@@ -104,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="compute as the config says on CPU (default: bf16 autocast, as on a GPU)")
 
     s = sub.add_parser("tiny-hf", help="write a tiny random-weight HF checkpoint (tests, quickstart)")
-    s.add_argument("family", choices=["llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "qwen2_moe", "mixtral"])
+    s.add_argument("family", choices=["llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "qwen2_moe", "mixtral",
+                                      "deepseek_v3", "glm4_moe"])
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     return p

@@ -67,16 +67,17 @@ export PY WORK BACKEND  # the phases below run in child shells
 mapfile -t GPU_FILES < <(grep -rl "mark.gpu" tests --include='test_*.py')
 phase gpu_tests 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_FILES[@]}"
 
-# 2. verify in bf16 against transformers: llama's head dim 12 takes the padded-kernel path
-for fam in llama qwen3 qwen3_moe; do "$PY" -m megaswift tiny-hf "$fam" "$WORK/$fam" >/dev/null 2>&1; done
+# 2. verify in bf16 against transformers: llama's head dim 12 takes the padded-kernel path,
+# deepseek_v3's multi-latent attention a value head dim (10) other than q/k's (14)
+for fam in llama qwen3 qwen3_moe deepseek_v3 glm4_moe; do "$PY" -m megaswift tiny-hf "$fam" "$WORK/$fam" >/dev/null 2>&1; done
 verify_all() {
-  for fam in llama qwen3 qwen3_moe; do
+  for fam in llama qwen3 qwen3_moe deepseek_v3 glm4_moe; do
     "$PY" -m megaswift verify "$WORK/$fam" --dtype bfloat16 --model.attention_backend "$BACKEND" || return 1
     "$PY" -m megaswift verify "$WORK/$fam" --dtype float32 || return 1
   done
 }
 export -f verify_all
-phase verify 90 bash -c verify_all
+phase verify 150 bash -c verify_all
 
 # 3. a short SFT on one GPU under bf16 autocast, packed rows
 "$PY" -c "from tests.helpers.train import write_chat_data; write_chat_data('$WORK/train.jsonl', n=256)"

@@ -53,8 +53,8 @@ class TopKRouter(nn.Module):
 
 
 class GroupLimitedRouter(nn.Module):
-    """transformers' DeepseekV3TopkRouter (GLM-4.5's is the same), computed in fp32 whatever the
-    model's dtype, as HF keeps this module in fp32:
+    """transformers' DeepseekV3TopkRouter (GLM-4.5's is the same), held and computed in fp32
+    whatever the model's dtype, as HF keeps this module in fp32:
 
     - scores = sigmoid(x W^T);
     - the experts are chosen on scores + `expert_bias` (HF e_score_correction_bias), which only
@@ -82,7 +82,9 @@ class GroupLimitedRouter(nn.Module):
                               f"groups of {E // groups} experts")
         self.topk, self.groups, self.group_topk = cfg.moe_router_topk, groups, cfg.moe_router_group_topk
         self.norm_topk_prob, self.scaling = cfg.moe_norm_topk_prob, cfg.moe_router_scaling_factor
-        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size, dtype=dtype, device=device))
+        # fp32 whatever the model's dtype, as transformers keeps gate.weight: in a bf16 model a
+        # bf16 router weight moves near-tied scores enough to pick other experts than HF does
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size, dtype=torch.float32, device=device))
         self.expert_bias = None
         if cfg.moe_router_expert_bias:  # fp32 whatever the model's dtype: steps of 1e-3 vanish in bf16
             self.expert_bias = nn.Parameter(torch.zeros(E, dtype=torch.float32, device=device), requires_grad=False)
