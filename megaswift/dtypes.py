@@ -9,6 +9,13 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+FP8_BLOCK = "fp8-block"
+"""An export format, not a dtype models hold: 2-D linear weights in float8_e4m3fn with per-block
+fp32 scales (DeepSeek-V3's format, convert/fp8.py), everything else in bf16."""
+
+EXPORT_FORMATS = (*DTYPES, FP8_BLOCK)
+"""What export-hf --dtype accepts."""
+
 
 def dtype_name(dtype: torch.dtype, default: str = "float32") -> str:
     """The name of a torch dtype in DTYPES, else `default`."""
