@@ -8,7 +8,7 @@ import re
 import torch.distributed as dist
 
 from megaswift import device, setup
-from megaswift.dtypes import DTYPES
+from megaswift.dtypes import DTYPES, dtype_name
 from megaswift.errors import CheckpointError, LayoutError
 
 
@@ -20,14 +20,18 @@ def _setup(cfg, model_cfg):
 def import_command(ns, cfg) -> int:
     from megaswift.checkpoint.model_state import save_model
     from megaswift.convert.hf_import import load_hf_into_model
+    from megaswift.convert.hf_io import HFReader, default_dtype
 
     model_cfg = setup.hf_model_config(ns.hf_dir, cfg)
     if os.path.exists(ns.ckpt_dir) and os.listdir(ns.ckpt_dir) and not ns.overwrite:
         raise CheckpointError(f"{ns.ckpt_dir} exists and is not empty; choose another directory or pass --overwrite")
+    reader = HFReader(ns.hf_dir)  # refuses a quantization it cannot read before any process group starts
+    dtype = ns.dtype or dtype_name(default_dtype(reader))  # an fp8 checkpoint: bf16
     st = _setup(cfg, model_cfg)
-    dtype = ns.dtype or setup.checkpoint_dtype(ns.hf_dir)
     model = setup.build_model(cfg, model_cfg, st, DTYPES[dtype])
-    load_hf_into_model(model, ns.hf_dir)
+    load_hf_into_model(model, ns.hf_dir, reader)
+    # save_model (rank 0) copies the side files, the pass-through tensors drawn from the HF
+    # checkpoint among them (convert/passthrough.py)
     meta = {"family": model_cfg.family, "model_config": model_cfg.to_dict(), "dtype": dtype,
             "saved_layout": st.layout.describe(), "source": os.path.abspath(ns.hf_dir)}
     save_model(model, ns.ckpt_dir, meta, extra_files_from=ns.hf_dir)

@@ -4,7 +4,8 @@ Layout of a checkpoint directory:
 
     megaswift.json   format version, family, ModelConfig, the layout it was saved with, dtype
     model/           DCP files of the canonical tensors (independent of tp)
-    hf/              tokenizer and generation files of the source HF checkpoint, for export
+    hf/              tokenizer and generation files of the source HF checkpoint, for export, and
+                     passthrough.safetensors: HF tensors kept but not trained (MTP layers)
 
 A save writes into `<dir>.tmp` and renames it at the end, so an interrupted save never damages
 the checkpoint that was there before. Every load reads through `safe_load.SafeFileSystemReader`:
@@ -190,12 +191,41 @@ def read_canonical(ckpt_dir: str, shapes: dict[str, tuple], dtype: torch.dtype) 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
+PASSTHROUGH_FILE = "passthrough.safetensors"
+"""In a checkpoint's side directory: the HF tensors it keeps but does not train (convert/passthrough.py)."""
 
-def copy_side_files(src: str, dst: str) -> None:
-    """Copy tokenizer/generation files, never weights or the weight index."""
+# Who draws side files from an HF checkpoint's weights: convert/passthrough.py registers the writer
+# of PASSTHROUGH_FILE when it is imported. Which tensors pass through depends on the model family,
+# which convert/ knows and this layer, below it, cannot import. Whatever copies side files from
+# an HF checkpoint has read it through convert/hf_import.py first, which imports it.
+_HF_SIDE_WRITERS: dict[str, object] = {}
+
+
+def register_hf_side_writer(fn) -> None:
+    """`fn(hf_dir, side_dir)` writes side files drawn from the HF checkpoint in `hf_dir`."""
+    _HF_SIDE_WRITERS[f"{fn.__module__}.{fn.__qualname__}"] = fn
+
+
+def _is_hf_checkpoint(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def copy_side_files(src: str, dst: str, passthrough: bool = True) -> None:
+    """Copy tokenizer/generation files, never weights or the weight index. With `passthrough`
+    (a checkpoint's side directory; not an HF export, which writes them into its shards) also
+    the pass-through tensors: PASSTHROUGH_FILE of a checkpoint's side directory `src`, or drawn
+    from the HF checkpoint `src` by the registered writers."""
     os.makedirs(dst, exist_ok=True)
+    hf = _is_hf_checkpoint(src)
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
-        if not os.path.isfile(path) or name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+        keep = passthrough and name == PASSTHROUGH_FILE and not hf  # in an HF directory it is one of its weights
+        if not os.path.isfile(path) or (not keep and (name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json"))):
             continue
         shutil.copy2(path, os.path.join(dst, name))
+    if passthrough and hf:
+        if not _HF_SIDE_WRITERS:  # its pass-through tensors would be lost without a word
+            raise CheckpointError(f"side files of the HF checkpoint {src} are copied before megaswift.convert."
+                                  "passthrough is imported; import it (or megaswift.convert.hf_import) first")
+        for write in _HF_SIDE_WRITERS.values():
+            write(src, dst)

@@ -13,15 +13,14 @@ import shutil
 import torch
 
 from megaswift.checkpoint.model_state import read_canonical, read_meta
-from megaswift.dtypes import DTYPES
+from megaswift.dtypes import DTYPES, EXPORT_FORMATS, FP8_BLOCK
 from megaswift.errors import CheckpointError
 from megaswift.models.config import ModelConfig
 from megaswift.models.sharding import canonical_names, shard_layout
 
+from . import fp8, passthrough
 from .families import FAMILIES, FamilySpec
 from .hf_io import ShardedSafetensorsWriter
-
-
 
 def split_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig, spec: FamilySpec, out: dict) -> None:
     """Scatter the rows of one canonical tensor into the HF tensors `out` collects (hf name ->
@@ -48,9 +47,14 @@ def default_export_dtype(meta: dict) -> str:
 
 
 def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3,
-              merge_lora: bool = False, overwrite: bool = False, overwrite_option: str = "pass --overwrite") -> dict:
+              merge_lora: bool = False, overwrite: bool = False, overwrite_option: str = "pass --overwrite",
+              fp8_block: tuple[int, int] = fp8.DEFAULT_BLOCK) -> dict:
     """The whole model as an HF checkpoint. A LoRA checkpoint (adapters only) becomes a PEFT
     adapter directory, or with `merge_lora` the base weights with the adapters merged in.
+
+    `dtype`: a name in DTYPES, or FP8_BLOCK: 2-D linear weights quantized in blocks of
+    `fp8_block` (convert/fp8.py), the rest bf16. None: the checkpoint's default (its source's
+    dtype); the pass-through tensors then stay as stored.
 
     A non-empty `hf_dir` is refused unless `overwrite`; then its previous HF file set is replaced
     whole (see replace_hf_files). `overwrite_option` tells the user how to turn it on ("pass
@@ -60,11 +64,14 @@ def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_by
     check_export_target(hf_dir, overwrite, export_sources(meta), ckpt_dir, overwrite_option)
     cfg = ModelConfig.from_dict(meta["model_config"])
     spec = FAMILIES[cfg.family]
-    dtype = dtype or default_export_dtype(meta)
+    if dtype is not None and dtype not in EXPORT_FORMATS:
+        raise CheckpointError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    keep_stored, dtype = dtype is None, dtype or default_export_dtype(meta)
     staging = _sibling(hf_dir, "export-tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        info = _write(ckpt_dir, staging, meta, cfg, spec, dtype, max_shard_bytes, merge_lora)
+        info = _write(ckpt_dir, staging, meta, cfg, spec, dtype, max_shard_bytes, merge_lora, keep_stored,
+                      tuple(fp8_block))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -72,15 +79,58 @@ def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_by
     return info
 
 
+# written in fp32 whatever the export's dtype, as DeepSeek publishes it and transformers keeps it
+# (a bias moved in steps of 1e-3 does not survive bf16)
+KEEP_FP32 = ("e_score_correction_bias",)
+
+
+class _Converter:
+    """Hands HF tensors to the shard writer in the export's format: cast to its dtype, or with
+    fp8-block, 2-D linear weights quantized (and their scale grids beside them), the rest bf16."""
+
+    def __init__(self, writer: ShardedSafetensorsWriter, dtype: str, block: tuple[int, int]):
+        self.writer, self.block = writer, block
+        self.fp8 = dtype == FP8_BLOCK
+        self.dtype = torch.bfloat16 if self.fp8 else DTYPES[dtype]
+        self.linear: set[str] = set()   # 2-D weights written, for modules_to_not_convert
+        self.scaled: set[str] = set()   # the quantized ones among them
+
+    def add(self, name: str, tensor: torch.Tensor, as_stored: bool = False) -> None:
+        if tensor.ndim == 2 and name.endswith(".weight"):
+            self.linear.add(name)
+        if as_stored:
+            if name.endswith(fp8.SCALE_SUFFIX):
+                self.scaled.add(name[: -len(fp8.SCALE_SUFFIX)])
+            self.writer.add(name, tensor)
+        elif self.fp8 and fp8.quantizable(name, tensor.shape):
+            q, scale = fp8.quantize(name, tensor, self.block)
+            self.writer.add(name, q)
+            self.writer.add(name + fp8.SCALE_SUFFIX, scale)
+            self.scaled.add(name)
+        elif name.endswith(KEEP_FP32):
+            self.writer.add(name, tensor.float())
+        else:
+            self.writer.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
+
+    def quantization_config(self) -> dict | None:
+        if not self.fp8:
+            return None
+        unquantized = [n[: -len(".weight")] for n in self.linear - self.scaled if not n.endswith("embed_tokens.weight")]
+        return fp8.quantization_config(self.block, unquantized)
+
+
 def _write(ckpt_dir: str, out_dir: str, meta: dict, cfg: ModelConfig, spec: FamilySpec, dtype: str,
-           max_shard_bytes: int, merge_lora: bool) -> dict:
-    torch_dtype = DTYPES[dtype]
+           max_shard_bytes: int, merge_lora: bool, keep_stored: bool = False,
+           block: tuple[int, int] = fp8.DEFAULT_BLOCK) -> dict:
     stored = DTYPES[meta.get("dtype", "float32")]
     if "lora" in meta:
         from .lora_export import merged_reader, write_peft_adapter
 
-        if not merge_lora:  # the adapter, with the tokenizer files beside it
-            info = write_peft_adapter(ckpt_dir, out_dir, meta, cfg, spec, torch_dtype)
+        if not merge_lora:  # the adapter, with the tokenizer files beside it; no pass-through tensors
+            if dtype == FP8_BLOCK:
+                raise CheckpointError("a PEFT adapter cannot be exported in fp8-block; export it in bfloat16, "
+                                      "or pass --merge-lora for fp8-block merged weights")
+            info = write_peft_adapter(ckpt_dir, out_dir, meta, cfg, spec, DTYPES[dtype])
             copy_side(ckpt_dir, out_dir)
             return info
         read_group = merged_reader(ckpt_dir, meta, cfg, stored)
@@ -88,13 +138,21 @@ def _write(ckpt_dir: str, out_dir: str, meta: dict, cfg: ModelConfig, spec: Fami
         def read_group(shapes):
             return read_canonical(ckpt_dir, shapes, stored)
     writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
+    out = _Converter(writer, dtype, block)
     for group in canonical_names(cfg):
         shapes = {n: shard_layout(n, cfg, 1, 0).canonical_shape for n in group}
         for hf_name, full in hf_tensors(group, read_group(shapes), cfg, spec):
-            writer.add(hf_name, full.to(torch_dtype))
+            out.add(hf_name, full)
+    for name, tensor, as_stored in passthrough.export_tensors(
+            os.path.join(ckpt_dir, "hf"), block if out.fp8 else None, keep_stored):
+        out.add(name, tensor, as_stored)
     writer.close()
     copy_side(ckpt_dir, out_dir)
-    config = spec.hf_config(cfg, dtype)
+    config = spec.hf_config(cfg, "bfloat16" if out.fp8 else dtype)
+    # the source's quantization_config (in extra_hf_config) describes its weights, not these
+    config.pop("quantization_config", None)
+    if out.fp8:
+        config["quantization_config"] = out.quantization_config()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return {"tensors": writer.total, "files": len(writer.written)}
@@ -184,9 +242,10 @@ def _within(path: str, root: str) -> bool:
 
 
 def copy_side(ckpt_dir: str, hf_dir: str) -> None:
-    """The tokenizer and generation files kept with the checkpoint."""
+    """The tokenizer and generation files kept with the checkpoint (its pass-through tensors go
+    into the shards, see _write)."""
     side = os.path.join(ckpt_dir, "hf")
     if os.path.isdir(side):
         from megaswift.checkpoint.model_state import copy_side_files
 
-        copy_side_files(side, hf_dir)
+        copy_side_files(side, hf_dir, passthrough=False)

@@ -7,8 +7,10 @@ from megaswift.errors import CheckpointError
 from megaswift.models.config import ModelConfig
 from megaswift.models.sharding import canonical_names, flat_rows, local_pieces, shard_layout
 
+from . import fp8
 from .families import FAMILIES, FamilySpec, Segment
 from .hf_io import HFReader
+from .passthrough import passthrough_names
 
 # HF tensors that carry no weights megaswift needs (older checkpoints saved RoPE buffers)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -37,10 +39,15 @@ def check_hf_tensors(reader: HFReader, cfg: ModelConfig, spec: FamilySpec) -> di
         if found != shape:
             raise CheckpointError(f"tensor {name!r} has shape {list(found)}, but config.json implies {list(shape)}")
     allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    allowed |= set(passthrough_names(reader, spec))  # kept beside the checkpoint (convert/passthrough.py)
     unexpected = sorted(n for n in present - set(expected) - allowed if not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r}{more} in {reader.hf_dir} for family {cfg.family}")
+        why = ""
+        if unexpected[0].endswith(fp8.SCALE_SUFFIX) and reader.block is None:
+            why = "; it is an fp8 scale grid, but config.json has no quantization_config to say how to apply it"
+        raise CheckpointError(f"unexpected tensor {unexpected[0]!r}{more} in {reader.hf_dir} for family "
+                              f"{cfg.family}{why}")
     return expected
 
 

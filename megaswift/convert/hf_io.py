@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 
 from megaswift.errors import CheckpointError
 
+from . import fp8
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -67,10 +69,8 @@ def _damaged(path: str, why: str) -> CheckpointError:
                            "download or export it again")
 
 
-def read_safetensors_header(path: str) -> dict[str, _Entry]:
-    """Every tensor of a safetensors file (an 8-byte little-endian header length, a JSON header,
-    then the data), each checked against the file's size, so that a truncated download is named
-    here in one line and not half-way through an import."""
+def _read_header(path: str) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset its data starts at."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -83,7 +83,24 @@ def read_safetensors_header(path: str) -> dict[str, _Entry]:
             raise _damaged(path, f"the header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise _damaged(path, "the header is not a JSON object")
-    base, entries = 8 + n, {}
+    return header, 8 + n
+
+
+def read_safetensors_metadata(path: str) -> dict:
+    """The file's `__metadata__` (string keys and values), {} when it has none."""
+    meta = _read_header(path)[0].get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise _damaged(path, "its __metadata__ is not a JSON object")
+    return meta
+
+
+def read_safetensors_header(path: str) -> dict[str, _Entry]:
+    """Every tensor of a safetensors file (an 8-byte little-endian header length, a JSON header,
+    then the data), each checked against the file's size, so that a truncated download is named
+    here in one line and not half-way through an import."""
+    size = os.path.getsize(path)
+    header, base = _read_header(path)
+    entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -125,11 +142,22 @@ class HFReader:
     lives, so an import that kept its handles held every shard it had read until it ended
     (issue 18 item 10). Here a read holds exactly its slice, and nothing of a file is held
     once its tensors are read; the file's pages stay in the kernel's page cache, which is
-    shared and reclaimable, and not in the rank's RSS. Only the parsed headers are kept."""
+    shared and reclaimable, and not in the rank's RSS. Only the parsed headers are kept.
+
+    An fp8 block-quantized checkpoint (config.json's quantization_config: DeepSeek-V3, Kimi-K2)
+    reads as its dequantized weights: `names()` hides the `*.weight_scale_inv` grids, `dtype()`
+    of a quantized weight is float32 (the dequantization's precision, convert/fp8.py), and
+    `read()` reads the fp8 bytes of the slice and only the scale blocks covering it. The stored
+    tensors stay reachable through `stored_names()` and `stored_entry()` (pass-through copies)."""
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
         self._headers: dict[str, dict[str, _Entry]] = {}
+        config = os.path.join(hf_dir, "config.json")
+        self.hf_config = read_json(config, "config.json") if os.path.isfile(config) else {}
+        self.block = fp8.block_config(self.hf_config, config)
+        """(rows, cols) of the fp8 scale blocks; None for an unquantized checkpoint."""
+        self._scales: dict[str, str | None] = {}
         index = os.path.join(hf_dir, INDEX_FILE)
         if os.path.isfile(index):
             weight_map = read_json(index, INDEX_FILE).get("weight_map")
@@ -160,19 +188,69 @@ class HFReader:
                                   "checkpoint again")
         return entry, path
 
-    def names(self) -> set[str]:
+    def stored_entry(self, name: str) -> tuple[_Entry, str]:
+        """Where tensor `name` is stored: its header entry and its file's path."""
+        return self._entry(name)
+
+    def stored_names(self) -> set[str]:
+        """Every tensor the checkpoint stores, fp8 scale grids included."""
         return set(self.weight_map)
+
+    def names(self) -> set[str]:
+        """The checkpoint's tensors as they read: without the scale grids of quantized weights."""
+        if self.block is None:
+            return set(self.weight_map)
+        n = len(fp8.SCALE_SUFFIX)
+        return {k for k in self.weight_map if not (k.endswith(fp8.SCALE_SUFFIX) and k[:-n] in self.weight_map)}
+
+    def _scale_of(self, name: str) -> str | None:
+        """The scale grid of `name` when it is a quantized weight (checked against it once), else None."""
+        if self.block is None:
+            return None
+        if name not in self._scales:
+            scale = name + fp8.SCALE_SUFFIX
+            entry = self._entry(name)[0]
+            if scale not in self.weight_map:
+                if entry.dtype.itemsize == 1 and entry.dtype.is_floating_point:
+                    raise CheckpointError(f"tensor {name!r} is {entry.dtype} without a {scale!r} beside it in "
+                                          f"{self.hf_dir}; restore the checkpoint's scale tensors")
+                scale = None
+            else:
+                s = self._entry(scale)[0]
+                fp8.check_scale(name, entry.shape, scale, s.shape, s.dtype, entry.dtype, self.block)
+            self._scales[name] = scale
+        return self._scales[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name)[0].shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._entry(name)[0].dtype
+        """The dtype `read` returns: the stored one, or float32 for a quantized weight."""
+        return torch.float32 if self._scale_of(name) else self._entry(name)[0].dtype
 
     def read(self, name: str, dim: int, start: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Entries [start, start + n) along `dim` of tensor `name`, in the checkpoint's dtype; or
-        written into `out` (a tensor of the slice's shape, any dtype or device) and `out` returned.
-        A contiguous CPU `out` of the file's dtype receives the bytes directly, with no copy."""
+        """Entries [start, start + n) along `dim` of tensor `name`, in `dtype(name)`; or written into
+        `out` (a tensor of the slice's shape, any dtype or device) and `out` returned. A
+        contiguous CPU `out` of the file's dtype receives the bytes directly, with no copy. A
+        quantized weight is dequantized (fp32 multiply, then cast to `out`'s dtype)."""
+        scale = self._scale_of(name)
+        if scale is None:
+            return self.read_stored(name, dim, start, n, out)
+        shape = list(self._entry(name)[0].shape)
+        if not 0 <= dim < 2 or start < 0 or n < 0 or start + n > shape[dim]:
+            raise IndexError(f"{name}: [{start}, {start + n}) along dim {dim} is outside its shape {shape}")
+        shape[dim] = n
+        if out is not None and list(out.shape) != shape:
+            raise ValueError(f"{name}: a slice of shape {shape} cannot fill a tensor of shape {list(out.shape)}")
+        q = self.read_stored(name, dim, start, n)
+        b = self.block[dim]
+        first = start // b
+        blocks = -(-(start + n) // b) - first if n else 0
+        grid = self.read_stored(scale, dim, first, blocks)
+        return fp8.dequantize(q, grid, self.block, (start, 0) if dim == 0 else (0, start), out)
+
+    def read_stored(self, name: str, dim: int, start: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`read` of the bytes as stored (an fp8 weight as fp8, with no scale applied)."""
         entry, path = self._entry(name)
         shape = list(entry.shape)
         if not 0 <= dim < len(shape) or start < 0 or n < 0 or start + n > shape[dim]:
@@ -204,6 +282,62 @@ class HFReader:
             k = min(per, outer - o)
             _read_at(f, path, entry.start + o * row, block[:k])
             take[o:o + k].copy_(block[:k, start * inner:(start + n) * inner])
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def default_dtype(reader: HFReader) -> torch.dtype:
+    """What a model of this checkpoint is imported (and so exported) in unless told otherwise:
+    the dtype of its embedding, or bf16 for an fp8 block-quantized checkpoint, whose weights
+    dequantize to more than fp8 holds and whose unquantized tensors are bf16 as published."""
+    return torch.bfloat16 if reader.block else reader.dtype("model.embed_tokens.weight")
+
+
+def read_tensor(path: str, entry: _Entry) -> torch.Tensor:
+    """A whole tensor of a safetensors file, as stored."""
+    buf = torch.empty(entry.shape, dtype=entry.dtype)
+    if buf.numel():
+        with open(path, "rb", buffering=0) as f:
+            _read_at(f, path, entry.start, buf)
+    return buf
+
+
+def copy_safetensors(path: str, tensors: list[tuple[str, _Entry, str]], metadata: dict | None = None) -> None:
+    """Write a safetensors file of `tensors` ((name, entry, source file)), their bytes copied
+    from the source files as stored, a few MiB at a time: nothing is converted, and nothing
+    more than one copy buffer is held, however large the tensors."""
+    header, offset = {}, 0
+    for name, entry, _ in tensors:
+        size = entry.end - entry.start
+        header[name] = {"dtype": _DTYPE_NAMES[entry.dtype], "shape": list(entry.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        src, f = None, None
+        try:
+            for _, entry, source in tensors:
+                if source != src:
+                    if f is not None:
+                        f.close()
+                    src, f = source, open(source, "rb")
+                f.seek(entry.start)
+                left = entry.end - entry.start
+                while left:
+                    chunk = f.read(min(left, _BLOCK_BYTES))
+                    if not chunk:
+                        raise _damaged(source, f"it ends before byte {entry.end}")
+                    out.write(chunk)
+                    left -= len(chunk)
+        finally:
+            if f is not None:
+                f.close()
 
 
 class ShardedSafetensorsWriter:

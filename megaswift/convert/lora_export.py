@@ -80,8 +80,9 @@ def merged_reader(ckpt_dir: str, meta: dict, cfg, dtype):
         from megaswift.convert.hf_io import HFReader
 
         reader, spec = HFReader(base), FAMILIES[cfg.family]
-        return {n: read_canonical_box(reader, spec.segments(n, cfg), s, (0,) * len(s), s).float()
-                for n, s in shapes.items()}
+        # into fp32 whatever the base stores: an fp8 base's weights dequantize to fp32
+        return {n: read_canonical_box(reader, spec.segments(n, cfg), s, (0,) * len(s), s,
+                                      torch.empty(s, dtype=torch.float32)) for n, s in shapes.items()}
 
     def read_group(shapes):
         return {n: t.to(dtype) for n, t in merge_adapters(read_base(shapes), adapters, scale).items()}
