@@ -382,9 +382,16 @@ def family_for(hf_config: dict) -> FamilySpec:
         if model_type in spec.model_types:
             return spec
     architectures = hf_config.get("architectures") or []
-    for spec in FAMILIES.values():
-        if spec.architecture in architectures:
-            return spec
+    if not _known_to_transformers(model_type):  # a model_type transformers knows is what it says
+        for spec in FAMILIES.values():
+            if spec.architecture in architectures:
+                return spec
     supported = ", ".join(t for s in FAMILIES.values() for t in s.model_types)
     raise CheckpointError(f"unsupported model_type {model_type!r} (architectures {architectures}); "
                           f"supported: {supported}")
+
+
+def _known_to_transformers(model_type) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megaswift.parallel.collectives import all_gather_object, broadcast_object, initialized
 from megaswift.parallel.context_parallel import shard_batch
-from megaswift.parallel.tp_comm import gather_from_tp_region
+from megaswift.parallel.tp_comm import gather_from_sp_region, gather_from_tp_region
 
 from .hf_import import load_hf_into_model
 
@@ -42,11 +41,10 @@ def _context_parallel_logits(model, tokens) -> torch.Tensor | None:
     if out is None:
         return None
     local = gather_from_tp_region(out, st.tp_group, dim=-1)[..., : cfg.vocab_size].float()  # [b, s/cp, V]
-    parts = [torch.empty_like(local) for _ in range(st.cp_size)]
-    dist.all_gather(parts, local.contiguous(), group=st.cp_group)
+    every = gather_from_sp_region(local, st.cp_group, dim=1)  # the cp ranks' tokens, in rank order
     # rank r's tokens sit at positions cp_index[:, r] of the row (no padding: s divides)
     where = mb["cp_index"].reshape(b, -1, 1).expand(-1, -1, local.shape[-1]).to(local.device)
-    return torch.zeros(b, s, local.shape[-1], device=local.device).scatter(1, where, torch.cat(parts, 1)).cpu()
+    return torch.zeros(b, s, local.shape[-1], device=local.device).scatter(1, where, every).cpu()
 
 
 def hf_model_class(hf_dir):
