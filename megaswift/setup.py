@@ -106,10 +106,11 @@ def build_frozen_model(cfg, like, st, source: str | None):
 
 
 def checkpoint_dtype(hf_dir: str) -> str:
-    """The dtype name an HF checkpoint's weights are stored in (float32 when not one of ours)."""
-    from megaswift.convert.hf_io import HFReader
+    """The dtype name an HF checkpoint's weights are stored in (float32 when not one of ours;
+    bfloat16 for an fp8 block-quantized one, which is dequantized)."""
+    from megaswift.convert.hf_io import HFReader, default_dtype
 
-    return dtype_name(HFReader(hf_dir).dtype("model.embed_tokens.weight"))
+    return dtype_name(default_dtype(HFReader(hf_dir)))
 
 
 def compute_dtype(cfg, dev: torch.device) -> torch.dtype:

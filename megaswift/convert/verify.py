@@ -67,7 +67,7 @@ def hf_model_class(hf_dir):
                      f"{hf.get('model_type')!r} or architectures {hf.get('architectures')}")
 
 
-def load_hf_model(hf_dir, dtype):
+def load_hf_model(hf_dir, dtype, **kwargs):
     """The transformers model of a checkpoint (see hf_model_class). For an architecture reached
     through `architectures`, its own config class reads config.json, so transformers converts
     the checkpoint's tensors as it does for that architecture's own model_type."""
@@ -76,7 +76,6 @@ def load_hf_model(hf_dir, dtype):
     from .hf_io import read_hf_config
 
     cls = hf_model_class(hf_dir)
-    kwargs = {}
     if cls is not AutoModelForCausalLM:
         # transformers picks how to convert a checkpoint's tensors (the hub's per-expert tensors
         # into its fused experts) by the config's model_type: give it the architecture's own

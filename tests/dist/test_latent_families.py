@@ -7,6 +7,8 @@ both deepseek_v3 checkpoints (with and without a query down-projection), at tp=2
 for glm4_moe and at tp=2 x ep=2 for the Kimi-K2-style one (measured: at most 9.8e-7 over the 15
 cases; docs/models.md).
 """
+import os
+
 import pytest
 
 from megaswift.testing.dist import run_distributed
@@ -142,3 +144,40 @@ def test_dpo_at_tp2_matches_single_process_and_learns(latent_hf, tmp_path):
     first, last = got[:2], got[-2:]
     assert np.mean([m["loss"] for m in last]) < np.mean([m["loss"] for m in first]) - 0.1
     assert np.mean([m["rewards/accuracies"] for m in last]) > np.mean([m["rewards/accuracies"] for m in first])
+
+
+# -- conversion -------------------------------------------------------------------------------------
+def test_import_export_is_bitwise_with_the_mtp_layer_and_loads_in_transformers(latent_hf, tmp_path):
+    """import-hf at tp=2 x ep=2 then export-hf gives every tensor back bit for bit, the
+    multi-token-prediction layer's included (kept beside the checkpoint, never trained); the
+    config keeps Kimi-K2's model_type and auto_map; transformers loads each export with nothing
+    missing and only the MTP layer unexpected (it ignores that layer by design)."""
+    import json
+    import shutil
+
+    import torch
+
+    from megaswift.convert.verify import load_hf_model
+    from megaswift.testing.fp8 import add_mtp_layer
+    from tests.helpers.cli import megaswift
+    from tests.helpers.hf import tensors
+
+    for family in ("deepseek_v3", "glm4_moe", "kimi_k2"):
+        src = str(tmp_path / family)
+        shutil.copytree(latent_hf[family], src)
+        mtp = add_mtp_layer(src, seed=1)
+        ckpt, out = str(tmp_path / f"{family}.ckpt"), str(tmp_path / f"{family}.hf")
+        megaswift("launch", "--nproc-per-node", "2", "--", "import-hf", src, ckpt, "--parallel.tp", "2",
+                  "--parallel.ep", "2")
+        megaswift("export-hf", ckpt, out)
+        want, got = tensors(src), tensors(out)
+        assert set(got) == set(want) and set(mtp) <= set(got), family
+        for k in want:
+            assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), (family, k)
+        with open(os.path.join(src, "config.json")) as f, open(os.path.join(out, "config.json")) as g:
+            a, b = json.load(f), json.load(g)
+        for key in ("model_type", "architectures", "auto_map", "num_nextn_predict_layers", "q_lora_rank"):
+            assert a.get(key) == b.get(key), (family, key)
+        _, info = load_hf_model(out, torch.float32, output_loading_info=True)
+        assert not info["missing_keys"] and not info["mismatched_keys"], (family, info)
+        assert set(info["unexpected_keys"]) <= set(mtp), (family, info["unexpected_keys"])
