@@ -100,6 +100,17 @@ class MoESection(Section):
     aux_loss_coef: float | None = at_least(0.0, None)
     """Load-balancing loss weight; None follows transformers: the checkpoint's
     router_aux_loss_coef when its output_router_logits is true, else no load-balancing loss."""
+    aux_loss_type: Literal["global", "seq"] = "global"
+    """Which load-balancing loss aux_loss_coef weighs: global is transformers' E sum_e f_e P_e
+    over every MoE layer and token of the global micro batch at once; seq is DeepSeek-V3's
+    sequence-wise loss, sum_e f_e P_e per layer and batch row (f_e = E / (k T) x the row's
+    assignments to e, P_e = the row's mean probability of e), averaged over the rows and summed
+    over the layers. A packed row counts as one sequence (Megatron's rule). docs/moe.md."""
+    bias_update_rate: float = at_least(0.0, 0.0)
+    """Auxiliary-loss-free load balancing (DeepSeek-V3): after each optimizer step every router's
+    expert bias moves by rate x sign(mean load - expert load), the loads counted over the step's
+    tokens on every rank. 0 leaves the bias as loaded; DeepSeek-V3 and Megatron use 1e-3.
+    Only for routers with an expert bias (deepseek_v3, glm4_moe), not with LoRA. docs/moe.md."""
     z_loss_coef: float = at_least(0.0, 0.0)
     """Router z-loss weight (ST-MoE): mean squared log-sum-exp of the router logits per layer."""
     capacity_factor: float | None = None

@@ -27,7 +27,7 @@ from megaswift.parallel.tp_layers import ColumnParallelLinear, SequenceParallelL
 from .config import ModelConfig
 from .layers import TransformerLayer
 from .lora import adapters_disabled, apply_lora
-from .moe import AttachAuxLoss, MoELayer, aux_loss_parts, stats_width
+from .moe import AttachAuxLoss, MoELayer, aux_loss_parts, seq_aux_loss_parts, stats_shape
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 from .sharding import ShardLayout, box_of, fill_from_canonical, layout_on
@@ -80,7 +80,7 @@ class GPTModel(nn.Module):
         self.lora_meta: dict | None = None  # {rank, alpha, dropout, targets}: set by whoever attaches adapters
         self.logits_temperature = 1.0
         self.generating = False  # generation_mode()
-        self.moe_options = {"aux": 0.0, "z": 0.0, "scale": 1.0}  # set_moe_options
+        self.moe_options = {"aux": 0.0, "z": 0.0, "scale": 1.0, "aux_type": "global"}  # set_moe_options
         self.moe_last: dict | None = None  # router statistics of the last forward with labels
         self.pre_process, self.post_process = pre_process, post_process
         tied_output = post_process and cfg.tie_word_embeddings
@@ -123,7 +123,9 @@ class GPTModel(nn.Module):
         x = self.embedding(input_ids) if self.pre_process else hidden_states  # [b, s(/tp under SP), h]
         track = bool(self.cfg.moe_layers) and labels is not None
         if track and moe_stats is None:
-            moe_stats = torch.zeros(len(self.cfg.moe_layers), stats_width(self.cfg.num_moe_experts), device=x.device)
+            rows = x.shape[0] if self.moe_options["aux_type"] == "seq" else None
+            moe_stats = torch.zeros(stats_shape(len(self.cfg.moe_layers), self.cfg.num_moe_experts, rows),
+                                    device=x.device)
         cos, sin = self.rotary(position_ids, x.dtype)
         x, moe_stats = self.decoder(x, cos, sin, document_ids, cp_index, moe_stats if track else None, token_mask,
                                     kv_cache)
@@ -166,21 +168,29 @@ class GPTModel(nn.Module):
     # -- mixture of experts ----------------------------------------------------------------------
     def set_moe_options(self, *, aux_loss_coef: float | None = None, z_loss_coef: float = 0.0,
                         capacity_factor: float | None = None, backend: str = "auto", grad_scale: float = 1.0,
-                        force_balance: bool = False):
+                        force_balance: bool = False, aux_loss_type: str = "global"):
         """aux_loss_coef None takes transformers' rule: router_aux_loss_coef when the checkpoint's
         output_router_logits is set, else no load-balancing loss. `grad_scale` weighs each micro
-        batch's auxiliary losses in the step (1 / micro batches per step: their mean)."""
+        batch's auxiliary losses in the step (1 / micro batches per step: their mean).
+        `aux_loss_type`: 'global' (transformers' loss over the whole micro batch) or 'seq'
+        (DeepSeek-V3's per-sequence loss; models/moe.py)."""
         cfg = self.cfg
         if aux_loss_coef is None:
             aux_loss_coef = cfg.moe_aux_loss_coef if cfg.moe_output_router_logits else 0.0
-        self.moe_options = {"aux": aux_loss_coef, "z": z_loss_coef, "scale": grad_scale}
+        if aux_loss_type not in ("global", "seq"):
+            raise ValueError(f"aux_loss_type must be global or seq; got {aux_loss_type!r}")
+        self.moe_options = {"aux": aux_loss_coef, "z": z_loss_coef, "scale": grad_scale, "aux_type": aux_loss_type}
         for m in self.modules():
             if isinstance(m, MoELayer):
                 m.set_moe_options(capacity_factor=capacity_factor, backend=backend, force_balance=force_balance)
 
     def _attach_moe_losses(self, loss, moe_stats):
-        opts = self.moe_options
-        aux, z, values = aux_loss_parts(moe_stats, self.cfg.num_moe_experts, (self.st.tp_group, self.st.dp_cp_group))
+        opts, st, E = self.moe_options, self.st, self.cfg.num_moe_experts
+        if moe_stats.dim() == 3:  # per batch row: moe.aux_loss_type seq
+            aux, z, values = seq_aux_loss_parts(moe_stats, E, self.cfg.moe_router_topk, (st.tp_group, st.cp_group),
+                                                st.dp_group)
+        else:
+            aux, z, values = aux_loss_parts(moe_stats, E, (st.tp_group, st.dp_cp_group))
         self.moe_last = values
         extra = opts["aux"] * aux + opts["z"] * z
         if not extra.requires_grad or (opts["aux"] == 0 and opts["z"] == 0):

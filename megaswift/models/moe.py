@@ -4,19 +4,25 @@ The router comes from the registry in models/routers.py (ModelConfig.moe_router)
 `softmax_topk` follows transformers' Qwen3-MoE and Mixtral exactly (softmax in fp32 over a
 linear gate, top-k, optional renormalisation), so `megaswift verify` compares logits with theirs.
 
-The load-balancing loss is transformers' `load_balancing_loss_func`: with f_e the share of
-top-k assignments that go to expert e and P_e the mean router probability of e, both taken over
-every MoE layer and every (non-padding) token at once,
+The load-balancing loss (`moe.aux_loss_type`) is either
 
-    aux = E x sum_e f_e P_e,   added to the loss as router_aux_loss_coef x aux.
+- `global`: transformers' `load_balancing_loss_func`: with f_e the share of top-k assignments
+  that go to expert e and P_e the mean router probability of e, both taken over every MoE layer
+  and every (non-padding) token at once, aux = E x sum_e f_e P_e;
+- `seq`: DeepSeek-V3's sequence-wise balance loss: per MoE layer and per batch row with T real
+  tokens, f_e = E / (k T) x #{t : e in top-k(t)} and P_e = mean_t p_e,t; the loss is
+  sum_e f_e P_e averaged over the rows of the global micro batch, summed over the layers;
 
-Because f and P are taken over all layers together, the loss couples layers that may sit on
-different pipeline stages. Each layer therefore adds one row of statistics to a small tensor
-that travels with the hidden states (`[MoE layers, 2E + 2]`: probability sums, the z-loss sum,
-assignment counts, token count); the last stage turns it into the loss (`aux_loss_parts`), and
-the gradient flows back through the same tensor to every router. The counts are reduced over
-every rank that holds tokens of the micro batch (dp x cp x tp), so the loss is the one of the
-global micro batch, whatever the layout.
+added to the loss as coefficient x aux.
+
+Because both couple tokens that sit on other ranks, and the global one couples layers that may
+sit on different pipeline stages, each layer adds one row of statistics to a small tensor that
+travels with the hidden states (`[MoE layers, 2E + 2]`: probability sums, the z-loss sum,
+assignment counts, token count; `seq` keeps them per batch row, `[MoE layers, rows, 2E + 2]`);
+the last stage turns it into the loss (`aux_loss_parts`, `seq_aux_loss_parts`), and the
+gradient flows back through the same tensor to every router. The counts are reduced over every
+rank that holds tokens of the micro batch (dp x cp x tp; per row: the tp x cp ranks that share
+the row), so the loss is the one of the global micro batch, whatever the layout.
 """
 from __future__ import annotations
 
@@ -39,17 +45,40 @@ def stats_width(num_experts: int) -> int:
     return 2 * num_experts + 2
 
 
-def layer_stats(logits: Tensor, probs: Tensor, ids: Tensor, mask: Tensor | None) -> Tensor:
+def stats_shape(num_layers: int, num_experts: int, rows: int | None = None) -> tuple[int, ...]:
+    """Shape of the statistics a micro batch carries through the layers: [MoE layers, 2E + 2],
+    or with `rows` (moe.aux_loss_type seq) one set per batch row, [MoE layers, rows, 2E + 2]."""
+    width = stats_width(num_experts)
+    return (num_layers, width) if rows is None else (num_layers, rows, width)
+
+
+def layer_stats(logits: Tensor, probs: Tensor, ids: Tensor, mask: Tensor | None, rows: int | None = None) -> Tensor:
     """One layer's row [P sums (E) | z sum | counts (E) | tokens] over this rank's tokens; the
-    sums carry gradients, counts and tokens do not. `mask` [T] is 1 for real tokens."""
+    sums carry gradients, counts and tokens do not. `mask` [T] is 1 for real tokens. With
+    `rows`, the T tokens are `rows` batch rows of T / rows tokens each (row-major) and the
+    result is one such row per batch row, [rows, 2E + 2]."""
     E = probs.shape[-1]
     m = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.float()
+    if rows is not None:
+        return _per_row_stats(logits, probs, ids, m, rows)
     p_sum = (probs * m.unsqueeze(1)).sum(0)
     z_sum = (torch.logsumexp(logits.float(), dim=-1).square() * m).sum()
     with torch.no_grad():
         counts = torch.zeros(E, device=probs.device).index_add_(
             0, ids.reshape(-1), m.repeat_interleave(ids.shape[1]))
     return torch.cat([p_sum, z_sum.view(1), counts, m.sum().view(1)])
+
+
+def _per_row_stats(logits: Tensor, probs: Tensor, ids: Tensor, m: Tensor, rows: int) -> Tensor:
+    T, E = probs.shape
+    p_sum = (probs * m.unsqueeze(1)).view(rows, -1, E).sum(1)
+    z_sum = (torch.logsumexp(logits.float(), dim=-1).square() * m).view(rows, -1).sum(1)
+    with torch.no_grad():
+        row_of = torch.arange(rows, device=probs.device).repeat_interleave(T // rows)
+        slots = (row_of.unsqueeze(1) * E + ids).reshape(-1)
+        counts = torch.zeros(rows * E, device=probs.device).index_add_(
+            0, slots, m.repeat_interleave(ids.shape[1])).view(rows, E)
+    return torch.cat([p_sum, z_sum.unsqueeze(1), counts, m.view(rows, -1).sum(1, keepdim=True)], dim=1)
 
 
 def load_balancing_loss(counts: Tensor, p_sum: Tensor, tokens: Tensor, num_experts: int) -> Tensor:
@@ -80,6 +109,43 @@ def aux_loss_parts(stats: Tensor, num_experts: int, group_list) -> tuple[Tensor,
     # reads them once per step
     values = {"aux": load_balancing_loss(counts, glob[:, :E].sum(0), tokens, E),
               "z": glob[:, E].sum() * L / tokens, "counts": glob[:, E + 1: 2 * E + 1]}
+    return aux_part, z_part, values
+
+
+def seq_aux_loss_parts(stats: Tensor, num_experts: int, topk: int, row_groups,
+                       batch_group) -> tuple[Tensor, Tensor, dict]:
+    """As `aux_loss_parts`, for DeepSeek-V3's sequence-wise balance loss (moe.aux_loss_type
+    seq): per layer, sum_e f_e P_e of each batch row, averaged over the rows of the global micro
+    batch that hold a real token, summed over the layers.
+
+    stats [L, rows, 2E + 2] (rows as `layer_stats(..., rows=)`): this rank's tokens of each of
+    its rows. A row's tokens are spread over `row_groups` (tp: SP or the MoE tp split; cp), so
+    its counts and token number are reduced there; the other rows of the global micro batch
+    are on `batch_group` (dp). Row r's loss is E / (k T_r^2) x sum_e c_re x S_re with S_re the
+    sum of p_e over the row's tokens: linear in this rank's share of S, so this rank's part
+    uses its local sums (with the row's global counts and T) and the parts of all ranks add up
+    to the loss, gradients included. The z-loss and the counts are the global ones, as there."""
+    E, L = num_experts, stats.shape[0]
+    with torch.no_grad():
+        full = stats.detach().clone()
+        for group in row_groups:
+            if group_size(group) > 1:
+                all_reduce(full, group=group)
+        counts, tokens = full[..., E + 1: 2 * E + 1], full[..., -1]
+        real = (tokens > 0).float()  # a row of padding only is no sequence to balance
+        weight = counts * (real * E / (topk * tokens.clamp_min(1).square())).unsqueeze(-1)  # [L, rows, E]
+        # one reduction over dp: the layout's sums, each layer's row losses (from the rows' whole
+        # P sums: the value to report), the number of real rows
+        totals = torch.cat([full.sum(1).reshape(-1), (weight * full[..., :E]).sum((1, 2)), real[0].sum().view(1)])
+        if group_size(batch_group) > 1:
+            all_reduce(totals, group=batch_group)
+        glob = totals[: full.shape[-1] * L].view(L, -1)
+        row_losses, n_rows = totals[glob.numel(): glob.numel() + L], totals[-1].clamp_min(1)
+    aux_part = (weight * stats[..., :E]).sum() / n_rows
+    tokens_all = glob[:, -1].sum().clamp_min(1)
+    z_part = stats[..., E].sum() * L / tokens_all
+    values = {"aux": row_losses.sum() / n_rows, "z": glob[:, E].sum() * L / tokens_all,
+              "counts": glob[:, E + 1: 2 * E + 1]}
     return aux_part, z_part, values
 
 
@@ -160,19 +226,20 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None,
                 moe_stats: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        out, row = self._routed(x, token_mask)
+        per_row = moe_stats is not None and moe_stats.dim() == 3  # moe.aux_loss_type seq
+        out, row = self._routed(x, token_mask, per_row)
         if self.shared_expert is not None:  # on the layer's input as it comes (tp-split like any MLP)
             shared = self.shared_expert(x)[0]
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         if moe_stats is not None:
-            hot = torch.zeros(moe_stats.shape[0], 1, device=row.device)
+            hot = torch.zeros(moe_stats.shape[0], *(1,) * row.dim(), device=row.device)
             hot[self.stats_row] = 1
             moe_stats = moe_stats + hot * row
         return out, moe_stats
 
-    def _routed(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _routed(self, x: Tensor, token_mask: Tensor | None, per_row: bool = False) -> tuple[Tensor, Tensor]:
         st, cfg = self.st, self.cfg
         split = st.tp_size > 1 and not st.sp and not self.whole_sequence  # replicated: each rank takes 1/tp
         if split:
@@ -201,4 +268,4 @@ class MoELayer(nn.Module):
         if split:
             out = gather_from_tp_region(out, st.tp_group, dim=1)
         mask = None if token_mask is None else token_mask.reshape(-1)
-        return out, layer_stats(logits, probs, ids, mask)
+        return out, layer_stats(logits, probs, ids, mask, rows=b if per_row else None)

@@ -82,7 +82,8 @@ class Model(Protocol):
 
     def set_moe_options(self, *, aux_loss_coef: float | None = None, z_loss_coef: float = 0.0,
                         capacity_factor: float | None = None, backend: str = "auto",
-                        grad_scale: float = 1.0, force_balance: bool = False) -> None: ...
+                        grad_scale: float = 1.0, force_balance: bool = False,
+                        aux_loss_type: str = "global") -> None: ...
 
     def pop_moe_stats(self) -> dict | None: ...
 

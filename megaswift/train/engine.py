@@ -29,7 +29,7 @@ from megaswift.parallel.data_parallel import DataParallelSet
 from megaswift.parallel.grads import finalize_grads
 from megaswift.parallel.watchdog import Watchdog, beat
 
-from . import optim, stopping
+from . import expert_bias, optim, stopping
 from .algorithm import Algorithm, TrainContext
 from .metrics import MetricsLogger, StepTimer, peak_flops, train_flops_per_token
 from .nonfinite import NonFiniteError, NonFiniteGuard, all_finite
@@ -62,8 +62,14 @@ class Trainer:
             m = cfg.moe
             model.set_moe_options(aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef,
                                   capacity_factor=m.capacity_factor, backend=m.expert_backend,
-                                  grad_scale=1.0 / self.n_micro, force_balance=m.router_force_balance)
+                                  grad_scale=1.0 / self.n_micro, force_balance=m.router_force_balance,
+                                  aux_loss_type=m.aux_loss_type)
         self._moe_step: dict[int, dict] = {}
+        expert_bias.check_config(cfg, model.cfg)
+        # decided by the model config, not by the layers held here: every pp rank must join the
+        # same reduction in _moe_after_step, those without an MoE layer too
+        self.expert_bias = (expert_bias.ExpertBias(model, cfg.moe.bias_update_rate)
+                            if self.moe_layers and model.cfg.moe_router_expert_bias else None)
         self.pipeline = self._build_pipeline() if st.pp_size > 1 else None
         # point-to-point waits (pipeline, ring attention) never time out on gloo: see parallel/watchdog.py
         self.watchdog = (Watchdog(cfg.parallel.timeout_s, marker=device.progress_marker)
@@ -142,6 +148,8 @@ class Trainer:
             if clip > 0 and grad_norm > clip:
                 dp.scale_grads(clip / (grad_norm + 1e-6))
             self.apply_update()
+        # the routers' expert biases move after the weights (never on a skipped step)
+        moe = self._moe_after_step(update_bias=not skip) if self.moe_layers else {}
         self.step += 1
         # declared, not read off extra_acc: under PP only the last stage computes them
         keys = sorted(set(self.alg.metrics) | set(extra_acc))
@@ -153,8 +161,7 @@ class Trainer:
                "tokens": int(round(total_tokens)), "loss_tokens": int(round(grad_units))}
         out.update({k: v / max(total_units, 1) for k, v in zip(keys, sums[1:])})
         out.update(timing)
-        if self.moe_layers:
-            out.update(self._moe_metrics())
+        out.update(moe)
         if self.guard.skipped:
             out.update(skipped=int(skip), skipped_steps=self.guard.skipped)
         if nonfinite is not None:
@@ -198,27 +205,47 @@ class Trainer:
         if self.moe_layers:
             self._moe_step[i] = self.model.pop_moe_stats()
 
-    def _moe_metrics(self) -> dict:
-        """Load-balancing and z-loss (means over the step's micro batches), tokens routed to each
-        expert of each MoE layer, and per layer the max/mean expert load (1 = perfect balance).
-        The statistics are the global micro batches' (models/moe.py); under PP only the last
-        stage has them, so they are summed over the pp group."""
+    def _moe_after_step(self, update_bias: bool) -> dict:
+        """The step's router statistics, once per step: the load-balancing and z-loss (means over
+        the step's micro batches), tokens routed to each expert of each MoE layer, and per layer
+        the max/mean expert load (1 = perfect balance). The statistics are the global micro
+        batches' (models/moe.py); under PP only the last stage has them, so they are summed over
+        the pp group, which also hands the step's counts to the stages whose expert biases move
+        here (moe.bias_update_rate, train/expert_bias.py) and gathers the biases for
+        `moe_expert_bias_absmax`. One reduction and one host read per step."""
         n_layers, n_exp = len(self.moe_layers), self.model.cfg.num_moe_experts
-        t = torch.zeros(2 + n_layers * n_exp, dtype=torch.float64, device=self.device)
+        cells = n_layers * n_exp
+        bias = self.expert_bias
+        t = torch.zeros(2 + cells * (2 if bias else 1), dtype=torch.float64, device=self.device)
         for stats in self._moe_step.values():
             if stats:
                 t[0] += stats["aux"]
                 t[1] += stats["z"]
-                t[2:] += stats["counts"].reshape(-1).to(t)
+                t[2: 2 + cells] += stats["counts"].reshape(-1).to(t)
         self._moe_step = {}
+        if bias:
+            t[2 + cells:] = bias.gathered(self.device).reshape(-1)
         collectives.all_reduce(t, group=self.st.pp_group)
-        counts = t[2:].view(n_layers, n_exp)
-        load = (counts.max(1).values / counts.mean(1).clamp_min(1e-9)).tolist()
-        return {"moe_aux_loss": t[0].item() / self.n_micro, "moe_z_loss": t[1].item() / self.n_micro,
-                "moe_tokens_per_expert": {str(layer): [int(round(c)) for c in row]
-                                          for layer, row in zip(self.moe_layers, counts.tolist())},
-                "moe_load_max_mean": {str(layer): round(x, 4) for layer, x in zip(self.moe_layers, load)},
-                "moe_max_load_ratio": max(load)}
+        counts = t[2: 2 + cells].view(n_layers, n_exp)
+        load = counts.max(1).values / counts.mean(1).clamp_min(1e-9)
+        host = [t[:2], counts.reshape(-1), load]
+        if bias:
+            after = t[2 + cells:].view(n_layers, n_exp)
+            if update_bias and bias.rate > 0:  # in fp32 as the biases: the metric is their value
+                after = (after.float() + bias.update(counts).float()).to(t.dtype)
+            host.append(after.abs().max().view(1))
+        values = torch.cat(host).tolist()
+        aux, z = values[0], values[1]
+        counts_l = [values[2 + i * n_exp: 2 + (i + 1) * n_exp] for i in range(n_layers)]
+        load_l = values[2 + cells: 2 + cells + n_layers]
+        out = {"moe_aux_loss": aux / self.n_micro, "moe_z_loss": z / self.n_micro,
+               "moe_tokens_per_expert": {str(layer): [int(round(c)) for c in row]
+                                         for layer, row in zip(self.moe_layers, counts_l)},
+               "moe_load_max_mean": {str(layer): round(x, 4) for layer, x in zip(self.moe_layers, load_l)},
+               "moe_max_load_ratio": max(load_l)}
+        if bias:
+            out["moe_expert_bias_absmax"] = values[-1]
+        return out
 
     # -- which rank failed ------------------------------------------------------------------------
     def _mark_computed(self) -> None:

@@ -14,6 +14,7 @@ from megaswift.errors import ConfigError, DataError
 from megaswift.models.config import ModelConfig
 from megaswift.setup import checkpoint_dtype, hf_model_config, plan_layout
 
+from .expert_bias import check_config as check_expert_bias
 from .registry import algorithm_class
 
 
@@ -76,6 +77,7 @@ def plan_training(cfg, world_size: int, algorithm="sft", quiet: bool = False) ->
     if cfg.model.dtype == "float16":
         raise ConfigError("model.dtype=float16 cannot train: megaswift has no loss scaling, and float16 gradients "
                           "underflow to zero without one; use bfloat16 (A100, H100 and newer) or float32")
+    check_expert_bias(cfg, model_cfg)
     layout = plan_layout(cfg, world_size, model_cfg)
     layout.check_seq_len(cfg.data.seq_len, moe=bool(model_cfg.moe_layers))
     t = cfg.train

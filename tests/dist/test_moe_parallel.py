@@ -7,7 +7,12 @@
 - training: 5 SFT steps at (ep=2), (tp=2, ep=2), (dp=2, ep=2, ZeRO-1), (ep=2, etp=2), (pp=2,
   tp=2, ep=2), (cp=2, ep=2) and, with a shared expert, (tp=2, sp, ep=2) give the single-process losses, gradient norms and load-balancing
   losses within relative 1e-5, with the load-balancing and z-losses in the gradient;
-- checkpoints: a run saved at (ep=2, etp=2, ZeRO-1) resumes in one process and at (tp=2, ep=2).
+- checkpoints: a run saved at (ep=2, etp=2, ZeRO-1) resumes in one process and at (tp=2, ep=2);
+- balancing (DeepSeek-V3's sequence-wise loss and expert-bias updates, train/expert_bias.py): 5
+  SFT steps of 3-layer deepseek_v3 at (tp=2, sp), (dp=2, ep=2, ZeRO-1) and (pp=2, a biased
+  layer on each stage), and glm4_moe at (cp=2, ep=2), give the single-process losses, gradient
+  norms and losses within 1e-5, the tokens per expert exactly, and the same final expert
+  biases (measured: bit for bit), identical on every replica.
 
 The load-balancing loss is taken over each global micro batch (micro batch i of every dp rank),
 so a layout matches the single-process run with the same global micro batches: with dp > 1 the
@@ -17,6 +22,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from tests.helpers.train import run_steps, run_train, write_chat_data
 from megaswift.testing.dist import run_distributed
@@ -187,3 +193,78 @@ def test_force_balanced_routing_is_the_same_at_any_ep(moe_hf):
     two = run_distributed(_capacity_logits, 2, hf, None, True)
     torch.testing.assert_close(two[0], one, rtol=1e-5, atol=1e-6)
     assert (one - _capacity_logits(0, 1, hf, None)).abs().max() > 1e-3
+
+
+# DeepSeek-V3 balancing: the sequence-wise loss in the gradient, and a bias rate large enough to
+# change the routing within the run (DeepSeek-V3 uses 1e-3)
+BALANCE = {"moe__aux_loss_coef": 0.01, "moe__aux_loss_type": "seq", "moe__bias_update_rate": 0.05,
+           "moe__z_loss_coef": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def bias_hf(tmp_path_factory):
+    """3 layers, the first dense (first_k_dense_replace): pp=2 with pp_layers [2, 1] puts an MoE
+    layer, and its expert bias, on each stage."""
+    from megaswift.testing.tiny import make_tiny_hf
+
+    root = tmp_path_factory.mktemp("bias_hf")
+    return {f: make_tiny_hf(f, str(root / f), seed=30 + i, num_hidden_layers=3)
+            for i, f in enumerate(("deepseek_v3", "glm4_moe"))}
+
+
+def _steps_and_biases(rank, world, hf_dir, data, output_dir, **overrides):
+    """run_steps, and this rank's expert biases before and after."""
+    from tests.helpers.train import train_config
+    from megaswift.train.build import build_trainer
+    from megaswift.train.sft import SFT
+
+    trainer = build_trainer(train_config(hf_dir, data, output_dir, **overrides), SFT())
+
+    def biases():
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if getattr(p, "expert_bias", False)}
+    before = biases()
+    metrics = [trainer.train_step(trainer.data.next_global_batch()) for _ in range(trainer.cfg.train.steps)]
+    return metrics, before, biases()
+
+
+@pytest.fixture(scope="module")
+def balance_reference(bias_hf, data, tmp_path_factory):
+    cache = {}
+
+    def get(family, mbs):
+        if (family, mbs) not in cache:
+            cache[family, mbs] = _steps_and_biases(0, 1, bias_hf[family], data, str(tmp_path_factory.mktemp("bref")),
+                                                   train__micro_batch_size=mbs, **BALANCE)
+        return cache[family, mbs]
+    return get
+
+
+# name -> (family, world, reference micro batch size, overrides)
+BALANCE_LAYOUTS = {
+    "tp2_sp": ("deepseek_v3", 2, 2, {"parallel__tp": 2, "parallel__sp": True}),
+    "dp2_ep2_zero1": ("deepseek_v3", 2, 8, {"parallel__ep": 2, "optim__zero": 1, "train__micro_batch_size": 4}),
+    "pp2": ("deepseek_v3", 2, 2, {"parallel__pp": 2, "parallel__pp_layers": "[2,1]"}),
+    "cp2_ep2": ("glm4_moe", 2, 2, {"parallel__cp": 2, "parallel__ep": 2}),
+}
+
+
+@pytest.mark.parametrize("name", list(BALANCE_LAYOUTS))
+def test_balancing_matches_single_process(name, balance_reference, bias_hf, data, tmp_path):
+    family, world, ref_mbs, overrides = BALANCE_LAYOUTS[name]
+    want, start, want_bias = balance_reference(family, ref_mbs)
+    # the biases really moved, by whole steps of the rate, and the routing with them
+    moved = torch.stack([(want_bias[n] - start[n]).abs().max() for n in start])
+    assert len(start) == 2 and (moved >= 0.05 - 1e-6).all(), moved
+    assert len({m["moe_expert_bias_absmax"] for m in want}) > 1
+    results = run_distributed(_steps_and_biases, world, bias_hf[family], data, str(tmp_path), **overrides, **BALANCE)
+    held: dict = {}
+    for got, _, biases in results:
+        for key in ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss", "moe_expert_bias_absmax"):
+            np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=RTOL, err_msg=key)
+        assert [m["moe_tokens_per_expert"] for m in got] == [m["moe_tokens_per_expert"] for m in want]
+        for n, b in biases.items():  # every replica of a layer's bias is the same, bit for bit
+            assert n not in held or torch.equal(b, held[n]), n
+            held[n] = b
+    assert set(held) == set(want_bias)
+    for n, b in held.items():
+        torch.testing.assert_close(b, want_bias[n], rtol=RTOL, atol=0)

@@ -1,5 +1,6 @@
 """Resume: 6 steps straight equal 3 steps + resume + 3 steps, bitwise at the same layout and within
-fp32 tolerance (rtol 1e-5) at another layout; a save killed midway leaves the last checkpoint whole."""
+fp32 tolerance (rtol 1e-5) at another layout; a save killed midway leaves the last checkpoint whole;
+a DeepSeek-V3 run whose expert biases move every step resumes bitwise, biases included."""
 import json
 import os
 import signal
@@ -141,3 +142,30 @@ def test_zero1_checkpoint_resumes_bitwise_and_at_tp2(tiny_hf, data, tmp_path):
     other = run_distributed(run_train, 2, hf, data, str(tmp_path / "tp2"), train__steps=6,
                             checkpoint__load=step3, parallel__tp=2)[0]
     np.testing.assert_allclose(_losses(other, (4, 5, 6)), _losses(want, (4, 5, 6)), rtol=1e-5)
+
+
+def test_expert_bias_run_resumes_bitwise(data, tmp_path):
+    """deepseek_v3 (3 layers, 2 with experts) at pp=2, one biased layer per stage, with bias
+    updates (moe.bias_update_rate) and the sequence-wise loss: 4 steps straight equal 2 steps,
+    resume, 2 steps, bit for bit; the final checkpoints hold the same moved biases."""
+    import torch
+
+    from megaswift.checkpoint.model_state import read_canonical
+    from megaswift.testing.tiny import make_tiny_hf
+
+    hf = make_tiny_hf("deepseek_v3", str(tmp_path / "hf"), seed=30, num_hidden_layers=3)
+    run = dict(parallel__pp=2, parallel__pp_layers="[2,1]", moe__aux_loss_coef=0.01, moe__aux_loss_type="seq",
+               moe__bias_update_rate=0.05, train__steps=4)
+    straight = str(tmp_path / "straight")
+    want = run_distributed(run_train, 2, hf, data, straight, checkpoint__every=2, **run)[0]
+    got = run_distributed(run_train, 2, hf, data, str(tmp_path / "resumed"), **run,
+                          checkpoint__load=os.path.join(straight, "checkpoints", "step_2"))[0]
+    assert [m["step"] for m in got] == [3, 4]
+    for key in ("loss", "grad_norm", "moe_aux_loss", "moe_expert_bias_absmax"):
+        assert [m[key] for m in got] == [m[key] for m in want[2:]], key
+    names = {f"decoder.layers.{i}.mlp.router.expert_bias": (8,) for i in (1, 2)}
+    at = {(d, s): read_canonical(os.path.join(tmp_path, d, "checkpoints", f"step_{s}"), names, torch.float32)
+          for d, s in (("straight", 2), ("straight", 4), ("resumed", 4))}
+    for n in names:
+        assert torch.equal(at["resumed", 4][n], at["straight", 4][n]), n
+        assert not torch.equal(at["straight", 2][n], at["straight", 4][n]), n  # they moved after the resume
