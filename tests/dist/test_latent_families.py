@@ -48,12 +48,16 @@ def test_logits_match_transformers(latent_hf, family, layout):
 
 
 # -- training ---------------------------------------------------------------------------------------
-# 5 SFT steps on deepseek_v3: the same losses, gradient norms and expert biases as the single-process
-# run (relative 1e-5). The load-balancing losses are in the gradient; the expert bias moves each step.
+# 5 SFT steps on deepseek_v3: the same losses, gradient norms, balance losses and expert biases as the
+# single-process run (relative 1e-5), with the sequence-wise balance loss and the z-loss in the
+# gradient and aux-loss-free bias updates on (each expert's bias moves by 0.05 per step).
 # The load-balancing loss is taken over each global micro batch, so with dp > 1 the layout runs one
 # micro batch per step and the reference one of micro_batch_size x dp (as tests/dist/test_moe_parallel.py).
 RTOL = 1e-5
 MOE = {"moe__z_loss_coef": 1e-3, "moe__aux_loss_coef": 0.01}
+# DeepSeek-V3's balancing: the sequence-wise loss and the bias update (a large rate, so the biases
+# change the routing within 5 steps)
+BALANCE = {"moe__aux_loss_type": "seq", "moe__bias_update_rate": 0.05}
 TRAIN = {  # name -> (world, reference micro batch size, overrides)
     "tp2_sp": (2, 2, {"parallel__tp": 2, "parallel__sp": True}),
     "dp2_ep2_zero1": (2, 8, {"parallel__ep": 2, "optim__zero": 1, "train__micro_batch_size": 4}),
@@ -91,7 +95,7 @@ def reference(latent_hf, data, tmp_path_factory):
         key = (mbs, tuple(sorted(extra.items())))
         if key not in cache:
             cache[key] = _steps_and_biases(0, 1, latent_hf["deepseek_v3"], data, str(tmp_path_factory.mktemp("ref")),
-                                           train__micro_batch_size=mbs, **MOE, **extra)
+                                           train__micro_batch_size=mbs, **{**MOE, **extra})
         return cache[key]
     return get
 
@@ -101,9 +105,9 @@ def test_training_matches_single_process(name, reference, latent_hf, data, tmp_p
     import numpy as np
 
     world, ref_mbs, overrides = TRAIN[name]
-    want, want_bias = reference(ref_mbs)
+    want, want_bias = reference(ref_mbs, **BALANCE)
     results = run_distributed(_steps_and_biases, world, latent_hf["deepseek_v3"], data, str(tmp_path), **overrides,
-                              **MOE)
+                              **MOE, **BALANCE)
     got_bias = {}
     for got, biases in results:
         got_bias.update(biases)
@@ -112,6 +116,15 @@ def test_training_matches_single_process(name, reference, latent_hf, data, tmp_p
     assert set(got_bias) == set(want_bias) == {"1"}
     for layer, bias in want_bias.items():
         np.testing.assert_allclose(got_bias[layer], bias, rtol=RTOL, atol=1e-7, err_msg=layer)
+    start = _initial_biases(latent_hf["deepseek_v3"])
+    assert all(abs(a - b) >= 0.05 - 1e-6 for a, b in zip(want_bias["1"], start["1"]))  # every expert moved
+
+
+def _initial_biases(hf_dir):
+    from tests.helpers.hf import tensors
+
+    return {name.split(".")[2]: t.tolist() for name, t in tensors(hf_dir).items()
+            if name.endswith("e_score_correction_bias")}
 
 
 def test_lora_matches_single_process(reference, latent_hf, data, tmp_path):
