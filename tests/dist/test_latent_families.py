@@ -194,3 +194,23 @@ def test_import_export_is_bitwise_with_the_mtp_layer_and_loads_in_transformers(l
         _, info = load_hf_model(out, torch.float32, output_loading_info=True)
         assert not info["missing_keys"] and not info["mismatched_keys"], (family, info)
         assert set(info["unexpected_keys"]) <= set(mtp), (family, info["unexpected_keys"])
+
+
+def test_checkpoint_resumes_at_another_layout(latent_hf, data, tmp_path):
+    """Saved at tp=2 x ep=2 after 3 steps (biases moving, sequence-wise loss on); resumed at pp=2:
+    steps 4-5 equal a straight single-process run, expert biases included."""
+    import numpy as np
+
+    from tests.helpers.train import run_train
+
+    hf = latent_hf["deepseek_v3"]
+    common = dict(train__micro_batch_size=2, checkpoint__every=3, **MOE, **BALANCE)
+    want = run_train(0, 1, hf, data, str(tmp_path / "straight"), **common)
+    first = str(tmp_path / "first")
+    run_distributed(run_train, 2, hf, data, first, train__steps=3, parallel__tp=2, parallel__ep=2, **common)
+    step3 = os.path.join(first, "checkpoints", "step_3")
+    got = run_distributed(run_train, 2, hf, data, str(tmp_path / "resumed"), checkpoint__load=step3,
+                          parallel__pp=2, **common)[0]
+    assert [m["step"] for m in got] == [4, 5]
+    for key in ("loss", "grad_norm", "moe_aux_loss", "moe_expert_bias_absmax"):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want[3:]], rtol=RTOL, err_msg=key)
