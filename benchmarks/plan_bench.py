@@ -12,7 +12,8 @@ Megatron-LM's `theoretical_memory_usage` estimate (re-derived here from its publ
 weights and optimizer at 18 bytes per parameter, or 6 + 12/dp with the distributed optimizer;
 activations for selective recompute with sequence parallelism, 34 s b h per layer / tp, scaled by
 the layers in flight on the first stage; experts are counted in full on every rank, as the
-formula did before expert layouts were added).
+formula did before expert layouts were added; multi-latent attention's weights as Megatron-LM
+counts them, DeepSeek's dense first layers and shared expert included).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ SCENARIOS = {
     "Qwen3-30B-A3B": [(2, 8, "h100", 4096, 1 << 21)],
     "Qwen3-235B-A22B": [(8, 8, "h100", 4096, 1 << 22), (32, 8, "h100", 4096, 1 << 23)],
     "Mixtral-8x22B-v0.1": [(8, 8, "h100", 4096, 1 << 22)],
+    "DeepSeek-V3": [(32, 8, "h100", 4096, 1 << 24)],
+    "Kimi-K2-Instruct": [(32, 8, "h100", 4096, 1 << 24)],
 }
 
 
@@ -43,11 +46,17 @@ def megatron_formula(cfg, mc, world: int) -> float:
     stage: weights + optimizer state + activations (selective recompute, sequence parallel)."""
     p = cfg.parallel
     h, L, heads = mc.hidden_size, mc.num_layers, mc.num_attention_heads
-    experts = mc.num_moe_experts if mc.moe_layers else 1
-    ffn = mc.moe_ffn_hidden_size if mc.moe_layers else mc.ffn_hidden_size
-    q_ratio = mc.kv_channels * heads / h
-    layer_params = 2 * L * h * h * ((1 + mc.num_query_groups / heads) * q_ratio + ffn / h * experts * 1.5
-                                    + 2 / h + 1 / (L * h))
+    if mc.is_mla:  # Megatron-LM's multi_latent_attention term
+        qk, rq = mc.qk_head_dim, mc.q_lora_rank
+        q_term = rq * (h + heads * qk + 1) if rq else h * heads * qk
+        attention = (q_term + mc.kv_lora_rank * (h + heads * (mc.qk_nope_head_dim + mc.v_head_dim) + 1)
+                     + h * mc.qk_rope_head_dim + mc.v_head_dim * heads * h)
+    else:
+        attention = 2 * h * h * (1 + mc.num_query_groups / heads) * (mc.kv_channels * heads / h)
+    n_moe = len(mc.moe_layers)
+    mlp = ((L - n_moe) * 3 * h * mc.ffn_hidden_size
+           + n_moe * 3 * h * (mc.moe_ffn_hidden_size * mc.num_moe_experts + mc.moe_shared_expert_ffn_hidden_size))
+    layer_params = L * attention + mlp + 4 * L * h + 2 * h
     vocab = mc.padded_vocab_size(p.tp)
     embedding = h * vocab
     most_loaded = (layer_params / p.pp + embedding) / p.tp

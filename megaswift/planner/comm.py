@@ -18,16 +18,22 @@ gradients flowing into them and every master gradient are. "fwd" terms repeat un
        under sp], bwd X f (column-parallel input grad) [+ X c all-gather under sp]: without sp
        4 all-reduces = 2 X (c + f); an MoE layer without sp: fwd all-gather X c, bwd all-gather
        X f (each tp rank routes s / tp tokens); a shared expert as a dense MLP
+       multi-latent attention instead of linear_qkv's X f: the q latent b s rq f (after its norm;
+       without q_lora_rank linear_q_proj's X f), the kv latent b s rkv f and the rope key
+       b s dr c, each all-gathered forward under sp and reduce-scattered backward, else
+       all-reduced backward (the down-projections are replicated: they gather nothing)
        embedding fwd X f [+ bwd X f under sp]; output layer bwd X f [+ fwd X f under sp];
        cross entropy fwd 3 b s f (max; target logit and sum of exps)
        MoE router statistics on the last stage: L_moe (2E + 2) f (also over dp x cp)
        per step: partial grads 4 x (the 2 norms per layer and the final norm under sp, q/k norms,
-       routers, a proj bias or shared-expert gate under sp); replicated KV rows
+       routers, a proj bias or shared-expert gate under sp; MLA under sp: the replicated
+       down-projections and latent norms, rq (h + 1) + (rkv + dr) h + rkv); replicated KV rows
        4 ng sum_layers 2 hd (h + qkv bias) when tp > kv heads; grad norm 4
   cp   per layer, U Ulysses x R ring ranks, hq = heads / tp, hk = kv heads / tp replicated up to U
-       under Ulysses: Ulysses all-to-all fwd and bwd each (2 hq + 2 hk) b s hd c; ring: KV block
-       K = 2 b s hk hd: fwd (R - 1) K c sent and as much received, bwd (R - 1) K c + R K f (fp32
-       dK/dV accumulators) sent and as much received
+       under Ulysses, dqk / dv the q-k and v head widths (hd both, or MLA's nope + rope and v):
+       Ulysses all-to-all fwd and bwd each (hq dqk + hk (dqk + dv) + hq dv) b s c; ring: KV block
+       K = b s hk (dqk + dv): fwd (R - 1) K c sent and as much received, bwd (R - 1) K c + R K f
+       (fp32 dK/dV accumulators) sent and as much received
   ep   per MoE layer: T = b s / tp tokens routed, A = T k assignments, A_e of them for this
        rank's experts from each rank (force-balanced: assignment i to expert i mod E):
        all-to-all fwd (A + ep A_e) h c (dispatch + combine) and bwd the same; per step grad norm 4
@@ -39,9 +45,11 @@ gradients flowing into them and every master gradient are. "fwd" terms repeat un
        engine's scalars 16 + 8 (float64 units/tokens and loss sum); MoE statistics as in tp
   edp  (expert-dp ranks) per step: the expert buckets, as dp
   pp   per stage boundary on another rank: the hidden states b s h f (s / tp under sp), plus the
-       MoE statistics L_moe (2E + 2) f: sent and received once forward and once backward;
+       MoE statistics L_moe (2E + 2) f: sent and received once forward and once backward (their
+       gradient only once an MoE layer sits before the boundary);
        per step: tied-embedding grad sum 4 V/tp h on the first and last stage, grad norm 4,
-       the engine's float64 scalars 8 (loss) + 16 pp (pipeline timings) + 8 (2 + L_moe E) (MoE)
+       the engine's float64 scalars 8 (loss) + 16 pp (pipeline timings) + 8 (2 + L_moe E) (MoE;
+       + 8 L_moe E for routers with an expert bias: the biases travel with the counts)
   other (the world group): the non-finite check, 4 world per step
 Recompute: full reruns each layer's forward inside backward (its tp, cp, ep, etp fwd terms twice),
 selective the core attention (the cp fwd terms twice); torch's checkpoint stops rerunning once
@@ -69,7 +77,9 @@ and rejected), n unchanged; and per micro batch
     the policy and again for the reference;
   - per step: the engine's six metric sums, 6 x 8 more over dp x cp and over pp.
 Not modelled: GRPO (rollouts); DPO's reference under MoE and LoRA with MoE or recompute are
-built from the same rules but not checked against a real step.
+built from the same rules but not checked against a real step, nor LoRA on multi-latent
+attention (its adapters' partial sums); moe.aux_loss_type seq (statistics per batch row, their
+reductions over tp x cp and dp) is not modelled: the global loss's are counted.
 """
 from __future__ import annotations
 
@@ -136,13 +146,31 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
     layer_fwd = n * (2 if cfg.train.recompute == "full" else 1)
     core_fwd = n * (1 if cfg.train.recompute == "none" else 2)
 
-    def column(times, bwd):  # a column-parallel linear on an fp32 input: f / all-gather forward
-        t.add("tp", AG, times * X * F, tp if sp else 1)
-        t.add("tp", RS if sp else AR, bwd * X * F, tp)
+    def column(times, bwd, width=X, nbytes=F):  # a column-parallel input (fp32 norm outputs): f / all-gather fwd
+        t.add("tp", AG, times * width * nbytes, tp if sp else 1)
+        t.add("tp", RS if sp else AR, bwd * width * nbytes, tp)
 
     def row(times, nbytes, bwd, width=X):  # a row-parallel sum g / reduce-scatter forward, its adjoint backward
         t.add("tp", RS if sp else AR, times * width * nbytes, tp)
         t.add("tp", AG, bwd * width * nbytes, tp if sp else 1)
+
+    def mla(fwd, bwd, grad_in, adapters):
+        """Multi-latent attention's column-parallel inputs (models/mla.py): the q and kv latents
+        after their norms (fp32) and the shared rope key (compute dtype), gathered under SP
+        instead of the hidden states (the down-projections are replicated), their gradients
+        summed. Returns whether q, k or v needs a gradient."""
+        S = b * s
+        kv_grad = grad_in or "linear_kv_down_proj" in adapters
+        if m.q_lora_rank:
+            q_grad = grad_in or "linear_q_down_proj" in adapters
+            column(fwd, bwd if q_grad else 0, S * m.q_lora_rank)  # linear_q_up_proj
+            q_out = q_grad or "linear_q_up_proj" in adapters
+        else:
+            column(fwd, bwd if grad_in else 0)  # linear_q_proj
+            q_out = grad_in or "linear_q_proj" in adapters
+        column(fwd, bwd if kv_grad else 0, S * m.kv_lora_rank)  # linear_kv_up_proj
+        column(fwd, bwd if kv_grad else 0, S * m.qk_rope_head_dim, c)  # the rope key
+        return q_out or kv_grad or "linear_kv_up_proj" in adapters
 
     def layers_pass(layers, fwd, core, bwd, grad_in, adapters):
         """The collectives of `layers` run `fwd` times forward (`core`: the core attention's
@@ -150,8 +178,11 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
         needs a gradient: `grad_in`, whether the layer's input does (a frozen base's embedding
         output does not), grows by the adapters met (`adapters`: the targeted linears)."""
         for i in layers:
-            qkv_out = grad_in or "linear_qkv" in adapters
-            column(fwd, bwd if grad_in else 0)  # linear_qkv
+            if m.is_mla:
+                qkv_out = mla(fwd, bwd, grad_in, adapters)
+            else:
+                qkv_out = grad_in or "linear_qkv" in adapters
+                column(fwd, bwd if grad_in else 0)  # linear_qkv
             proj_out = qkv_out or "linear_proj" in adapters
             row(fwd, c, bwd if qkv_out else 0)  # linear_proj
             if "linear_proj" in adapters:  # the adapter's partial A x, summed (its B is replicated)
@@ -212,9 +243,13 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
         act = b * (s // tp if sp else s) * h * F
         for nb in ([stage - 1] if not pre else []) + ([stage + 1] if not post else []):
             if pp_rank not in _owners(nb, pp, stages, p.pp_schedule):
-                t.add("pp", "send", n * (act + (stats if moe else 0)))
-                t.add("pp", "recv", n * (act + (stats if moe else 0)))
-                t.add("pp", "send" if nb > stage else "recv", ref_runs * act)
+                ahead = nb > stage
+                # the statistics travel forward always, their gradient only once an MoE layer
+                # (before the boundary) has added to them
+                moe_before = any(i in moe for j in range(min(stage, nb) + 1) for i in split[j])
+                t.add("pp", "send" if ahead else "recv", n * (act + (stats if moe else 0)))
+                t.add("pp", "recv" if ahead else "send", n * (act + (stats if moe_before else 0)))
+                t.add("pp", "send" if ahead else "recv", ref_runs * act)
         _finalize_grads(t, m, lay, sp, layers, post, lora.rank, adapted)
 
     # per step: gradient buckets, norms and the engine's scalars
@@ -236,7 +271,9 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
     if m.tie_word_embeddings and pp > 1 and has_first != has_last and not lora.rank:  # frozen: nothing to sum
         t.add("pp", AR, m.padded_vocab_size(tp) // tp * h * F)
     metrics = 8 * (6 if dpo else 0)  # DPO's metric sums (rewards, accuracies, margins, logps), float64
-    t.add("pp", AR, F + 8 + metrics + 16 * pp + (8 * (2 + len(moe) * E) if moe else 0), pp)
+    # MoE: aux and z sums, the step's counts and (routers with an expert bias) the biases, float64
+    moe_scalars = 8 * (2 + len(moe) * E * (2 if m.moe_router_expert_bias else 1)) if moe else 0
+    t.add("pp", AR, F + 8 + metrics + 16 * pp + moe_scalars, pp)
     t.add("dp", AR, 16 + 8 + metrics, dpc)
     t.add("other", AR, 4 * world_size, world_size)
     return t.result()
@@ -264,12 +301,15 @@ def _context_parallel(t, m, lay, b, s, c, fwd, out_fwd, n) -> None:
     """`fwd`: forward runs of the core attention; `out_fwd`: of Ulysses' last all-to-all (the
     output back to its tokens), which selective recompute's early stop leaves out."""
     U, R, tp = lay.ulysses, lay.cp // lay.ulysses, lay.tp
-    hq, hk, hd = m.num_attention_heads // tp, max(1, m.num_query_groups // tp), m.kv_channels
+    hq, hk = m.num_attention_heads // tp, max(1, m.num_query_groups // tp)
+    qk, dv = m.qk_head_dim, m.value_head_dim  # MLA: q/k heads nope + rope wide, v heads v_head_dim
     if U > 1:
         hk = hk if hk % U == 0 else U  # KV heads fewer than U are replicated up to U
-        t.add("cp", A2A, ((fwd + n) * (hq + 2 * hk) + (out_fwd + n) * hq) * b * s * hd * c)  # q, k, v; out
+        t.add("cp", A2A, ((fwd + n) * (hq * qk + hk * (qk + dv)) + (out_fwd + n) * hq * dv) * b * s * c)  # q, k, v; out
     if R > 1:
-        K = 2 * b * s * hk * hd  # a stacked K/V block (U ranks' tokens, hk / U heads under Ulysses)
+        # a K/V block (U ranks' tokens, hk / U heads under Ulysses): stacked, or concatenated
+        # along the head dim when v's differs
+        K = b * s * hk * (qk + dv)
         for kind in ("send", "recv"):
             t.add("cp", kind, fwd * (R - 1) * K * c + n * ((R - 1) * K * c + R * K * F))
 
@@ -306,10 +346,14 @@ def _finalize_grads(t, m, lay, sp, layers, post, lora_rank=0, adapted=frozenset(
             t.add("tp", AR, F * m.num_query_groups * len(layers) * 2 * hd * r, tp)
         return
     partial = h if post and sp else 0
+    # MLA under SP: the replicated down-projections and latent norms see this rank's tokens only
+    latent = ((m.q_lora_rank or 0) * (h + 1) + (m.kv_lora_rank + m.qk_rope_head_dim) * h + m.kv_lora_rank
+              if m.is_mla and sp else 0)
     for i in layers:
-        partial += 2 * h * sp + 2 * hd * (tp > 1 and m.qk_layernorm) + h * (sp and m.add_proj_bias)
+        partial += 2 * h * sp + 2 * hd * (tp > 1 and m.qk_layernorm) + h * (sp and m.add_proj_bias) + latent
         if i in m.moe_layers:
-            partial += m.num_moe_experts * h * (tp > 1) + h * bool(sp and m.moe_shared_expert_ffn_hidden_size)
+            gate = sp and m.moe_shared_expert_ffn_hidden_size and m.moe_shared_expert_gate
+            partial += m.num_moe_experts * h * (tp > 1) + h * bool(gate)
     t.add("tp", AR, F * partial, tp)
     if tp > m.num_query_groups:
         rows = len(layers) * 2 * hd * (h + m.add_qkv_bias)

@@ -156,17 +156,20 @@ def stage_input(cfg, model_cfg, st, rows: int):
     batch, 2 per pair for DPO) (s / cp, and / tp under sequence
     parallelism) in fp32 (the residual stream: the embedding's output is fp32, and fp32 + the
     bf16 outputs of autocast's matmuls stays fp32), and for MoE models the router statistics
-    [MoE layers, 2E + 2] (models/moe.py)."""
-    from megaswift.models.moe import stats_width
+    [MoE layers, 2E + 2] (models/moe.py; per batch row, [MoE layers, rows, 2E + 2], for
+    moe.aux_loss_type seq)."""
+    from megaswift.models.moe import stats_shape
 
     seq = cfg.data.seq_len // st.cp_size // (st.tp_size if st.sp else 1)
     shape = (rows, seq, model_cfg.hidden_size)
+    stats = stats_shape(len(model_cfg.moe_layers), model_cfg.num_moe_experts,
+                        rows if cfg.moe.aux_loss_type == "seq" else None)
 
     def make(_index: int) -> tuple:
         hidden = torch.empty(shape, dtype=torch.float32)
         if not model_cfg.moe_layers:
             return (hidden,)
-        return hidden, torch.zeros(len(model_cfg.moe_layers), stats_width(model_cfg.num_moe_experts))
+        return hidden, torch.zeros(stats)
     return make
 
 

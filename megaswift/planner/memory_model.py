@@ -10,29 +10,21 @@ MLP width / tp, L the decoder layers of this rank.
 State (exact, mirrors parallel/data_parallel.py): trainable parameters go, in reverse module
 order, into buckets closed once they hold >= parallel.ddp_bucket_size elements, each padded to a
 multiple of its dp group (dense: dp x cp; experts: edp). parameters = 4 x padded buckets + 4 x
-frozen parameters (LoRA's base) + RoPE's inv_freq (one per pipeline chunk); gradients = 4 x padded buckets; optimizer =
-2 x 4 x this rank's elements (ZeRO-1: its dp shard of every bucket).
+frozen parameters (LoRA's base; the routers' fp32 expert bias, which has no gradient) + RoPE's
+inv_freq (rotary dims / 2: MLA's rope part, GLM-4.5's partial RoPE; one per pipeline chunk);
+gradients = 4 x padded buckets; optimizer = 2 x 4 x this rank's elements (ZeRO-1: its dp shard
+of every bucket).
 
-Saved activations, per layer, under bf16 autocast with fp32 master weights (what the code saves
-for backward, read off the dry run's live tensors):
-  residual     2 x 4 Tq H          the two residual adds (fp32: the weights are fp32)
-  norms        2 x 4 Tq H          RMSNorm's x * rsqrt (fp32), kept for the weight's gradient
-  casts        2 x 2 T H           bf16 inputs of linear_qkv and linear_fc1 (full sequence: SP
-                                   gathers the fp32 norm output, then autocast casts it)
-  weights      2 x matmul params   autocast's bf16 weight copies, saved by every matmul
-  qkv          2 T (nq + 2 nkv) hd linear_qkv's output (v is a view of it)
-  qk norms     6 T (nq + nkv) hd   fp32 input + bf16 output of q/k RMSNorm
-  rope         2 T (nq + nkv) hd   q and k cast back to bf16 for the kernel
-  core         2 T nq hd + 4 T nq  sdpa's out and lse (no s x s matrix); ring CP: + 4 T nq hd
-                                   (fp32 out); selective recompute drops the lse
-  mlp          2 T (2F + F + F)    fc1 output, silu(gate), silu(gate) * up
-  moe          router: 2 Tm H + 2 E H + 8 Tm E (bf16 input, weight, fp32 logits and softmax);
-               R = Tm k rows (Tm = T / tp: each tp rank routes its share), Re = R etp rows
-               computed here: 2 Re (H + 2 Fe + 2 Fe) / etp-split widths + 4 R H (combined rows
-               and their weighted copy) + the experts' bf16 weight copies (grouped GEMM)
+Saved activations, per layer, under bf16 autocast with fp32 master weights: planner/layer_terms.py
+(the residual stream and norms, the token mixer's tensors for GQA and for multi-latent attention,
+the dense MLP, the MoE router (softmax or DeepSeek's fp32 sigmoid router), dispatch and shared
+expert), plus
+  weights      2 x matmul params   autocast's bf16 weight copies, saved by every matmul (not of
+                                   the fp32 sigmoid router's weight); dense ones cached once per
+                                   step, the experts' cast per micro batch (grouped GEMM)
 Full recompute keeps only each layer's input (4 Tq H) and reruns one layer in backward.
 
-Per micro batch: the embedding output (4 Tq H), cos/sin (2 x 4 T hd), the final norm (8 Tq H:
+Per micro batch: the embedding output (4 Tq H), cos/sin (2 x 4 T rotary dims), the final norm (8 Tq H:
 x * rsqrt and its output, still a local of GPTModel.forward), the output layer's bf16 input and
 weight (2 T H + 2 V H), the bf16 logits (2 T V) and, inside the vocab-parallel cross entropy,
 two fp32 copies of them (8 T V: x - max, then exp).
@@ -44,6 +36,13 @@ next forward starts, so micro batches add nothing; the peak is state plus the la
   backward   the layers' activations + the output layer's weight gradient in bf16 and its fp32
              cast (6 V H), when the sequence is short (T < 3/4 H);
   recompute  (full) the saved layer inputs + one layer rerun in backward;
+  expert wgrad the last MoE layer's grouped fc1 weight gradient in bf16 and its fp32 cast, once
+             that layer's own expert copies are gone (its grouped GEMM's node released them)
+             and, under ZeRO-1, with the reduce-scatter shards of the buckets already complete
+             (the output layer's, that layer's fc2);
+  grad_sync  (ZeRO-1) every bucket's fp32 reduce-scatter output (bucket / dp), started during
+             the last backward and alive until finish_grad_sync copies them back: the
+             gradient shard, all at once (DeepSeek-scale experts with small activations);
   optimizer  CUDA's fused AdamW (what the GPU and, by default, the dry run step with) allocates
              nothing; CPU's foreach AdamW (cuda_optimizer=False) allocates exp_avg_sq.sqrt() of
              every tensor of a parameter group at once (4 bytes per element of the larger group).
@@ -86,7 +85,11 @@ comes first. The peak is the largest of
              gradients; the last stage's micro batch 0: + the output layer's 6 V H), or its end
              (the other micro batches in flight + the drained weight gradients above); full
              recompute: + one layer rebuilt;
-  grad_norm  after the schedule (above); usually the first stage's end of a backward wins.
+  grad_norm  after the schedule (above); usually the first stage's end of a backward wins;
+  grad_sync  (ZeRO-1) finish_grad_sync starts the reduce-scatters after the schedule, one dp part
+             (dense, then experts) at a time: the larger part's fp32 shards;
+  an MoE layer's fc1 weight gradient (bf16 + fp32) counts the in-flight micro batches' expert
+  copies less its own.
 zbv's split backward (torch's stage_backward_input / stage_backward_weight; the first stage's I
 does nothing and its W is a whole backward): an I (stage s > 0) keeps, until its W, the gradient
 at every param group's intermediate (`_input_pass_grads`: each trainable weight's output
@@ -105,7 +108,9 @@ from functools import lru_cache
 from megaswift.models.sharding import layer_param_names, layout_on
 from megaswift.parallel.pipeline_stages import single_stage_order
 
-F32, BF16 = 4, 2
+from . import layer_terms
+from .layer_terms import BF16, F32, bf16_copied
+
 
 
 class _Coords:
@@ -151,7 +156,9 @@ def param_list(cfg, mc, c: _Coords) -> list[tuple[str, int, int, bool, bool]]:
 
     def add(name, adapt=False):
         shape = shape_of(name)
-        out.append((name, _numel(shape), len(shape), ".experts." in name, not lora.rank))
+        # the router's expert bias has no gradient (models/routers.py): state, not a trainable
+        trainable = not lora.rank and not name.endswith(".expert_bias")
+        out.append((name, _numel(shape), len(shape), ".experts." in name, trainable))
         if adapt:
             base = name.rsplit(".", 1)[0]
             for w in "AB":
@@ -176,6 +183,29 @@ def param_list(cfg, mc, c: _Coords) -> list[tuple[str, int, int, bool, bool]]:
     return out
 
 
+def _zero_shards_ready(cfg, c: _Coords, params, ready) -> int:
+    """Under ZeRO-1 the last micro batch's backward reduce-scatters each bucket as soon as all
+    its gradients are in, into a new fp32 shard (bucket / dp elements) that lives until the
+    step's finish_grad_sync: the bytes of those shards once the parameters `ready(name)` have
+    their gradients."""
+    if not cfg.optim.zero:
+        return 0
+    total = 0
+    for expert, dp, _ in _parts(c):
+        if dp == 1:
+            continue
+        for b in _buckets(cfg, params, expert):
+            if all(ready(name) for name, _, _ in b):
+                total += F32 * -(-sum(n for _, n, _ in b) // dp)
+    return total
+
+
+def _inv_freq(mc) -> int:
+    """RoPE's inv_freq buffer (fp32): half the rotated dims (the rope part of MLA's heads, a
+    fraction of GLM-4.5's)."""
+    return mc.rotary_dim // 2 * F32
+
+
 def _chunks(cfg, c: _Coords) -> int:
     """The model chunks (pipeline stages) this rank holds."""
     from megaswift.parallel.pipeline_stages import num_stages
@@ -184,92 +214,64 @@ def _chunks(cfg, c: _Coords) -> int:
     return 1 if p.pp == 1 else num_stages(p.pp, p.vpp, p.pp_schedule) // p.pp
 
 
+def _parts(c: _Coords):
+    """(expert, group size, rank in it) of the two dp parts: dense over dp x cp, experts over edp."""
+    return ((False, c.dp * c.cp, c.dp_cp_rank), (True, c.edp, c.edp_rank))
+
+
+def _buckets(cfg, params, expert: bool) -> list[list[tuple[str, int, int]]]:
+    """parallel/data_parallel.py's buckets of one part: (name, numel, ndim) of its trainable
+    parameters in reverse order, closed once they hold >= ddp_bucket_size elements."""
+    buckets, current = [], []
+    for name, n, nd, e, t in reversed(params):
+        if not t or e != expert:
+            continue
+        current.append((name, n, nd))
+        if sum(x for _, x, _ in current) >= cfg.parallel.ddp_bucket_size:
+            buckets.append(current)
+            current = []
+    if current:
+        buckets.append(current)
+    return buckets
+
+
 def state_bytes(cfg, mc, c: _Coords, params=None) -> dict:
     """parameters / gradients / optimizer bytes (exact), and the foreach AdamW temporaries."""
     params = param_list(cfg, mc, c) if params is None else params
     frozen = sum(n for _, n, _, _, t in params if not t)
     buf_total, opt, decay, no_decay, piece = 0, 0, 0, 0, 0
-    for expert, dp, dp_rank in ((False, c.dp * c.cp, c.dp_cp_rank), (True, c.edp, c.edp_rank)):
-        group = [(n, nd) for _, n, nd, e, t in params if t and e == expert]
-        buckets, current = [], []
-        for n, nd in reversed(group):
-            current.append((n, nd))
-            if sum(x for x, _ in current) >= cfg.parallel.ddp_bucket_size:
-                buckets.append(current)
-                current = []
-        if current:
-            buckets.append(current)
-        for b in buckets:
-            total = sum(n for n, _ in b)
+    shards = []  # per dp part: its buckets' ZeRO reduce-scatter outputs (fp32)
+    for expert, dp, dp_rank in _parts(c):
+        shards.append(0)
+        for b in _buckets(cfg, params, expert):
+            total = sum(n for _, n, _ in b)
             padded = -(-total // dp) * dp
             buf_total += padded
+            if cfg.optim.zero and dp > 1:
+                shards[-1] += F32 * padded // dp
             lo, hi = ((dp_rank * padded // dp, (dp_rank + 1) * padded // dp) if cfg.optim.zero else (0, padded))
             off = 0
-            for n, nd in b:
+            for _, n, nd in b:
                 mine = max(0, min(off + n, hi) - max(off, lo))
                 opt += mine
                 piece = max(piece, mine)
                 decay, no_decay = (decay + mine, no_decay) if nd >= 2 else (decay, no_decay + mine)
                 off += n
-    inv_freq = mc.kv_channels // 2 * F32 * _chunks(cfg, c)  # one RoPE buffer per pipeline chunk
+    inv_freq = _inv_freq(mc) * _chunks(cfg, c)  # one RoPE buffer per pipeline chunk
     return {"params": sum(n for _, n, _, _, _ in params), "trainable": sum(n for _, n, _, _, t in params if t),
             "parameters": F32 * (buf_total + frozen) + inv_freq, "gradients": F32 * buf_total,
             "optimizer": 2 * F32 * opt, "adam_temporaries": F32 * max(decay, no_decay),
             # grad_norm squares one piece at a time: piece.grad.pow(2), then * its weight
             "grad_norm_temporaries": 2 * F32 * piece,
+            "zero_shards": shards,
             # matrices of the decoder layers (and adapters): autocast's bf16 copies are of these
             "matmul_params": sum(n for name, n, nd, _, _ in params if nd >= 2 and "word_embeddings" not in name
-                                 and "output_layer" not in name),
+                                 and "output_layer" not in name and bf16_copied(name, mc)),
             # what autocast's weight cache keeps until the forward ends: trainable F.linear weights
             "cached_params": sum(n for name, n, nd, e, t in params if nd >= 2 and t and not e
-                                 and "word_embeddings" not in name and "output_layer" not in name),
+                                 and "word_embeddings" not in name and "output_layer" not in name
+                                 and bf16_copied(name, mc)),
             "adapters": sum(1 for name, *_ in params if name.endswith(".lora.A"))}
-
-
-def layer_terms(cfg, mc, c: _Coords, moe: bool, rows: int | None = None) -> dict:
-    """Saved-for-backward bytes of one decoder layer on one micro batch of `rows` rows (default
-    train.micro_batch_size; DPO's hold two per pair), see the docstring."""
-    p, tp = cfg.parallel, cfg.parallel.tp
-    T = (rows or cfg.train.micro_batch_size) * cfg.data.seq_len // p.cp
-    Tq = T // tp if p.sp else T
-    H, hd = mc.hidden_size, mc.kv_channels
-    nq = mc.num_attention_heads // tp
-    nkv = max(1, mc.num_query_groups // tp)
-    # LoRA freezes the base: a frozen norm weight needs no normalised input saved, a frozen
-    # linear saves its bf16 weight (for the input's gradient) but not its input: an adapted
-    # linear's input is saved by the adapter's A instead
-    lora = cfg.model.lora
-    frozen = bool(lora.rank)
-    adapted = set() if not frozen else ({"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
-                                        if "all-linear" in lora.targets else set(lora.targets))
-    saved = (lambda name: name in adapted) if frozen else (lambda name: True)
-    t = {"residual": 2 * F32 * Tq * H, "norms": 2 * ((0 if frozen else F32 * Tq * H) + F32 * Tq),
-         "qkv": BF16 * T * (nq + 2 * nkv) * hd, "rope": BF16 * T * (nq + nkv) * hd, "core": BF16 * T * nq * hd}
-    if mc.qk_layernorm:
-        t["qk_norms"] = (F32 + (0 if frozen else BF16)) * T * (nq + nkv) * hd + F32 * T * (nq + nkv)
-    if frozen:  # each adapter keeps its rank-wide middle A x
-        t["lora"] = BF16 * T * lora.rank * len(adapted)
-    if cfg.train.recompute != "selective":
-        t["core"] += F32 * T * nq  # the lse
-    if p.cp > 1:
-        t["core"] += F32 * T * nq * hd  # ring attention keeps its fp32 out
-    t["casts"] = BF16 * T * H * (int(saved("linear_qkv")) + (0 if moe else int(saved("linear_fc1"))))
-    if moe:
-        E, k, etp = mc.num_moe_experts, mc.moe_router_topk, p.etp
-        Tm = T // tp if tp > 1 else T
-        if p.sp:
-            Tm = Tq
-        R = Tm * k
-        Re, Fe = R * etp, mc.moe_ffn_hidden_size // etp
-        t["router"] = BF16 * Tm * H + 2 * F32 * Tm * E + Tm * k * (8 + 4) + 3 * F32 * Tm
-        t["dispatch"] = BF16 * Re * (H + 4 * Fe) + 2 * BF16 * R * H + 8 * (3 * R + Re) + BF16 * R
-        if mc.moe_shared_expert_ffn_hidden_size:
-            Fs = mc.moe_shared_expert_ffn_hidden_size // tp
-            t["shared_expert"] = BF16 * T * (H + 4 * Fs) + BF16 * T * H + F32 * T * 2
-    else:
-        F = mc.ffn_hidden_size // tp
-        t["mlp"] = BF16 * T * F * (3 + int(saved("linear_fc2")))
-    return t
 
 
 def schedule_actions(schedule: str, pp: int, vpp: int, r: int, m: int) -> tuple:
@@ -329,7 +331,7 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
     ref = reference_mode(cfg, algorithm)
     if ref == "copy":  # a frozen fp32 copy of the base, sharded like the policy, with its RoPE buffers
         state["reference"] = F32 * sum(n for name, n, *_ in plist if ".lora." not in name) + \
-            mc.kv_channels // 2 * F32 * _chunks(cfg, c)
+            _inv_freq(mc) * _chunks(cfg, c)
         state["parameters"] += state["reference"]
     rows = cfg.train.micro_batch_size * (2 if algorithm == "dpo" else 1)  # DPO: chosen and rejected rows
     T = rows * cfg.data.seq_len // p.cp
@@ -342,7 +344,7 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
     names = [n for n, *_ in plist]
     layer_ids = sorted({_layer_of(n) for n in names if n.startswith("decoder.layers.")})
     n_moe = sum(1 for i in layer_ids if i in mc.moe_layers)
-    dense, moe = layer_terms(cfg, mc, c, False, rows), layer_terms(cfg, mc, c, True, rows)
+    dense, moe = layer_terms.layer_terms(cfg, mc, False, rows), layer_terms.layer_terms(cfg, mc, True, rows)
     weights = BF16 * state["matmul_params"]  # autocast's bf16 copies of every layer's matmul weights
     frozen = bool(cfg.model.lora.rank)
     per_dense, per_moe = sum(dense.values()), sum(moe.values())
@@ -357,7 +359,7 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
         terms = {"layer_inputs": F32 * Tq * H * len(layer_ids), "layer_weight_copies": BF16 * state["cached_params"],
                  "recompute_one_layer": one}
     inputs = n_micro * 4 * 8 * rows * cfg.data.seq_len  # the step's token tensors
-    cos_sin = 2 * F32 * T * mc.kv_channels
+    cos_sin = 2 * F32 * T * mc.rotary_dim
     # the embedding's output is saved by the first norm (not when frozen); the final norm keeps
     # x * rsqrt (not when frozen) and its output lives on as a local of GPTModel.forward
     emb = 0 if frozen else F32 * Tq * H
@@ -375,20 +377,42 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
     # after the backward: dp's grad_norm squares each piece of the gradient (two fp32 temporaries)
     candidates = {"optimizer": 0 if cuda_optimizer else state["adam_temporaries"],
                   "grad_norm": inputs + state["grad_norm_temporaries"]}
+    if any(state["zero_shards"]):
+        # ZeRO-1's reduce-scatter outputs: without a pipeline every bucket starts during the last
+        # backward, so all of them are alive at its end; under pp finish_grad_sync starts them
+        # after the schedule, one dp part (dense, then experts) at a time
+        candidates["grad_sync"] = inputs + (sum(state["zero_shards"]) if p.pp == 1 else max(state["zero_shards"]))
     if p.pp == 1:
         layers = (n_moe * per_moe + (len(layer_ids) - n_moe) * per_dense) + weights
         if full:
             layers = terms["layer_inputs"] + terms["layer_weight_copies"]
         common = inputs + cos_sin + emb + final
         candidates["forward"] = layers + common + F32 * Tq * H + out_in + BF16 * V * H + logits
+        if _merged_experts(cfg, mc):  # LoRA on the experts: the last MoE layer's merged fp32 weights
+            candidates["lora_expert_merge"] = layers + common + _merged_experts(cfg, mc)
         candidates["backward"] = layers + common + wgrad + F32 * T * H
         if full:
             candidates["backward"] -= terms["layer_weight_copies"]
             candidates["recompute"] = layers - terms["layer_weight_copies"] + common + one + 2 * F32 * Tq * H
-        if n_moe and not frozen:  # an MoE layer's grouped weight gradient in bf16 and its fp32 cast
-            fc1 = mc.num_moe_experts // p.ep * 2 * (mc.moe_ffn_hidden_size // p.etp) * H
+        if n_moe and not frozen:  # the last MoE layer's grouped fc1 weight gradient in bf16 and its fp32 cast
+            e_local, Fe = mc.num_moe_experts // p.ep, mc.moe_ffn_hidden_size // p.etp
+            fc1, fc2 = e_local * 2 * Fe * H, e_local * H * Fe
+            # its grouped GEMM's node has released the layer's bf16 expert copies before the cast
+            # (full recompute: the rebuilt layer's, which `one` counts as an average layer's copies)
+            own = min(BF16 * (fc1 + fc2), weights // max(1, len(layer_ids))) if full else BF16 * (fc1 + fc2)
+            # what the backward has finished by then: the output layer, the layers after the last
+            # MoE one, that layer's shared expert (it runs first) and its experts' fc2
+            last = max(i for i in layer_ids if i in mc.moe_layers)
+            done = (f"decoder.layers.{last}.mlp.shared_expert.", f"decoder.layers.{last}.mlp.experts.linear_fc2.",
+                    "output_layer.", "decoder.final_layernorm.")
+
+            def ready(name):
+                i = _layer_of(name)
+                return (i is not None and i > last) or name.startswith(done)
+
             candidates["expert_weight_grad"] = (layers - (terms["layer_weight_copies"] if full else 0) + common
-                                                + (one if full else 0) + (BF16 + F32) * fc1)
+                                                + (one if full else 0) + (BF16 + F32) * fc1 - own
+                                                + _zero_shards_ready(cfg, c, plist, ready))
         terms["micro_batches_in_flight"] = 1
     else:
         pp_candidates, flight = _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, terms, rows)
@@ -402,33 +426,28 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
             "peak": held + act, "peak_at": when, "candidates": candidates, "terms": terms}
 
 
+def _merged_experts(cfg, mc) -> int:
+    """LoRA on the experts (linear_fc1 / linear_fc2 targets): each MoE layer's forward merges
+    W + B A in fp32 for all of a rank's experts (parallel/lora.py), and the merged weights live
+    until its dispatch returns: the bytes of one layer's."""
+    if not mc.moe_layers or not cfg.model.lora.rank:
+        return 0
+    p, adapted = cfg.parallel, layer_terms.adapted_targets(cfg, mc)
+    e_local, Fe = mc.num_moe_experts // p.ep, mc.moe_ffn_hidden_size // p.etp
+    return F32 * e_local * Fe * mc.hidden_size * (2 * ("linear_fc1" in adapted) + ("linear_fc2" in adapted))
+
+
 def _input_pass_grads(cfg, mc, c, layers, s, stages, rows) -> int:
     """zbv: what stage s's input-gradient pass (stage_backward_input) keeps for its weight pass,
     per micro batch: the gradient at every param group's intermediate (each trainable weight's
-    output gradient: bf16 for the matmuls, fp32 for the norms) and the stage input's .grad (the
-    retained graph keeps the leaf alive)."""
+    output gradient, planner/layer_terms.py) and the stage input's .grad (the retained graph
+    keeps the leaf alive)."""
     p = cfg.parallel
     if cfg.model.lora.rank:
         return 0
-    T = rows * cfg.data.seq_len // p.cp
-    Tq = T // p.tp if p.sp else T
-    H, hd = mc.hidden_size, mc.kv_channels
-    nq, nkv = mc.num_attention_heads // p.tp, max(1, mc.num_query_groups // p.tp)
-    total = 0
-    for i in layers:
-        g = 2 * F32 * Tq * H + BF16 * T * (nq + 2 * nkv) * hd + BF16 * T * H  # norms, qkv, proj
-        if mc.qk_layernorm:
-            g += F32 * T * (nq + nkv) * hd
-        if i in mc.moe_layers:
-            Tm = Tq if p.sp else (T // p.tp if p.tp > 1 else T)
-            R = Tm * mc.moe_router_topk
-            Re, Fe = R * p.etp, mc.moe_ffn_hidden_size // p.etp
-            g += F32 * Tm * mc.num_moe_experts + BF16 * Re * (2 * Fe + H)
-            if mc.moe_shared_expert_ffn_hidden_size:
-                g += BF16 * T * (2 * mc.moe_shared_expert_ffn_hidden_size // p.tp + H)
-        else:
-            g += BF16 * T * (2 * mc.ffn_hidden_size // p.tp + H)  # fc1, fc2
-        total += g
+    T, Tq, _ = layer_terms.tokens(cfg, rows)
+    H = mc.hidden_size
+    total = sum(layer_terms.input_pass_grads(cfg, mc, i, rows) for i in layers)
     if s > 0:
         total += F32 * Tq * H
     if s == stages - 1:  # the final norm's and the output layer's output gradients
@@ -442,15 +461,9 @@ def _weight_pass_top(cfg, mc, c, plist, layers, rows) -> int:
     a bf16 weight gradient and its fp32 cast while the groups before it have freed their output
     gradients and the inputs (and per-micro-batch weight copies) their matmuls saved. The stage's
     first layer has freed the least."""
-    p = cfg.parallel
     if cfg.model.lora.rank or not layers:
         return 0
-    T = rows * cfg.data.seq_len // p.cp
-    Tq = T // p.tp if p.sp else T
-    H, hd = mc.hidden_size, mc.kv_channels
-    nq, nkv = mc.num_attention_heads // p.tp, max(1, mc.num_query_groups // p.tp)
-    frees = {"input_layernorm": 2 * F32 * Tq * H, "linear_qkv": BF16 * T * ((nq + 2 * nkv) * hd + H),
-             "linear_proj": BF16 * T * (H + nq * hd), "pre_mlp_layernorm": 2 * F32 * Tq * H}
+    frees = layer_terms.weight_pass_frees(cfg, mc, rows)
     freed, most = 0, 0
     for name, n, nd, expert, trainable in plist:
         if _layer_of(name) != layers[0] or not trainable:
@@ -474,7 +487,7 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
     frozen = bool(cfg.model.lora.rank)
     full = cfg.train.recompute == "full"
     per_dense, per_moe = sum(dense.values()), sum(moe.values())
-    cos_sin = 2 * F32 * T * mc.kv_channels
+    cos_sin = 2 * F32 * T * mc.rotary_dim
     out_trainable = not frozen
     # per stage: saved activations per micro batch (A), per-micro-batch bf16 weight copies (Wu:
     # weights autocast does not cache: experts, frozen), the cached copies (Wc: one per step),
@@ -483,7 +496,7 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
     for s in mine:
         ids = set(split[s])
         mats = [(name, n, t and not e) for name, n, nd, e, t in plist
-                if nd >= 2 and _layer_of(name) in ids]
+                if nd >= 2 and _layer_of(name) in ids and bf16_copied(name, mc)]
         cached = [n for _, n, keep in mats if keep]
         Wc[s] = BF16 * sum(cached)
         Wu[s] = BF16 * sum(n for _, n, keep in mats if not keep)
@@ -512,8 +525,9 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
     if last_stage in mine and not frozen:  # the output layer's group comes last: the layers'
         # groups have freed their output gradients and saved inputs, its own (the logits') stays
         T_, F_ = T, mc.ffn_hidden_size // p.tp
-        freed = sum(dense["casts"] + dense["norms"] + BF16 * T_ * (mc.num_attention_heads // p.tp) * mc.kv_channels
-                    + (0 if i in mc.moe_layers else BF16 * T_ * F_) for i in split[last_stage])
+        core = layer_terms.core_out(cfg, mc, rows)
+        freed = sum(dense["casts"] + dense["norms"] + core + (0 if i in mc.moe_layers else BF16 * T_ * F_)
+                    for i in split[last_stage])
         w_pass[last_stage] = max(w_pass[last_stage], (BF16 + F32) * V * H + BF16 * T * V
                                  - igrad[last_stage] - freed)
     # the experts' weights are cast by hand for the grouped GEMM (parallel/experts.py), so their
@@ -521,8 +535,23 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
     # cast to the fp32 master gradient: both live together, for fc1, the larger of the two
     e_local = (mc.num_moe_experts or 0) // p.ep
     fc1 = e_local * 2 * ((mc.moe_ffn_hidden_size or 0) // p.etp) * H
+    expert_copies = BF16 * fc1 * 3 // 2  # one MoE layer's bf16 fc1 and fc2 copies
     expert_wgrad = {s: (BF16 + F32) * fc1 if not frozen and any(i in mc.moe_layers for i in split[s]) else 0
                     for s in mine}
+    # the cached matrices whose bf16 gradients a backward has made (and, after micro batch 0,
+    # keeps) before the stage's last MoE layer's fc1: the output layer, the layers after it, its
+    # shared expert
+    grads_before = {}
+    for s in mine:
+        last_moe = max((i for i in split[s] if i in mc.moe_layers), default=-1)
+
+        def after(name):
+            i = _layer_of(name)
+            return i is not None and i in split[s] and (i > last_moe or (i == last_moe and ".shared_expert." in name))
+
+        grads_before[s] = BF16 * (sum(n for name, n, nd, e, t in plist if t and not e and nd >= 2 and after(name)
+                                      and bf16_copied(name, mc))
+                                  + (V * H if s == stages - 1 and out_trainable else 0))
     one_layer = 0
     if full:  # one layer's activations rebuilt in each backward
         one_layer = max(per_moe if any(i in mc.moe_layers for s in mine for i in split[s]) else 0, per_dense)
@@ -538,6 +567,17 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
         return most
 
     grad_drain = {s: drain(s) for s in mine}
+    merged = _merged_experts(cfg, mc)
+    # a stage's first layer in its token mixer's backward (the last thing a stage's backward
+    # computes but the embedding): its mixer's tensors, ring attention's temporaries, and (after
+    # micro batch 0) the stage's bf16 weight gradients but those of the mixer's input projections
+    ring = layer_terms.ring_backward_temporaries(cfg, mc, rows)
+    mixer_first = {}
+    for s in mine:
+        first_id = split[s][0] if len(split[s]) else None
+        projections = sum(n for name, n, nd, e, t in plist if _layer_of(name) == first_id and t and nd >= 2
+                          and ".self_attention." in name and not name.endswith("linear_proj.weight"))
+        mixer_first[s] = (layer_terms.mixer_saved(cfg, mc, rows) + ring, BF16 * (sum(casts[s]) - projections))
     prompt = {s: max([(BF16 + F32) * n for n in casts[s]] or [0]) for s in mine}
     emb_grad = 0 if frozen else F32 * V * H
     logits = BF16 * T * V + F32 * T * V  # bf16 logits and the loss's other fp32 copy (its exp is saved)
@@ -560,6 +600,8 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
             flight_layers += n_layers[s]
             most_flight = max(most_flight, flight_layers / per_rank_layers)
             top = live + held_i + (logits if s == last_stage else 0)
+            if merged and any(j in mc.moe_layers for j in split[s]):  # during its last MoE layer
+                top = max(top, live + held_i + merged)
             out["forward"] = max(out["forward"], W + top)
             continue
         if kind == "I" and s == 0:  # torch's first stage leaves its whole backward to W
@@ -588,12 +630,18 @@ def _pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, dense, moe, 
         else:
             end = grad_drain[s] if i > 0 else prompt[s]
         top = held_i + max(others + end, live + first_layer)
+        if ring and n_layers[s]:  # the mixer's backward of the stage's first layer under ring attention
+            top = max(top, held_i + others + mixer_first[s][0] + (mixer_first[s][1] if i > 0 else 0))
         if s == last_stage and i == 0 and not frozen:  # the output layer's weight gradient, first
             top = max(top, live - F32 * T * V + (BF16 + F32) * V * H + F32 * T * H)
         if full:  # the last layer rebuilt: the stage's other weight gradients are already made
             top = max(top, live + one_layer + 2 * F32 * Tq * H + (BF16 * sum(casts[s]) if i > 0 else 0))
-        if expert_wgrad[s]:  # an MoE layer's grouped weight gradient (bf16) and its fp32 cast
-            top = max(top, held_i + live + expert_wgrad[s] + (one_layer if full else 0))
+        if expert_wgrad[s]:  # an MoE layer's grouped weight gradient (bf16) and its fp32 cast; its own
+            # per-micro-batch expert copies went with its grouped GEMM's node (rebuilt ones under full)
+            # (the last stage's loss has freed its saved exp by then)
+            top = max(top, held_i + live + expert_wgrad[s] - (0 if full else expert_copies)
+                      + (one_layer if full else 0) + (grads_before[s] if i > 0 else 0)
+                      - (F32 * T * V if s == last_stage else 0))
         out["backward"] = max(out["backward"], W + top)
         live = others
     return out, most_flight

@@ -2,7 +2,7 @@
 category per rank position: planner/memory_model.py; communication: planner/comm.py; step time:
 planner/timing.py), those that do not fit dropped, the rest ranked by step time.
 
-A layout is tp (dividing the heads, within a node), pp (with `pp_layers` from
+A layout is tp (dividing the heads and a shared expert's width, within a node), pp (with `pp_layers` from
 `pipeline_stages.balanced` when the layers do not divide; 1F1B, and interleaved with 2 stages
 per rank and ZBV where the layers allow), cp (ring or Ulysses; the sequence must divide by
 2 cp tp), ep (dividing the experts and the ranks of a stage) with etp 1 or tp, dp the rest,
@@ -75,7 +75,11 @@ def layouts(base_cfg, mc, world: int, gpus_per_node: int, global_sequences: int)
     seq = base_cfg.data.seq_len
     moe = bool(mc.moe_layers)
     experts = mc.num_moe_experts if moe else 1
-    for tp in [d for d in _divisors(mc.num_attention_heads) if d <= gpus_per_node and world % d == 0]:
+    # tp splits the heads (multi-latent attention too: its up-projections by head, its latents
+    # replicated) and every MLP's width, a shared expert's included
+    shared = mc.moe_shared_expert_ffn_hidden_size if moe else 0
+    for tp in [d for d in _divisors(mc.num_attention_heads)
+               if d <= gpus_per_node and world % d == 0 and shared % d == 0]:
         for pp in [d for d in _divisors(world // tp) if d <= mc.num_layers]:
             for cp in [c for c in (1, 2, 4, 8) if (world // (tp * pp)) % c == 0]:
                 dp = world // (tp * pp * cp)

@@ -7,7 +7,10 @@ pipeline schedule's bubble.
 - compute: the model FLOPs of the heaviest pipeline stage (its layers; the output layer and loss
   on the last stage, the embedding is a gather) per token, x 3 for forward and backward, + one
   more forward of what is recomputed (all of it under `full`, the attention core under
-  `selective`), over the stage's ranks, at `peak x compute_efficiency`.
+  `selective`), over the stage's ranks, at `peak x compute_efficiency`. A layer's FLOPs are
+  train/metrics.py's: its projections (multi-latent attention's down- and up-projections), the
+  core over the q/k and the v head widths, a dense MLP or the router, top-k experts and shared
+  expert; DeepSeek's dense first layers count as dense.
 - bubble (micro batches m, pp ranks p): 1F1B and GPipe (p - 1) / m; interleaved with v stages
   per rank (p - 1) / (v m); zbv (p - 1) / (3 m), taking that the weight-gradient passes fill
   two thirds of the 1F1B bubble (an approximation of the zero-bubble schedule).
@@ -27,6 +30,7 @@ pipeline schedule's bubble.
 from __future__ import annotations
 
 from megaswift.parallel.pipeline_stages import num_stages, split_layers, stages_of_rank
+from megaswift.train.metrics import attention_core_macs, layer_matmul_params
 
 _FACTOR = {"allreduce": lambda n: 2 * (n - 1) / n, "allgather": lambda n: (n - 1) / n,
            "_allgather_base": lambda n: (n - 1) / n, "_reduce_scatter_base": lambda n: (n - 1) / n,
@@ -37,14 +41,11 @@ _FACTOR = {"allreduce": lambda n: 2 * (n - 1) / n, "allgather": lambda n: (n - 1
 
 def layer_flops_per_token(mc, seq_len: int) -> tuple[float, float, float]:
     """Forward FLOPs per token of one decoder layer: (attention projections, attention core
-    (scores and values over s/2 keys on average, causal), MLP or the active experts + router)."""
-    h, hd = mc.hidden_size, mc.kv_channels
-    nq, ng = mc.num_attention_heads, mc.num_query_groups
-    proj = 2 * (h * (nq + 2 * ng) * hd + nq * hd * h)
-    core = 2 * 2 * nq * hd * (seq_len / 2)
-    dense = 2 * 3 * h * mc.ffn_hidden_size
-    moe = 2 * (h * (mc.num_moe_experts or 0) + (mc.moe_router_topk or 0) * 3 * h * (mc.moe_ffn_hidden_size or 0))
-    return proj, core, (dense, moe)
+    (scores and values over s/2 keys on average, causal), (dense MLP, MoE MLP: the active
+    experts, the router and any shared expert)), from train/metrics.py's count of the weights a
+    token meets (multi-latent attention's down- and up-projections included)."""
+    attention, dense, moe = layer_matmul_params(mc)
+    return 2 * attention, 2 * attention_core_macs(mc, seq_len), (2 * dense, 2 * moe)
 
 
 def stage_flops_per_token(cfg, mc, pp_rank: int) -> float:

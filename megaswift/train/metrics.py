@@ -51,20 +51,45 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
     """Model FLOPs of forward + backward per token (3x the forward), counting matmuls only:
     the weights (2 flops per multiply-add) and causal attention scores and values (s/2 keys on
     average). Recomputation is not counted, as MFU conventionally does not."""
-    attention = cfg.num_layers * 2 * cfg.num_attention_heads * cfg.kv_channels * (seq_len / 2)
-    return 3 * 2 * (matmul_params(cfg) + attention)
+    return 3 * 2 * (matmul_params(cfg) + cfg.num_layers * attention_core_macs(cfg, seq_len))
+
+
+def attention_core_macs(cfg, seq_len: int) -> float:
+    """Multiply-adds per token of one layer's causal attention core: q.k over the q/k head width
+    and the weighted sum of values over the value width (they differ under multi-latent
+    attention), s/2 keys on average."""
+    return cfg.num_attention_heads * (cfg.qk_head_dim + cfg.value_head_dim) * (seq_len / 2)
+
+
+def layer_matmul_params(cfg) -> tuple[int, int, int]:
+    """Weights one token meets in one layer, as (attention projections, dense MLP, MoE MLP: the
+    router, the top-k experts it goes to and any shared expert with its gate). Multi-latent
+    attention: the q down- and up-projections (or one q projection), the kv down-projection with
+    the rope key, the kv up-projection and the output projection."""
+    h, nq = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.is_mla:
+        qk, rq = cfg.qk_head_dim, cfg.q_lora_rank
+        q = h * rq + rq * nq * qk if rq else h * nq * qk
+        attention = (q + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+                     + cfg.kv_lora_rank * nq * (cfg.qk_nope_head_dim + cfg.v_head_dim) + nq * cfg.v_head_dim * h)
+    else:
+        hd, ng = cfg.kv_channels, cfg.num_query_groups
+        attention = h * (nq + 2 * ng) * hd + nq * hd * h
+    dense = 3 * h * cfg.ffn_hidden_size
+    shared = cfg.moe_shared_expert_ffn_hidden_size
+    moe = (h * cfg.num_moe_experts + cfg.moe_router_topk * 3 * h * cfg.moe_ffn_hidden_size
+           + 3 * h * shared + (h if shared and cfg.moe_shared_expert_gate else 0))
+    return attention, dense, moe
 
 
 def matmul_params(cfg) -> int:
     """Weights that take part in a matmul per token: every linear layer and the output layer; in
-    an MoE layer the router and the top-k experts a token goes to (active parameters)."""
-    h, hd = cfg.hidden_size, cfg.kv_channels
-    nq, ng = cfg.num_attention_heads, cfg.num_query_groups
-    attention = h * (nq + 2 * ng) * hd + nq * hd * h
+    an MoE layer the router, the top-k experts a token goes to and the shared expert (active
+    parameters)."""
+    attention, dense, moe = layer_matmul_params(cfg)
     n_moe = len(cfg.moe_layers)
-    dense_mlp = (cfg.num_layers - n_moe) * 3 * h * cfg.ffn_hidden_size
-    moe_mlp = n_moe * (h * cfg.num_moe_experts + cfg.moe_router_topk * 3 * h * cfg.moe_ffn_hidden_size)
-    return cfg.num_layers * attention + dense_mlp + moe_mlp + h * cfg.vocab_size
+    return (cfg.num_layers * attention + (cfg.num_layers - n_moe) * dense + n_moe * moe
+            + cfg.hidden_size * cfg.vocab_size)
 
 
 class MetricsLogger:

@@ -6,18 +6,36 @@ class and kind, and the count must equal `predict_comm` exactly, byte for byte, 
 and kind by kind, on every rank. fp32 (no autocast) except tp2_ep2_zero1_bf16, which checks the
 bf16 autocast dtypes.
 
+deepseek_v3 (multi-latent attention with a q latent, a dense first layer, a shared expert, 8
+experts in 4 groups) and glm4_moe (partial RoPE, QKV bias, q/k norms), both with the sigmoid
+group-limited router and its expert bias: MLA under SP gathers the latents and the rope key, not
+the hidden states, and sums the replicated down-projections' partial gradients; without SP the
+latents' gradients are summed; with ring attention the K/V blocks are concatenated (v heads
+narrower than q/k), Ulysses moves q, k and v at their own widths; the expert bias stays out of
+the dp buckets and travels with the step's MoE statistics over pp, whose gradient crosses a stage
+boundary only after an MoE layer.
+
 Not here (checked once by hand the same way, all exact): LoRA on linear_qkv alone (tp2), on
 linear_proj alone (tp2 sp), under ZeRO-1 (dp2) and pp2; DPO under tp2 sp, pp2 with LoRA (the
 adapters-off reference and its forward_stages sends), Ulysses cp2 with a precomputed reference,
-tp2 LoRA with a copy reference. Nor: hybrid cp, etp, interleaved and zbv pipelines,
-MoE under pp, a shared expert; unbalanced MoE routing is data-dependent (the prediction is then
-the ranks' mean of the all-to-all bytes, not each rank's).
+tp2 LoRA with a copy reference. Nor: hybrid cp, etp, interleaved and zbv pipelines, a gated
+shared expert, LoRA on multi-latent attention; unbalanced MoE routing is data-dependent (the
+prediction is then the ranks' mean of the all-to-all bytes, not each rank's).
 """
 import pytest
 
 from megaswift.testing.dist import run_distributed
 from tests.helpers.comm import measure_step
 from tests.helpers.train import write_chat_data, write_preference_data
+
+
+@pytest.fixture(scope="module")
+def latent_hf(tmp_path_factory):
+    """The families with the sigmoid group-limited router (testing/tiny.py): deepseek_v3, glm4_moe."""
+    from megaswift.testing.tiny import make_tiny_hf
+
+    root = tmp_path_factory.mktemp("latent_hf")
+    return {f: make_tiny_hf(f, str(root / f), seed=30 + i) for i, f in enumerate(("deepseek_v3", "glm4_moe"))}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +76,24 @@ LAYOUTS = {
     # DPO: 2 rows a pair, the frozen copy's forward (ring attention, the embedding, the loss)
     # before the step, sequence_logps' sums over cp, the six metric sums
     "cp2_ring_dpo": ("tiny_hf", "qwen3", 2, {"parallel__cp": 2, "parallel__cp_comm": "ring"}, "dpo"),
+    # multi-latent attention under SP with full recompute (the latents' gathers rerun), the
+    # latent norms' and down-projections' partial gradients, ungated shared expert
+    "mla_tp2_sp_full_recompute": ("latent_hf", "deepseek_v3", 2, {
+        "parallel__tp": 2, "parallel__sp": True, "train__recompute": "full", "moe__router_force_balance": True}),
+    # MLA without SP (the latents' and rope key's gradients all-reduced) in bf16, tokens split
+    # over tp for the experts, ZeRO-1 with the expert bias outside the buckets
+    "mla_tp2_ep2_zero1_bf16": ("latent_hf", "deepseek_v3", 4, {
+        "parallel__tp": 2, "parallel__ep": 2, "optim__zero": 1, "moe__router_force_balance": True,
+        "model__dtype": "bfloat16", "model__cpu_autocast": True}),
+    # MLA's K/V blocks concatenated along the head dim (v heads narrower than q/k), ring and Ulysses
+    "mla_cp2_ring": ("latent_hf", "deepseek_v3", 2, {"parallel__cp": 2, "parallel__cp_comm": "ring",
+                                                     "moe__router_force_balance": True}),
+    "mla_cp2_ulysses": ("latent_hf", "deepseek_v3", 2, {"parallel__cp": 2, "parallel__cp_comm": "ulysses",
+                                                        "moe__router_force_balance": True}),
+    # glm4_moe under pp x ep: the MoE statistics cross the stage boundary, the step's counts and
+    # expert biases are summed over pp
+    "glm4_moe_pp2_ep2": ("latent_hf", "glm4_moe", 4, {
+        "parallel__pp": 2, "parallel__ep": 2, "moe__router_force_balance": True}),
 }
 
 

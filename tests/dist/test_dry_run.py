@@ -9,7 +9,9 @@ pipeline's point-to-point (the real step's scalar metric reductions aside).
 Layouts, 4 ranks each at most: tp=2 with SP x pp=2 (1F1B, 2 micro batches) with full
 recompute; cp=2 (ring) x dp=2 with ZeRO-1 and 2 micro batches; DPO at tp=2 with a frozen copy
 as the reference (its weights count as parameters); an MoE at tp=2 x ep=2 with ZeRO-1 and
-selective recompute. fp32 on CPU, as the real run computes.
+selective recompute; deepseek_v3 (multi-latent attention, a dense first layer, a shared expert,
+the group-limited router with its expert bias) at tp=2 with SP x ep=2 with ZeRO-1; glm4_moe
+(partial RoPE, QKV bias, q/k norms) at pp=2 x ep=2. fp32 on CPU, as the real run computes.
 """
 import pytest
 
@@ -26,7 +28,28 @@ LAYOUTS = {
     "moe_tp2_ep2_zero1": ("qwen3_moe", 2, {"parallel.tp": 2, "parallel.ep": 2, "optim.zero": 1,
                                            "train.recompute": "selective", "train.global_batch_size": 2,
                                            "moe.expert_backend": "loop"}),
+    "mla_tp2_sp_ep2_zero1": ("deepseek_v3", 4, {"parallel.tp": 2, "parallel.sp": True, "parallel.ep": 2,
+                                                "optim.zero": 1, "train.global_batch_size": 2,
+                                                "moe.expert_backend": "loop"}),
+    # the load-balancing loss on: see latent_hf
+    "glm4_moe_pp2_ep2": ("glm4_moe", 4, {"parallel.pp": 2, "parallel.ep": 2, "train.global_batch_size": 4,
+                                         "moe.expert_backend": "loop", "moe.aux_loss_coef": 0.01}),
 }
+
+
+@pytest.fixture(scope="module")
+def latent_hf(tmp_path_factory):
+    """The families with the sigmoid group-limited router (testing/tiny.py): deepseek_v3, glm4_moe."""
+    from megaswift.testing.tiny import make_tiny_hf
+
+    root = tmp_path_factory.mktemp("latent_hf")
+    # glm4_moe with experts on both layers (and the pp case with a load-balancing loss): the dry
+    # run's stand-in neighbours (parallel/pipeline.py run_with_fake_neighbours) receive a gradient
+    # for every stage output and send only the input gradients that are not None, where torch's
+    # stages exchange one for every tensor that requires a gradient: the router statistics' from
+    # the first MoE layer on, used by a loss or not (planner/comm.py counts the real exchange)
+    return {"deepseek_v3": make_tiny_hf("deepseek_v3", str(root / "deepseek_v3"), seed=30),
+            "glm4_moe": make_tiny_hf("glm4_moe", str(root / "glm4_moe"), seed=31, first_k_dense_replace=0)}
 
 
 def _config(hf_dir, overrides):
@@ -49,13 +72,13 @@ def _real(rank, world, hf_dir, overrides, algorithm):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_dry_run_matches_a_real_run(name, tiny_hf, moe_hf):
+def test_dry_run_matches_a_real_run(name, tiny_hf, moe_hf, latent_hf):
     from megaswift.planner.dry_run import dry_run_position
     from megaswift.setup import hf_model_config
 
     family, world, overrides, *algorithm = LAYOUTS[name]
     algorithm = algorithm[0] if algorithm else "sft"
-    hf_dir = {**tiny_hf, **moe_hf}[family]
+    hf_dir = {**tiny_hf, **moe_hf, **latent_hf}[family]
     real = run_distributed(_real, world, hf_dir, overrides, algorithm)
     cfg = _config(hf_dir, overrides)
     mc = hf_model_config(hf_dir, cfg)

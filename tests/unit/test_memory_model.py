@@ -46,8 +46,21 @@ def test_prediction_is_fast_and_explained():
     assert pred["peak"] == pred["parameters"] + pred["gradients"] + pred["optimizer"] + pred["activations"]
 
 
+# GLM-4.5's shape (glm4_moe: GQA with half of each head rotated, QKV bias, q/k norms, 160 experts
+# top-8 beside an ungated shared expert, DeepSeek's sigmoid router); no config ships with the tests
+GLM45 = dict(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", attention_bias=True, use_qk_norm=True,
+             hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536, num_attention_heads=96,
+             num_key_value_heads=8, head_dim=128, n_routed_experts=160, num_experts_per_tok=8, n_shared_experts=1,
+             first_k_dense_replace=3, n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+             partial_rotary_factor=0.5, rope_theta=1000000, rms_norm_eps=1e-5, vocab_size=151552,
+             max_position_embeddings=131072, tie_word_embeddings=False, hidden_act="silu")
+DENSE_FIRST = {"first_k_dense_replace": 1}  # cut to a few layers, the first stays dense
+
 # pipeline layouts (and a family without q/k norms), on real configs cut to a few layers: every
-# rank position of the schedule against the dry run
+# rank position of the schedule against the dry run; then deepseek_v3 (multi-latent attention
+# with a q latent, the sigmoid router over 8 expert groups with its fp32 expert bias, an ungated
+# shared expert, a dense first layer) and glm4_moe: with and without a pipeline, SP, ring
+# attention (MLA's K/V blocks), ZeRO-1's reduce-scatter shards, ZBV
 PIPELINES = [
     ("Qwen3-8B", 8, 8, ["--parallel.pp=2", "--parallel.vpp=2", "--parallel.pp_schedule=interleaved",
                         "--parallel.cp=4", "--optim.zero=1", "--data.seq_len=4096", "--train.global_batch_size=8"]),
@@ -59,18 +72,32 @@ PIPELINES = [
     # set the peak (the planner printed this layout for 256 GPUs and was 11% under, before)
     ("Qwen3-235B-A22B", 4, 8, ["--parallel.pp=2", "--parallel.cp=4", "--optim.zero=1", "--train.recompute=full",
                                "--data.seq_len=2048", "--train.global_batch_size=4"]),
+    # the last MoE layer's expert weight gradient, less its own expert copies, with ZeRO shards
+    ("DeepSeek-V3", 4, 8, ["--parallel.tp=2", "--parallel.sp=true", "--parallel.ep=2", "--optim.zero=1",
+                           "--data.seq_len=1024", "--train.global_batch_size=4"], DENSE_FIRST),
+    ("DeepSeek-V3", 8, 16, ["--parallel.pp=2", "--parallel.tp=2", "--parallel.sp=true", "--parallel.ep=4",
+                            "--optim.zero=1", "--data.seq_len=2048", "--train.global_batch_size=8"], DENSE_FIRST),
+    # the peak is ZeRO-1's reduce-scatter shards after the schedule
+    ("DeepSeek-V3", 8, 16, ["--parallel.pp=2", "--parallel.cp=2", "--parallel.ep=4", "--optim.zero=1",
+                            "--data.seq_len=4096", "--train.global_batch_size=8"], DENSE_FIRST),
+    (GLM45, 4, 8, ["--parallel.tp=2", "--parallel.sp=true", "--parallel.ep=2", "--optim.zero=1",
+                   "--data.seq_len=4096", "--train.global_batch_size=4"], DENSE_FIRST),
+    (GLM45, 8, 16, ["--parallel.pp=2", "--parallel.pp_schedule=zbv", "--parallel.tp=4", "--parallel.sp=true",
+                    "--parallel.ep=2", "--data.seq_len=2048", "--train.global_batch_size=8"], DENSE_FIRST),
 ]
 
 
-@pytest.mark.parametrize("name,layers,world,overrides", PIPELINES,
-                         ids=["qwen3-interleaved", "qwen3-1f1b-pp4", "llama-1f1b-sp", "qwen3-235b-ep1-full"])
-def test_pipeline_prediction_matches_dry_run(tmp_path, name, layers, world, overrides):
+@pytest.mark.parametrize("name,layers,world,overrides,hf", [(*p, {})[:5] for p in PIPELINES],
+                         ids=["qwen3-interleaved", "qwen3-1f1b-pp4", "llama-1f1b-sp", "qwen3-235b-ep1-full",
+                              "deepseek-tp2-sp-ep2", "deepseek-1f1b-tp2-sp-ep4", "deepseek-pp2-cp2-ring",
+                              "glm45-tp2-sp-ep2", "glm45-zbv-tp4-ep2"])
+def test_pipeline_prediction_matches_dry_run(tmp_path, name, layers, world, overrides, hf):
     import json
 
     from megaswift.planner.dry_run import capped, dry_run
 
-    raw = json.load(open(f"{REAL}/{name}/config.json"))
-    raw["num_hidden_layers"] = layers
+    raw = dict(name) if isinstance(name, dict) else json.load(open(f"{REAL}/{name}/config.json"))
+    raw.update(hf, num_hidden_layers=layers)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     hf = str(tmp_path)
     cfg = load_config(None, [f"--model.hf_path={hf}", "--model.cpu_autocast=true", "--model.dtype=bfloat16",

@@ -1,6 +1,6 @@
 """megaswift reads the published config.json of real models and gets their size right.
 
-tests/data/real_configs/<name>/config.json are the configuration files of five Hugging Face
+tests/data/real_configs/<name>/config.json are the configuration files of seven Hugging Face
 models (configs only, no weights; where each copy came from is in SOURCES.md there). Each is read
 with megaswift's own reader and family rules; the parameter count is then worked out from the
 resulting ModelConfig with a formula written here, independently of the model code, and checked
@@ -9,6 +9,7 @@ plain arithmetic on the config, so the test is fast.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -32,6 +33,10 @@ class Case:
     active: int | None = None
     """Exact parameters used per token (MoE only)."""
     published_active: float | None = None
+    active_counts_embedding: bool = True
+    """Whether the published active count includes the input embedding (a lookup, no matmul):
+    Qwen and Mistral count it, DeepSeek and Moonshot do not."""
+    total_rtol: float = 0.01
 
 
 CASES = [
@@ -45,6 +50,17 @@ CASES = [
     Case("Qwen3-235B-A22B", "qwen3_moe", 235_093_634_560, 235e9, 22_190_763_520, 22e9),
     # Mixtral-8x22B: "141B parameters, 39B active" (Mistral AI announcement).
     Case("Mixtral-8x22B-v0.1", "mixtral", 140_620_634_112, 141e9, 39_152_031_744, 39e9),
+    # DeepSeek-V3: "671B total parameters with 37B activated for each token" (paper, model
+    # card). The multi-token-prediction module (num_nextn_predict_layers, stored as layer 61 of
+    # the 685B checkpoint) is excluded: megaswift does not train it (test_deepseek_v3_mtp below).
+    # Activated without the input embedding: the model card's 36.7B including the output head.
+    Case("DeepSeek-V3", "deepseek_v3", 671_026_419_200, 671e9, 36_625_618_432, 37e9, active_counts_embedding=False),
+    # Kimi-K2 (Instruct; Base has the same shapes): "1.04 trillion total parameters, 32 billion
+    # activated" (model card, technical report); the checkpoint's tensors hold 1,026,470,731,056,
+    # exactly this count plus the fp8 weights' scales (SOURCES.md), so the card's 1.04T is 1.3%
+    # above; no MTP layer.
+    Case("Kimi-K2-Instruct", "deepseek_v3", 1_026_408_232_448, 1.04e12, 31_687_095_808, 32e9,
+         active_counts_embedding=False, total_rtol=0.015),
 ]
 
 
@@ -57,27 +73,39 @@ def read_model_config(name: str) -> ModelConfig:
 def count_parameters(cfg: ModelConfig, active: bool = False) -> int:
     """Parameters of the HF model described by cfg: embedding, output layer unless tied, final
     norm, and per layer two RMSNorms, attention (q/k/v/o with GQA and head_dim, q/k norms over
-    head_dim when qk_layernorm, biases when set) and an MLP: a SwiGLU of ffn_hidden_size, or the
-    experts (each a SwiGLU of moe_ffn_hidden_size) plus a bias-free router and any shared expert.
-    `active`: only the top-k experts a token goes through. The vocabulary is the real one, not
-    the padded one megaswift allocates."""
+    head_dim when qk_layernorm, biases when set; or multi-latent attention: q_a_proj, its norm and
+    q_b_proj (or one q_proj), kv_a_proj_with_mqa (latent + rope key), its norm, kv_b_proj,
+    o_proj) and an MLP: a SwiGLU of ffn_hidden_size, or the
+    experts (each a SwiGLU of moe_ffn_hidden_size) plus a bias-free router (with DeepSeek's
+    per-expert score bias) and any shared expert (with Qwen2-MoE's gate). `active`: only the
+    top-k experts a token goes through. The vocabulary is the real one, not the padded one
+    megaswift allocates."""
     H, V, hd = cfg.hidden_size, cfg.vocab_size, cfg.kv_channels
-    q_out, kv_out = cfg.num_attention_heads * hd, cfg.num_query_groups * hd
-    attn = H * q_out + 2 * H * kv_out + q_out * H
-    if cfg.add_qkv_bias:
-        attn += q_out + 2 * kv_out
-    if cfg.add_proj_bias:
-        attn += H
-    if cfg.qk_layernorm:
-        attn += 2 * hd
+    if cfg.is_mla:
+        n, rq, rkv = cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        attn = H * rq + rq + rq * n * qk if rq else H * n * qk
+        attn += H * (rkv + cfg.qk_rope_head_dim) + rkv + rkv * n * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        attn += n * cfg.v_head_dim * H
+    else:
+        q_out, kv_out = cfg.num_attention_heads * hd, cfg.num_query_groups * hd
+        attn = H * q_out + 2 * H * kv_out + q_out * H
+        if cfg.add_qkv_bias:
+            attn += q_out + 2 * kv_out
+        if cfg.add_proj_bias:
+            attn += H
+        if cfg.qk_layernorm:
+            attn += 2 * hd
     swiglu = lambda width: 3 * H * width  # noqa: E731 -- gate, up, down
     total = V * H + (0 if cfg.tie_word_embeddings else V * H) + H
     for i in range(cfg.num_layers):
         if i in cfg.moe_layers:
             experts = cfg.moe_router_topk if active else cfg.num_moe_experts
             mlp = experts * swiglu(cfg.moe_ffn_hidden_size) + cfg.num_moe_experts * H
+            if cfg.moe_router_expert_bias:
+                mlp += cfg.num_moe_experts
             if cfg.moe_shared_expert_ffn_hidden_size:
-                mlp += swiglu(cfg.moe_shared_expert_ffn_hidden_size) + H
+                mlp += swiglu(cfg.moe_shared_expert_ffn_hidden_size) + (H if cfg.moe_shared_expert_gate else 0)
         else:
             mlp = swiglu(cfg.ffn_hidden_size)
         total += 2 * H + attn + mlp
@@ -88,23 +116,27 @@ def count_parameters(cfg: ModelConfig, active: bool = False) -> int:
 def test_real_config_parameter_count(case: Case):
     cfg = read_model_config(case.name)
     assert cfg.family == case.family
-    # every layer of these MoE models has experts; the dense ones have none
-    assert len(cfg.moe_layers) == (cfg.num_layers if case.active is not None else 0)
+    # every layer of these MoE models has experts but DeepSeek's first_k_dense_replace ones; the
+    # dense models have none
+    dense_first = read_hf_config(os.path.join(DATA, case.name)).get("first_k_dense_replace") or 0
+    assert cfg.moe_layers == (list(range(dense_first, cfg.num_layers)) if case.active is not None else [])
 
     total = count_parameters(cfg)
     assert total == case.total
-    assert abs(total - case.published_total) <= 0.01 * case.published_total, (
+    assert abs(total - case.published_total) <= case.total_rtol * case.published_total, (
         f"{case.name}: {total:,} parameters, published {case.published_total:,.0f}")
 
     if case.active is not None:
-        active = count_parameters(cfg, active=True)
+        active = count_parameters(cfg, active=True) - (0 if case.active_counts_embedding else
+                                                       cfg.vocab_size * cfg.hidden_size)
         assert active == case.active
         assert abs(active - case.published_active) <= 0.02 * case.published_active, (
             f"{case.name}: {active:,} active parameters, published {case.published_active:,.0f}")
 
-    # the rope parameters megaswift kept (Llama-3.1's llama3 scaling included) are ones it can use
-    inv = inv_frequencies(cfg.kv_channels, cfg.rope_theta, cfg.rope_scaling)
-    assert tuple(inv.shape) == (cfg.kv_channels // 2,)
+    # the rope parameters megaswift kept (Llama-3.1's llama3 scaling, DeepSeek's YaRN included)
+    # are ones it can use, over the dims it rotates (MLA: the rope part of each head)
+    inv = inv_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+    assert tuple(inv.shape) == (cfg.rotary_dim // 2,)
 
 
 def test_real_config_shapes():
@@ -132,3 +164,33 @@ def test_real_config_shapes():
     assert shape(mixtral) == (32000, 6144, 56, 48, 8, 128, False, False)
     assert (mixtral.num_moe_experts, mixtral.moe_ffn_hidden_size, mixtral.moe_router_topk) == (8, 16384, 2)
     assert mixtral.rope_theta == 1e6 and mixtral.sliding_window is None
+    # multi-latent attention: the latent ranks and head widths, the router, the dense first layers;
+    # Kimi-K2 is read as deepseek_v3 (model_type kimi_k2 over DeepseekV3ForCausalLM)
+    mla = lambda m: (m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim,  # noqa: E731
+                     m.v_head_dim, m.token_mixer, m.rotary_dim)
+    router = lambda m: (m.num_moe_experts, m.moe_router_topk, m.moe_router_num_groups,  # noqa: E731
+                        m.moe_router_group_topk, m.moe_router_scaling_factor, m.moe_router, m.moe_router_expert_bias,
+                        m.moe_shared_expert_ffn_hidden_size, m.moe_shared_expert_gate, m.moe_ffn_hidden_size)
+    ds, kimi = got["DeepSeek-V3"], got["Kimi-K2-Instruct"]
+    assert shape(ds) == (129280, 7168, 61, 128, 128, 192, False, False) and ds.ffn_hidden_size == 18432
+    assert mla(ds) == (1536, 512, 128, 64, 128, "mla", 64) and ds.moe_layers[0] == 3
+    assert router(ds) == (256, 8, 8, 4, 2.5, "sigmoid_group", True, 2048, False, 2048)
+    assert ds.rope_scaling["factor"] == 40 and ds.rope_theta == 10000
+    assert shape(kimi) == (163840, 7168, 61, 64, 64, 192, False, False) and kimi.ffn_hidden_size == 18432
+    assert mla(kimi) == (1536, 512, 128, 64, 128, "mla", 64) and kimi.moe_layers[0] == 1
+    assert router(kimi) == (384, 8, 1, 1, 2.827, "sigmoid_group", True, 2048, False, 2048)
+    assert kimi.rope_scaling["factor"] == 32.0 and kimi.rope_theta == 50000.0
+
+
+def test_deepseek_v3_mtp():
+    """The published 685B of the DeepSeek-V3 checkpoint = the 671B main model + the MTP module
+    (model card: "14B of the Multi-Token Prediction (MTP) Module weights", 11.5B of them unique):
+    one more MoE decoder layer, its two input norms and eh_proj [H, 2H], the shared head's norm,
+    and copies of the embedding and output head stored with it."""
+    cfg = read_model_config("DeepSeek-V3")
+    H, V = cfg.hidden_size, cfg.vocab_size
+    one_moe_layer = (count_parameters(cfg) - count_parameters(dataclasses.replace(cfg, num_layers=cfg.num_layers - 1)))
+    unique = one_moe_layer + 2 * H + 2 * H * H + H
+    assert unique == 11_610_068_224 and abs(unique - 11.5e9) <= 0.01 * 11.5e9
+    checkpoint = count_parameters(cfg) + unique + 2 * V * H
+    assert checkpoint == 684_489_845_504 and abs(checkpoint - 685e9) <= 0.005 * 685e9

@@ -1,0 +1,266 @@
+"""What one decoder layer keeps for backward, by arithmetic: the per-layer half of
+planner/memory_model.py (which adds the micro batches, the pipeline schedule and the state).
+
+Bytes per micro batch of `rows` rows, under bf16 autocast with fp32 master weights, as the code
+saves them (read off the saved-tensor hooks of a real layer and the dry run's live tensors).
+T = rows x seq_len / cp tokens of this rank, Tq = T / tp under sequence parallelism (else T),
+Tm the tokens an MoE layer routes here (T / tp when tp > 1: each tp rank routes its share),
+H hidden, n = heads / tp.
+
+Common to every layer
+  residual     2 x 4 Tq H          the layer input and the mid-layer residual (fp32)
+  norms        2 x (4 Tq H + 4 Tq) RMSNorm's x * rsqrt and rsqrt (fp32), kept for the weight's
+                                   gradient (a frozen weight keeps only rsqrt)
+
+Token mixer `gqa` (models/attention.py), hd = kv_channels, nkv the KV heads of this rank
+  casts        2 T H               linear_qkv's bf16 input (SP gathers the fp32 norm output, then
+                                   autocast casts it)
+  qkv          2 T (n + 2 nkv) hd  linear_qkv's output (v is a view of it)
+  qk norms     6 T (n + nkv) hd    fp32 input + bf16 output of the q/k RMSNorms (+ rsqrt)
+  rope         2 T (n + nkv) hd    q and k cast back to bf16 for the kernel; partial RoPE
+                                   (GLM-4.5) rotates a slice and concatenates: the same bytes
+  core         2 T n hd + 4 T n    the kernel's out (linear_proj's saved input) and lse; ring
+                                   CP: + 4 T n hd (fp32 out); selective recompute drops the lse
+
+Token mixer `mla` (models/mla.py), rq / rkv the q / kv latent ranks, dn + dr = qk the q/k head
+width, dv the value head width. The down-projections are replicated and run on this rank's
+tokens (Tq); the up-projections gather the latent (SP) and compute this rank's heads on T:
+  casts        2 Tq H + 2 Tq H     the bf16 inputs of linear_q_down_proj and linear_kv_down_proj
+                                   (two casts of the same norm output); without q_lora_rank
+                                   linear_q_proj is column-parallel: 2 T H for it
+  q latent     6 Tq rq + 4 Tq      q_layernorm on the bf16 latent: its fp32 copy, the bf16
+               + 2 T rq            normalised x (weight gradient), rsqrt; linear_q_up_proj's
+                                   bf16 input
+  kv latent    6 Tq rkv + 4 Tq     the same for kv_layernorm and linear_kv_up_proj
+               + 2 T rkv
+  kv           2 T n (dn + dv)     linear_kv_up_proj's output (v is a view of it)
+  rope         2 x 2 T n qk        q = [q_nope, rope(q_rope)] and k = [k_nope, rope(k_rope)
+                                   expanded over the heads], new bf16 tensors the kernel keeps;
+                                   RoPE itself keeps only cos/sin
+  core         2 T n dv + 4 T n    as for gqa, with the value width
+
+MLP of a dense layer (`swiglu`), F = ffn_hidden_size / tp
+  casts        2 T H               linear_fc1's bf16 input
+  mlp          2 T (2F + F + F)    fc1's output, silu(gate), silu(gate) * up (fc2's input)
+MoE layer, E experts, top-k, R = Tm k assignments, Re = R etp rows computed here, Fe =
+moe_ffn_hidden_size / etp
+  router       softmax_topk: 2 Tm H + 8 Tm E (bf16 input; fp32 logits for the z-loss and
+               the softmax kept by the gather); sigmoid_group (DeepSeek-V3, GLM-4.5), fp32
+               throughout: 4 Tm H + 12 Tm E (its fp32 input, logits, sigmoid, normalised
+               probabilities); + 12 R (ids, weights) + 12 Tm
+  dispatch     2 Re (H + 4 Fe) + 4 R H + 8 (3 R + Re) + 2 R   the dispatched rows and the
+               experts' intermediates, the combined rows and their weighted copy, indices
+  shared       2 T (H + 4 Fs) (Fs = shared width / tp) as a dense MLP; its sigmoid gate
+               (Qwen2-MoE) + 2 T H + 8 T; DeepSeek-V3's and GLM-4.5's are ungated
+The matmul weights' bf16 copies are the memory model's (autocast caches one per step); the
+sigmoid router's weight is used in fp32: no copy.
+"""
+from __future__ import annotations
+
+F32, BF16 = 4, 2
+
+
+def tokens(cfg, rows: int | None = None) -> tuple[int, int, int]:
+    """(T, Tq, Tm): the tokens of this rank in one micro batch, its sequence shard under SP, and
+    the tokens an MoE layer routes here."""
+    p, tp = cfg.parallel, cfg.parallel.tp
+    T = (rows or cfg.train.micro_batch_size) * cfg.data.seq_len // p.cp
+    Tq = T // tp if p.sp else T
+    return T, Tq, (Tq if p.sp else T // tp)
+
+
+def adapted_targets(cfg, mc) -> set[str]:
+    """The LoRA targets this model's layers have (all-linear names every family's)."""
+    lora = cfg.model.lora
+    if not lora.rank:
+        return set()
+    from megaswift.models.lora import target_set
+
+    if mc.is_mla:
+        mixer = {"linear_q_down_proj", "linear_q_up_proj"} if mc.q_lora_rank else {"linear_q_proj"}
+        mixer |= {"linear_kv_down_proj", "linear_kv_up_proj"}
+    else:
+        mixer = {"linear_qkv"}
+    return target_set(lora.targets) & (mixer | {"linear_proj", "linear_fc1", "linear_fc2"})
+
+
+def bf16_copied(name: str, mc) -> bool:
+    """Whether autocast makes a bf16 copy of this matrix for its matmul: the sigmoid router runs
+    in fp32 (models/routers.py GroupLimitedRouter)."""
+    return not (name.endswith("router.weight") and mc.moe_router == "sigmoid_group")
+
+
+def layer_terms(cfg, mc, moe: bool, rows: int | None = None) -> dict:
+    """Saved-for-backward bytes of one decoder layer (an MoE one if `moe`) on one micro batch of
+    `rows` rows (default train.micro_batch_size; DPO's hold two per pair), by term (module
+    docstring). LoRA freezes the base: a frozen norm weight needs no normalised input saved, a
+    frozen linear saves its bf16 weight (for the input's gradient) but not its input: an
+    adapted linear's input is saved by the adapter's A instead."""
+    p = cfg.parallel
+    T, Tq, Tm = tokens(cfg, rows)
+    H = mc.hidden_size
+    lora = cfg.model.lora
+    frozen = bool(lora.rank)
+    adapted = adapted_targets(cfg, mc)
+    saved = (lambda name: name in adapted) if frozen else (lambda name: True)
+    t = {"residual": 2 * F32 * Tq * H, "norms": 2 * ((0 if frozen else F32 * Tq * H) + F32 * Tq)}
+    t.update(_mixer_terms(cfg, mc, T, Tq, frozen, saved))
+    if frozen:  # each adapter keeps its rank-wide middle A x
+        t["lora"] = BF16 * T * lora.rank * len(adapted)
+    if moe:
+        t.update(_moe_terms(cfg, mc, T, Tm))
+    else:
+        F = mc.ffn_hidden_size // p.tp
+        t["casts"] += BF16 * T * H * int(saved("linear_fc1"))
+        t["mlp"] = BF16 * T * F * (3 + int(saved("linear_fc2")))
+    return t
+
+
+def _mixer_terms(cfg, mc, T, Tq, frozen, saved) -> dict:
+    """The token mixer's saved tensors (the casts of its inputs only)."""
+    p = cfg.parallel
+    t = _mla_terms(cfg, mc, T, Tq, frozen, saved) if mc.is_mla else _gqa_terms(cfg, mc, T, frozen, saved)
+    n = mc.num_attention_heads // p.tp
+    t["core"] = BF16 * T * n * mc.value_head_dim
+    if cfg.train.recompute != "selective":
+        t["core"] += F32 * T * n  # the lse
+    if p.cp > 1:
+        t["core"] += F32 * T * n * mc.value_head_dim  # ring attention keeps its fp32 out
+    return t
+
+
+def mixer_saved(cfg, mc, rows: int) -> int:
+    """What a layer still keeps while its token mixer's backward runs: its input and the input
+    norm's tensors, and the mixer's own (its MLP's are gone)."""
+    T, Tq, _ = tokens(cfg, rows)
+    frozen = bool(cfg.model.lora.rank)
+    adapted = adapted_targets(cfg, mc)
+    saved = (lambda name: name in adapted) if frozen else (lambda name: True)
+    norm = (0 if frozen else F32 * Tq * mc.hidden_size) + F32 * Tq
+    return F32 * Tq * mc.hidden_size + norm + sum(_mixer_terms(cfg, mc, T, Tq, frozen, saved).values())
+
+
+def ring_backward_temporaries(cfg, mc, rows: int) -> int:
+    """Ring attention's backward (parallel/context_parallel.py _RingAttention, CPU kernel) at a
+    block's kernel call: the fp32 dq accumulator and dout, this and the previous block's fp32
+    dq, dk, dv, four fp32 K/V-shaped gradient buffers (the accumulator, the one arriving, the one
+    passed on, its packing), the bf16 K/V block and the next in flight, and the kernel's bf16
+    gradients padded to the wider head dim. 0 without a ring."""
+    p = cfg.parallel
+    U = {"ulysses": p.cp, "hybrid": p.ulysses}.get(p.cp_comm, 1)
+    if p.cp // U < 2:
+        return 0
+    T, _, _ = tokens(cfg, rows)
+    nq, hk = mc.num_attention_heads // p.tp, max(1, mc.num_query_groups // p.tp)
+    hk = hk if hk % U == 0 else U  # Ulysses replicates fewer KV heads up to U
+    qk, dv = mc.qk_head_dim, mc.value_head_dim
+    Q, V, K = T * nq * qk, T * nq * dv, T * hk * qk
+    KV = K + T * hk * dv
+    return F32 * (3 * Q + 2 * KV + V + 4 * KV) + BF16 * (2 * KV + T * (nq + 2 * hk) * max(qk, dv))
+
+
+def _gqa_terms(cfg, mc, T, frozen, saved) -> dict:
+    tp, hd, H = cfg.parallel.tp, mc.kv_channels, mc.hidden_size
+    nq, nkv = mc.num_attention_heads // tp, max(1, mc.num_query_groups // tp)
+    t = {"casts": BF16 * T * H * int(saved("linear_qkv")), "qkv": BF16 * T * (nq + 2 * nkv) * hd,
+         "rope": BF16 * T * (nq + nkv) * hd}
+    if mc.qk_layernorm:
+        t["qk_norms"] = (F32 + (0 if frozen else BF16)) * T * (nq + nkv) * hd + F32 * T * (nq + nkv)
+    return t
+
+
+def _mla_terms(cfg, mc, T, Tq, frozen, saved) -> dict:
+    n, H = mc.num_attention_heads // cfg.parallel.tp, mc.hidden_size
+    rq, rkv = mc.q_lora_rank, mc.kv_lora_rank
+
+    def latent(local, r):  # RMSNorm of a bf16 latent: fp32 copy, bf16 normalised x, rsqrt
+        return (F32 + (0 if frozen else BF16)) * local * r + F32 * local
+
+    if rq:
+        t = {"casts": BF16 * Tq * H * int(saved("linear_q_down_proj")),
+             "q_latent": latent(Tq, rq) + BF16 * T * rq * int(saved("linear_q_up_proj"))}
+    else:
+        t = {"casts": BF16 * T * H * int(saved("linear_q_proj"))}
+    t["casts"] += BF16 * Tq * H * int(saved("linear_kv_down_proj"))
+    t["kv_latent"] = latent(Tq, rkv) + BF16 * T * rkv * int(saved("linear_kv_up_proj"))
+    t["kv"] = BF16 * T * n * (mc.qk_nope_head_dim + mc.v_head_dim)
+    t["rope"] = 2 * BF16 * T * n * mc.qk_head_dim
+    return t
+
+
+def _moe_terms(cfg, mc, T, Tm) -> dict:
+    p, H = cfg.parallel, mc.hidden_size
+    E, k, etp = mc.num_moe_experts, mc.moe_router_topk, p.etp
+    R = Tm * k
+    Re, Fe = R * etp, mc.moe_ffn_hidden_size // etp
+    if mc.moe_router == "sigmoid_group":  # fp32: input, logits, sigmoid, normalised probabilities
+        router = F32 * Tm * H + 3 * F32 * Tm * E
+    else:  # bf16 input; fp32 logits (z-loss) and softmax
+        router = BF16 * Tm * H + 2 * F32 * Tm * E
+    t = {"router": router + Tm * k * (8 + 4) + 3 * F32 * Tm,
+         "dispatch": BF16 * Re * (H + 4 * Fe) + 2 * BF16 * R * H + 8 * (3 * R + Re) + BF16 * R}
+    if mc.moe_shared_expert_ffn_hidden_size:
+        Fs = mc.moe_shared_expert_ffn_hidden_size // p.tp
+        t["shared_expert"] = BF16 * T * (H + 4 * Fs)
+        if mc.moe_shared_expert_gate:
+            t["shared_expert"] += BF16 * T * H + F32 * T * 2
+    return t
+
+
+def core_out(cfg, mc, rows: int) -> int:
+    """The attention output one layer's linear_proj keeps (bf16)."""
+    T, _, _ = tokens(cfg, rows)
+    return BF16 * T * (mc.num_attention_heads // cfg.parallel.tp) * mc.value_head_dim
+
+
+def input_pass_grads(cfg, mc, layer: int, rows: int) -> int:
+    """zbv: what one layer's input-gradient pass keeps for its weight pass, per micro batch: the
+    gradient at the output of every trainable weight (bf16 for the matmuls, fp32 for the norms
+    and the fp32 router)."""
+    p = cfg.parallel
+    T, Tq, Tm = tokens(cfg, rows)
+    H, n = mc.hidden_size, mc.num_attention_heads // p.tp
+    g = 2 * F32 * Tq * H + BF16 * T * H  # the two norms, linear_proj
+    if mc.is_mla:
+        rq, rkv, qk = mc.q_lora_rank, mc.kv_lora_rank, mc.qk_head_dim
+        g += (BF16 + F32) * Tq * rq + BF16 * T * n * qk if rq else BF16 * T * n * qk
+        g += BF16 * Tq * (rkv + mc.qk_rope_head_dim) + F32 * Tq * rkv
+        g += BF16 * T * n * (mc.qk_nope_head_dim + mc.v_head_dim)
+    else:
+        hd, nkv = mc.kv_channels, max(1, mc.num_query_groups // p.tp)
+        g += BF16 * T * (n + 2 * nkv) * hd
+        if mc.qk_layernorm:
+            g += F32 * T * (n + nkv) * hd
+    if layer in mc.moe_layers:
+        R = Tm * mc.moe_router_topk
+        Re, Fe = R * p.etp, mc.moe_ffn_hidden_size // p.etp
+        g += F32 * Tm * mc.num_moe_experts + BF16 * Re * (2 * Fe + H)
+        if mc.moe_shared_expert_ffn_hidden_size:
+            g += BF16 * T * (2 * mc.moe_shared_expert_ffn_hidden_size // p.tp + H)
+    else:
+        g += BF16 * T * (2 * mc.ffn_hidden_size // p.tp + H)  # fc1, fc2
+    return g
+
+
+def weight_pass_frees(cfg, mc, rows: int) -> dict:
+    """zbv: what a param group's weight pass frees once it has run, by module name: the inputs
+    its matmul (or norm) saved and its output gradient."""
+    p = cfg.parallel
+    T, Tq, _ = tokens(cfg, rows)
+    H, n = mc.hidden_size, mc.num_attention_heads // p.tp
+    out = {"input_layernorm": 2 * F32 * Tq * H, "pre_mlp_layernorm": 2 * F32 * Tq * H,
+           "linear_proj": BF16 * T * (H + n * mc.value_head_dim)}
+    if mc.is_mla:
+        rq, rkv, qk = mc.q_lora_rank, mc.kv_lora_rank, mc.qk_head_dim
+        if rq:
+            out.update(linear_q_down_proj=BF16 * Tq * (H + rq), q_layernorm=(2 * F32 + BF16) * Tq * rq,
+                       linear_q_up_proj=BF16 * T * (rq + n * qk))
+        else:
+            out["linear_q_proj"] = BF16 * T * (H + n * qk)
+        out.update(linear_kv_down_proj=BF16 * Tq * (H + rkv + mc.qk_rope_head_dim),
+                   kv_layernorm=(2 * F32 + BF16) * Tq * rkv,
+                   linear_kv_up_proj=BF16 * T * (rkv + n * (mc.qk_nope_head_dim + mc.v_head_dim)))
+    else:
+        hd, nkv = mc.kv_channels, max(1, mc.num_query_groups // p.tp)
+        out["linear_qkv"] = BF16 * T * ((n + 2 * nkv) * hd + H)
+    return out
