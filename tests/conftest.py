@@ -80,3 +80,13 @@ def latent_hf(tmp_path_factory):
            "glm4_moe": make_tiny_hf("glm4_moe", str(root / "glm4_moe"), seed=32)}
     out["kimi_k2"] = make_kimi_k2_style(str(root / "kimi_k2"), seed=33)
     return out
+
+
+@pytest.fixture(scope="session")
+def linear_hf(tmp_path_factory):
+    """Hybrid linear attention (issue 22), tiny: qwen3_next with Gated DeltaNet in layers 0-2 and
+    gated full attention in layer 3 (megaswift/testing/tiny.py)."""
+    from megaswift.testing.tiny import make_tiny_hf
+
+    root = tmp_path_factory.mktemp("linear_hf")
+    return {"qwen3_next": make_tiny_hf("qwen3_next", str(root / "qwen3_next"), seed=40)}

@@ -182,6 +182,8 @@ class FamilySpec:
         prefix = f"model.layers.{i}."
         if cfg.is_mla and local in _MLA_NAMES:
             return [Segment(0, _rows(name, cfg), prefix + _MLA_NAMES[local], 0)]
+        if local in _DELTANET_NAMES:
+            return [Segment(0, _rows(name, cfg), prefix + _DELTANET_NAMES[local], 0)]
         if local in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
             return _qkv_segments(cfg, prefix + "self_attn.", local.rsplit(".", 1)[1])
         if local.startswith(("mlp.router.", "mlp.experts.", "mlp.shared_expert")):
@@ -256,6 +258,18 @@ _LAYER_NAMES = {
 }
 
 
+# HF tensors with a singleton middle dim that megaswift holds without it: a depthwise Conv1d's
+# weight [channels, 1, K] is [channels, K] inside megaswift; conversion adds and drops the 1
+SQUEEZED_HF_SUFFIXES = ("conv1d.weight",)
+
+
+def hf_shape(hf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF shape of a tensor megaswift holds as `shape`."""
+    if hf_name.endswith(SQUEEZED_HF_SUFFIXES) and len(shape) == 2:
+        return (shape[0], 1, shape[1])
+    return tuple(shape)
+
+
 def _rows(name: str, cfg: ModelConfig) -> int:
     from megaswift.models.sharding import flat_rows, shard_layout
 
@@ -281,18 +295,39 @@ def _qwen3_moe_layers(hf: dict) -> list[int]:  # Qwen2-MoE's rule too
 
 
 def _qkv_segments(cfg: ModelConfig, attn: str, kind: str) -> list[Segment]:
-    """Megatron groups QKV per query group: [q heads of group g, k_g, v_g] for each g."""
-    hd, qpg = cfg.kv_channels, cfg.queries_per_group
+    """Megatron groups QKV per query group: [q heads of group g, k_g, v_g] for each g. With
+    attn_output_gate a query head's rows are [query, gate], as in HF's q_proj."""
+    from megaswift.models.sharding import query_rows_per_head
+
+    hd, qpg, qh = cfg.kv_channels, cfg.queries_per_group, query_rows_per_head(cfg)
     out, row = [], 0
     for g in range(cfg.num_query_groups):
-        out.append(Segment(row, qpg * hd, f"{attn}q_proj.{kind}", g * qpg * hd))
-        out.append(Segment(row + qpg * hd, hd, f"{attn}k_proj.{kind}", g * hd))
-        out.append(Segment(row + (qpg + 1) * hd, hd, f"{attn}v_proj.{kind}", g * hd))
-        row += (qpg + 2) * hd
+        out.append(Segment(row, qpg * qh, f"{attn}q_proj.{kind}", g * qpg * qh))
+        out.append(Segment(row + qpg * qh, hd, f"{attn}k_proj.{kind}", g * hd))
+        out.append(Segment(row + qpg * qh + hd, hd, f"{attn}v_proj.{kind}", g * hd))
+        row += qpg * qh + 2 * hd
     return out
 
 
+# Gated DeltaNet (models/deltanet.py): megaswift name -> HF Qwen3NextGatedDeltaNet name
+_DELTANET_NAMES = {
+    "self_attention.in_proj_qkvz.weight": "linear_attn.in_proj_qkvz.weight",
+    "self_attention.in_proj_ba.weight": "linear_attn.in_proj_ba.weight",
+    "self_attention.conv1d.weight": "linear_attn.conv1d.weight",
+    "self_attention.dt_bias": "linear_attn.dt_bias",
+    "self_attention.A_log": "linear_attn.A_log",
+    "self_attention.out_norm.weight": "linear_attn.norm.weight",
+    "self_attention.out_proj.weight": "linear_attn.out_proj.weight",
+}
+
+
 _ATTN_BIAS = HFKey("attention_bias", False)
+
+_LINEAR_ATTENTION = {  # Gated DeltaNet's shape (Qwen3-Next, Qwen3.5)
+    "linear_num_key_heads": HFKey("linear_num_key_heads"), "linear_num_value_heads": HFKey("linear_num_value_heads"),
+    "linear_key_head_dim": HFKey("linear_key_head_dim"), "linear_value_head_dim": HFKey("linear_value_head_dim"),
+    "linear_conv_kernel_dim": HFKey("linear_conv_kernel_dim", 4),
+}
 
 
 def _dense_first_layers(hf: dict) -> list[int]:
@@ -365,6 +400,17 @@ FAMILIES: dict[str, FamilySpec] = {
                    {"add_qkv_bias": _ATTN_BIAS, "qk_layernorm": HFKey("use_qk_norm", False), **_GROUP_ROUTED},
                    moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj", shared="shared_experts."),
                    router="sigmoid_group"),
+        # Qwen3-Next: Gated DeltaNet in the layers layer_types calls linear_attention, gated
+        # attention with q/k norms and partial RoPE in the others, zero-centred norms, and
+        # Qwen2-MoE's experts beside a sigmoid-gated shared expert
+        FamilySpec("qwen3_next", ("qwen3_next",), "Qwen3NextForCausalLM",
+                   {"add_qkv_bias": _ATTN_BIAS, "add_proj_bias": _ATTN_BIAS, "qk_layernorm": True,
+                    "attn_output_gate": True, "norm_zero_centered": True, **_LINEAR_ATTENTION,
+                    "num_moe_experts": HFKey("num_experts"), "moe_ffn_hidden_size": HFKey("moe_intermediate_size"),
+                    "moe_router_topk": HFKey("num_experts_per_tok"), "moe_norm_topk_prob": HFKey("norm_topk_prob", True),
+                    "moe_shared_expert_ffn_hidden_size": HFKey("shared_expert_intermediate_size", 0),
+                    "moe_layer_ids": Derived(_qwen3_moe_layers), **_ROUTER_LOSS},
+                   moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj")),
         FamilySpec("mixtral", ("mixtral",), "MixtralForCausalLM",
                    {"num_moe_experts": HFKey("num_local_experts"), "moe_ffn_hidden_size": HFKey("intermediate_size"),
                     "moe_router_topk": HFKey("num_experts_per_tok"), "moe_norm_topk_prob": True, **_ROUTER_LOSS},

@@ -19,7 +19,7 @@ from megaswift.models.config import ModelConfig
 from megaswift.models.sharding import canonical_names, shard_layout
 
 from . import fp8, passthrough
-from .families import FAMILIES, FamilySpec
+from .families import FAMILIES, FamilySpec, hf_shape
 from .hf_io import ShardedSafetensorsWriter
 
 def split_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig, spec: FamilySpec, out: dict) -> None:
@@ -38,7 +38,8 @@ def hf_tensors(group: list[str], tensors: dict[str, torch.Tensor], cfg: ModelCon
         split_to_hf(name, tensors[name], cfg, spec, pieces)
     for hf_name, parts in pieces.items():
         parts.sort(key=lambda p: p[0])
-        yield hf_name, torch.cat([t for _, t in parts]) if len(parts) > 1 else parts[0][1]
+        full = torch.cat([t for _, t in parts]) if len(parts) > 1 else parts[0][1]
+        yield hf_name, full.view(hf_shape(hf_name, tuple(full.shape)))
 
 
 def default_export_dtype(meta: dict) -> str:

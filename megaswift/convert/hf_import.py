@@ -8,7 +8,7 @@ from megaswift.models.config import ModelConfig
 from megaswift.models.sharding import canonical_names, flat_rows, local_pieces, shard_layout
 
 from . import fp8
-from .families import FAMILIES, FamilySpec, Segment
+from .families import FAMILIES, FamilySpec, Segment, hf_shape
 from .hf_io import HFReader
 from .passthrough import passthrough_names
 
@@ -25,7 +25,7 @@ def expected_hf_shapes(cfg: ModelConfig, spec: FamilySpec) -> dict[str, tuple[in
             for seg in spec.segments(name, cfg):
                 shape = shapes.setdefault(seg.hf_name, [0, *canon[1:]])
                 shape[0] = max(shape[0], seg.hf_start + seg.length)
-    return {k: tuple(v) for k, v in shapes.items()}
+    return {k: hf_shape(k, tuple(v)) for k, v in shapes.items()}
 
 
 def check_hf_tensors(reader: HFReader, cfg: ModelConfig, spec: FamilySpec) -> dict[str, tuple]:
@@ -62,6 +62,8 @@ def _read_rows(reader: HFReader, segments: list[Segment], start: int, out: torch
         if lo >= hi:
             continue
         first, dst = seg.hf_start + lo - seg.canon_start, out.narrow(0, lo - start, hi - lo)
+        if dst.ndim == 2 and len(reader.shape(seg.hf_name)) == 3:  # a conv weight's singleton (families.hf_shape)
+            dst = dst.unsqueeze(1)
         covered += hi - lo
         # `out` passed positionally: tests wrap `reader.read` in a recorder taking *args
         if cols is None:

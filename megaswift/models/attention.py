@@ -37,6 +37,7 @@ class SelfAttention(nn.Module):
         self.backend = "auto"
         self.recompute_core = False  # model.set_recompute("selective")
         self.cp_groups = (st.cp_ulysses_group, st.cp_ring_group)
+        self.output_gate = cfg.attn_output_gate
         qkv_rows = shard_layout("linear_qkv.weight", cfg, tp, st.tp_rank).local_shape[0]
         self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, qkv_rows, tp_group=st.tp_group, bias=cfg.add_qkv_bias,
                                                sequence_parallel=st.sp, dtype=dtype, device=device)
@@ -50,8 +51,8 @@ class SelfAttention(nn.Module):
                 if p is not None:
                     mark_tp_replicated_rows(p, 2 * cfg.kv_channels, g, ng)
         if cfg.qk_layernorm:
-            self.q_layernorm = RMSNorm(self.hd, cfg.norm_epsilon, dtype, device)
-            self.k_layernorm = RMSNorm(self.hd, cfg.norm_epsilon, dtype, device)
+            self.q_layernorm = RMSNorm(self.hd, cfg.norm_epsilon, dtype, device, cfg.norm_zero_centered)
+            self.k_layernorm = RMSNorm(self.hd, cfg.norm_epsilon, dtype, device, cfg.norm_zero_centered)
             if tp > 1:  # each rank normalises only its own heads: the weight grads are partial sums
                 mark_tp_partial_grad(self.q_layernorm.weight)
                 mark_tp_partial_grad(self.k_layernorm.weight)
@@ -61,12 +62,14 @@ class SelfAttention(nn.Module):
                                              bias=cfg.add_proj_bias, sequence_parallel=st.sp, dtype=dtype, device=device)
 
     def forward(self, x, cos, sin, document_ids=None, cp_index=None, kv_cache=None):
-        qkv = self.linear_qkv(x)  # [b, s, n_kv * (q_per_kv + 2) * hd], full sequence
+        qkv = self.linear_qkv(x)  # [b, s, n_kv * (q_per_kv (x2 with gates) + 2) * hd], full sequence
         b, s, _ = qkv.shape
         q_per_kv = self.n_q // self.n_kv
-        qkv = qkv.view(b, s, self.n_kv, q_per_kv + 2, self.hd)
-        q = qkv[:, :, :, :q_per_kv].reshape(b, s, self.n_q, self.hd)
-        k, v = qkv[:, :, :, q_per_kv], qkv[:, :, :, q_per_kv + 1]  # [b, s, n_kv, hd]
+        per_q = 2 if self.output_gate else 1  # a gated head's rows are [query, gate]
+        qkv = qkv.view(b, s, self.n_kv, per_q * q_per_kv + 2, self.hd)
+        q = qkv[:, :, :, : per_q * q_per_kv: per_q].reshape(b, s, self.n_q, self.hd)
+        gate = qkv[:, :, :, 1: per_q * q_per_kv: per_q].reshape(b, s, self.n_q * self.hd) if self.output_gate else None
+        k, v = qkv[:, :, :, per_q * q_per_kv], qkv[:, :, :, per_q * q_per_kv + 1]  # [b, s, n_kv, hd]
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         # Under autocast v leaves the linear in the compute dtype (bf16) while RoPE's fp32 cos/sin
@@ -78,12 +81,14 @@ class SelfAttention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)
             out, _ = attention(q, k, v, causal=False, mask=kv_cache.mask(self.window),
                                backend="reference" if self.backend == "flash_attn" else self.backend)
-            return self.linear_proj(out.reshape(b, s, self.n_q * self.hd))
-        if self.recompute_core and torch.is_grad_enabled():
+        elif self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, document_ids, cp_index, use_reentrant=False)
         else:
             out = self._core(q, k, v, document_ids, cp_index)
-        return self.linear_proj(out.reshape(b, s, self.n_q * self.hd))
+        out = out.reshape(b, s, self.n_q * self.hd)
+        if gate is not None:  # Qwen3-Next's gated attention: each head's output times sigmoid(its gate)
+            out = out * torch.sigmoid(gate)
+        return self.linear_proj(out)
 
     def _core(self, q, k, v, document_ids, cp_index=None):
         if cp_index is not None:

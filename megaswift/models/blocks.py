@@ -31,6 +31,7 @@ from megaswift.parallel.state import ParallelState
 
 from .attention import SelfAttention
 from .config import ModelConfig
+from .deltanet import GatedDeltaNet
 from .mla import MultiLatentAttention
 from .mlp import MLP
 from .moe import MoELayer
@@ -52,6 +53,7 @@ class MLPBlock(Protocol):
 TOKEN_MIXERS: dict[str, type[nn.Module]] = {
     "gqa": SelfAttention,  # grouped-query attention: fused QKV, RoPE, optional q/k norms and window
     "mla": MultiLatentAttention,  # multi-latent attention (DeepSeek-V3): low-rank q and kv, shared rope key
+    "gated_deltanet": GatedDeltaNet,  # linear attention with a recurrent state (Qwen3-Next's linear_attention layers)
 }
 
 MLPS: dict[str, type[nn.Module]] = {

@@ -87,6 +87,18 @@ class ModelConfig:
     """Per-head value dim (HF v_head_dim); MLA's q/k heads are qk_nope + qk_rope wide."""
     rope_interleave: bool = False
     """RoPE pairs dims (0, 1), (2, 3), ... instead of (i, i + d/2) (HF rope_interleave)."""
+    # -- Gated DeltaNet (layer_types 'linear_attention'; Qwen3-Next, Qwen3.5) -----------------
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4
+    attn_output_gate: bool = False
+    """The full-attention layers' q_proj also yields a per-head gate: out = attention x
+    sigmoid(gate), before o_proj (Qwen3-Next)."""
+    norm_zero_centered: bool = False
+    """RMSNorm weights are stored as w - 1 and scale by (1 + w), in fp32 before the cast
+    (Qwen3-Next's decoder, final and q/k norms)."""
     token_mixer: str = "gqa"
     """Token mixer of every layer, by name in models/blocks.py TOKEN_MIXERS: 'gqa' (grouped-query
     self-attention with RoPE) or 'mla' (multi-latent attention)."""
@@ -164,7 +176,10 @@ class ModelConfig:
         return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
 
     def token_mixer_for_layer(self, i: int) -> str:
-        """The name of layer i's token mixer (models/blocks.py)."""
+        """The name of layer i's token mixer (models/blocks.py): a 'linear_attention' layer of
+        layer_types is a Gated DeltaNet, the others `token_mixer`."""
+        if self.layer_types is not None and self.layer_types[i] == "linear_attention":
+            return "gated_deltanet"
         return self.token_mixer
 
     def mlp_for_layer(self, i: int) -> str:

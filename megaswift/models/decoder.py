@@ -49,7 +49,10 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, st, i, dtype, device) for i in layer_ids})
         self.recompute_layers = False
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device) if final_norm else None
+        self.final_layernorm = None
+        if final_norm:
+            self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device,
+                                           zero_centered=cfg.norm_zero_centered)
         if final_norm and st.sp:
             mark_tp_partial_grad(self.final_layernorm.weight)
 
@@ -316,8 +319,12 @@ class GPTModel(nn.Module):
         gen = torch.Generator().manual_seed(0 if seed is None else seed)
 
         def canonical(name, layout: ShardLayout):
-            if name.endswith("layernorm.weight"):
+            if name.endswith("layernorm.weight"):  # a scale of 1: stored as 0 when zero-centred
+                return (torch.zeros if self.cfg.norm_zero_centered else torch.ones)(layout.canonical_shape)
+            if name.endswith(("out_norm.weight", "dt_bias")):
                 return torch.ones(layout.canonical_shape)
+            if name.endswith("A_log"):  # decay rates spread over [1, 16], as HF initialises them
+                return torch.empty(layout.canonical_shape).uniform_(1, 16, generator=gen).log()
             if name.endswith(".bias"):
                 return torch.zeros(layout.canonical_shape)
             return torch.randn(layout.canonical_shape, generator=gen) * self.cfg.init_method_std

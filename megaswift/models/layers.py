@@ -19,9 +19,9 @@ from .norm import RMSNorm
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, st: ParallelState, layer_idx: int, dtype=None, device=None):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device, cfg.norm_zero_centered)
         self.self_attention = build_token_mixer(cfg, st, layer_idx, dtype, device)
-        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device)
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, device, cfg.norm_zero_centered)
         self.mlp = build_mlp(cfg, st, layer_idx, dtype, device)
         if st.sp:  # each rank normalises only its sequence shard: these grads are partial sums
             mark_tp_partial_grad(self.input_layernorm.weight)

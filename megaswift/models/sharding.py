@@ -74,7 +74,8 @@ def split_range(total: int, tp: int, tp_rank: int) -> tuple[int, int]:
 def qkv_rows(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[tuple[int, int], ...]:
     """Canonical rows of linear_qkv held by one TP rank, local order [q, k, v] per local group."""
     hd, ng, qpg = cfg.kv_channels, cfg.num_query_groups, cfg.queries_per_group
-    group_rows = (qpg + 2) * hd
+    qh = query_rows_per_head(cfg)
+    group_rows = qpg * qh + 2 * hd
     if tp <= ng:  # whole query groups per rank: one contiguous block
         per = ng // tp
         return ((tp_rank * per * group_rows, per * group_rows),)
@@ -85,7 +86,13 @@ def qkv_rows(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[tuple[int, int], 
     base = g * group_rows
     # Kept as two pieces even when adjacent: the KV piece must be the same chunk on every replica,
     # so that a checkpoint stores it once (DCP deduplicates identical chunks, rejects overlaps).
-    return ((base + j * q_per * hd, q_per * hd), (base + qpg * hd, 2 * hd))
+    return ((base + j * q_per * qh, q_per * qh), (base + qpg * qh, 2 * hd))
+
+
+def query_rows_per_head(cfg: ModelConfig) -> int:
+    """Rows of linear_qkv per query head: its query, and with attn_output_gate its gate after it
+    (HF Qwen3-Next's q_proj layout per head)."""
+    return cfg.kv_channels * (2 if cfg.attn_output_gate else 1)
 
 
 def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
@@ -143,16 +150,48 @@ def _mla_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int) -> ShardLayo
     return ShardLayout(shape, dim, ((tp_rank * n * per_head, n * per_head),))
 
 
+# Gated DeltaNet (models/deltanet.py), split by key head (each with its value heads) over tp. HF's
+# in_proj_qkvz and in_proj_ba are grouped per key head, so a rank's rows are one range; the conv's
+# channels are [q of every key head; k of every key head; v of every value head], three ranges.
+_DELTANET_LEAVES = ("in_proj_qkvz.weight", "in_proj_ba.weight", "conv1d.weight", "dt_bias", "A_log",
+                    "out_norm.weight", "out_proj.weight")
+
+
+def _deltanet_layout(leaf: str, cfg: ModelConfig, tp: int, tp_rank: int) -> ShardLayout:
+    hk, hv, dk, dv, H = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                         cfg.linear_value_head_dim, cfg.hidden_size)
+    r, nk, nv = hv // hk, hk // tp, hv // tp
+
+    def mine(per_key_head: int) -> tuple[tuple[int, int], ...]:
+        return ((tp_rank * nk * per_key_head, nk * per_key_head),)
+
+    if leaf == "in_proj_qkvz.weight":
+        return ShardLayout((hk * (2 * dk + 2 * r * dv), H), 0, mine(2 * dk + 2 * r * dv))
+    if leaf == "in_proj_ba.weight":
+        return ShardLayout((hk * 2 * r, H), 0, mine(2 * r))
+    if leaf == "conv1d.weight":
+        q, k, v = (tp_rank * nk * dk, nk * dk), (hk * dk + tp_rank * nk * dk, nk * dk), \
+            (2 * hk * dk + tp_rank * nv * dv, nv * dv)
+        return ShardLayout((2 * hk * dk + hv * dv, cfg.linear_conv_kernel_dim), 0, (q, k, v))
+    if leaf in ("dt_bias", "A_log"):
+        return ShardLayout((hv,), 0, mine(r))
+    if leaf == "out_norm.weight":
+        return ShardLayout.replicated((dv,))
+    return ShardLayout((H, hv * dv), 1, mine(r * dv))  # out_proj, row-parallel
+
+
 def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int, *, ep: int = 1, ep_rank: int = 0,
                  etp: int = 1, etp_rank: int = 0) -> ShardLayout:
     """The layout of parameter `name` (a Megatron-style name) on TP rank `tp_rank` (and, for
     experts, on expert-parallel rank `ep_rank` and expert-TP rank `etp_rank`)."""
     H, F, hd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
-    qkv_out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hd
+    qkv_out = cfg.num_attention_heads * query_rows_per_head(cfg) + 2 * cfg.num_query_groups * hd
     if ".experts." in name:
         return _expert_layout(name, cfg, ep, ep_rank, etp, etp_rank)
     if cfg.is_mla and ".self_attention." in name:
         return _mla_layout(name, cfg, tp, tp_rank)
+    if ".self_attention." in name and name.rsplit(".self_attention.", 1)[1] in _DELTANET_LEAVES:
+        return _deltanet_layout(name.rsplit(".self_attention.", 1)[1], cfg, tp, tp_rank)
     if ".shared_expert." in name:  # a dense SwiGLU MLP of its own width, split over tp
         F = cfg.moe_shared_expert_ffn_hidden_size
     leaf = ".".join(name.split(".")[-2:])
@@ -192,6 +231,9 @@ def layer_param_names(cfg: ModelConfig, i: int) -> list[str]:
         names = [p + "input_layernorm.weight"] + [p + "self_attention." + leaf for leaf in _mla_shapes(cfg)]
         names.append(p + "pre_mlp_layernorm.weight")
         return names + _mlp_param_names(cfg, i)
+    if cfg.token_mixer_for_layer(i) == "gated_deltanet":
+        names = [p + "input_layernorm.weight"] + [p + "self_attention." + leaf for leaf in _DELTANET_LEAVES]
+        return names + [p + "pre_mlp_layernorm.weight"] + _mlp_param_names(cfg, i)
     names = [p + "input_layernorm.weight", p + "self_attention.linear_qkv.weight"]
     if cfg.add_qkv_bias:
         names.append(p + "self_attention.linear_qkv.bias")

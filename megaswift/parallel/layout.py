@@ -85,6 +85,13 @@ class Layout:
             raise LayoutError(
                 f"ffn_hidden_size / intermediate_size ({cfg.ffn_hidden_size}) is not divisible by tp ({tp})"
             )
+        linear = [i for i in range(cfg.num_layers) if cfg.token_mixer_for_layer(i) == "gated_deltanet"]
+        if linear and self.cp > 1:
+            raise LayoutError("context parallelism is not supported for Gated DeltaNet layers (Qwen3-Next, Qwen3.5): "
+                              "they need each sequence's tokens in order on one rank; use tp or pp instead of cp")
+        if linear and cfg.linear_num_key_heads % tp:
+            raise LayoutError(f"linear_num_key_heads ({cfg.linear_num_key_heads}) is not divisible by tp ({tp}); "
+                              f"choose tp among {_divisors(cfg.linear_num_key_heads)}")
         if self.ulysses > 1:  # Ulysses splits each tp rank's heads once more
             q_local, kv_local = cfg.num_attention_heads // tp, max(1, kv // tp)
             if q_local % self.ulysses:

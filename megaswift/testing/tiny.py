@@ -44,6 +44,15 @@ TINY_FAMILIES = {
         rope_interleave=True, rope_parameters={
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.8,
             "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1})),
+    # Gated DeltaNet in layers 0-2 (2 key heads of 8, each with 2 value heads of 6; conv kernel
+    # 4), gated attention with a quarter of the head rotated in layer 3, zero-centred norms;
+    # 4 experts (top-2) beside a gated shared expert on every layer
+    "qwen3_next": ("Qwen3NextConfig", dict(
+        num_hidden_layers=4, num_attention_heads=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=6, linear_conv_kernel_dim=4, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32, decoder_sparse_step=1,
+        mlp_only_layers=[], rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                             "partial_rotary_factor": 0.25})),
     # GQA with half the head dims rotated, QKV bias, q/k norms; the same router as DeepSeek-V3
     "glm4_moe": ("Glm4MoeConfig", dict(
         head_dim=16, attention_bias=True, use_qk_norm=True, n_routed_experts=8, n_group=2, topk_group=1,
@@ -102,6 +111,8 @@ def make_tiny_hf(family: str, out_dir: str, *, seed: int = 0, max_shard_size: st
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("e_score_correction_bias"):  # a real bias, large enough to change choices
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(("A_log", "dt_bias")):  # decays of order one, as trained models have
+                p.copy_(torch.rand(p.shape, generator=g) * 2 - 0.5)
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:

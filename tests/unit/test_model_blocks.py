@@ -18,6 +18,7 @@ from megaswift.models.mlp import MLP
 from megaswift.models.moe import MoELayer
 from megaswift.models.pipeline_model import PipelineModel
 from megaswift.models.protocol import Model
+from megaswift.models.deltanet import GatedDeltaNet
 from megaswift.models.mla import MultiLatentAttention
 from megaswift.models.routers import GroupLimitedRouter, TopKRouter, route
 from megaswift.parallel.grads import finalize_grads
@@ -29,6 +30,8 @@ _MOE_HF = dict(num_experts=4, num_local_experts=4, moe_intermediate_size=16, num
                shared_expert_intermediate_size=24, mlp_only_layers=[1], n_routed_experts=4, n_group=2, topk_group=1,
                n_shared_experts=1, first_k_dense_replace=1)
 _MLA_HF = dict(q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
+_LINEAR_HF = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=4, linear_value_head_dim=3,
+                  layer_types=["linear_attention", "full_attention"])
 
 
 def _hf(family: str) -> dict:
@@ -37,6 +40,8 @@ def _hf(family: str) -> dict:
         hf.update(_MOE_HF)
     if FAMILIES[family].token_mixer == "mla":
         hf.update(_MLA_HF)
+    if "linear_num_key_heads" in FAMILIES[family].flags:
+        hf.update(_LINEAR_HF)
     return hf
 
 
@@ -80,7 +85,10 @@ def test_todays_families_get_todays_modules(family):
     moe_layers = cfg.moe_layers
     assert bool(moe_layers) == (FAMILIES[family].moe is not None)
     for i, layer in model.decoder.layers.items():
-        assert type(layer.self_attention) is {"gqa": SelfAttention, "mla": MultiLatentAttention}[mixer]
+        kind = cfg.token_mixer_for_layer(int(i))
+        assert type(layer.self_attention) is {"gqa": SelfAttention, "mla": MultiLatentAttention,
+                                              "gated_deltanet": GatedDeltaNet}[kind]
+        assert kind == ("gated_deltanet" if family == "qwen3_next" and i == "0" else mixer)
         if int(i) in moe_layers:
             assert type(layer.mlp) is MoELayer
             assert type(layer.mlp.router) is {"softmax_topk": TopKRouter, "sigmoid_group": GroupLimitedRouter}[router]
@@ -90,6 +98,7 @@ def test_todays_families_get_todays_modules(family):
 
 def test_registry_tables_name_todays_modules():
     assert blocks.TOKEN_MIXERS["gqa"] is SelfAttention and blocks.TOKEN_MIXERS["mla"] is MultiLatentAttention
+    assert blocks.TOKEN_MIXERS["gated_deltanet"] is GatedDeltaNet
     assert blocks.MLPS["swiglu"] is MLP and blocks.MLPS["moe"] is MoELayer
     assert routers.ROUTERS["softmax_topk"] is TopKRouter and routers.ROUTERS["sigmoid_group"] is GroupLimitedRouter
 
@@ -104,7 +113,7 @@ def test_config_saved_before_the_block_names_loads_as_todays_model():
 
 
 def test_an_unknown_block_name_is_a_one_line_error():
-    with pytest.raises(ConfigError, match=r"unknown token_mixer 'latent'; known: gqa, mla"):
+    with pytest.raises(ConfigError, match=r"unknown token_mixer 'latent'; known: gated_deltanet, gqa, mla"):
         GPTModel(_cfg(token_mixer="latent"))
     with pytest.raises(ConfigError, match=r"unknown moe_router 'sigmoid_grouped'; known: sigmoid_group, softmax_topk"):
         GPTModel(_cfg("mixtral", moe_router="sigmoid_grouped"))
