@@ -87,6 +87,9 @@ class Algorithm:
     metrics: tuple[str, ...] = ()
     """Names of the extra metrics `loss_from_output` returns (every rank must know them under
     pipeline parallelism, where only the last stage computes them)."""
+    generates = False
+    """True when the algorithm samples completions with the model (GRPO's rollouts), which needs
+    every layer's incremental decoding."""
     loss_replicated_over_cp = False
     """True when each micro batch's loss is whole on every cp rank (a per-sequence loss such as
     DPO's, computed from all-reduced sums) instead of split by tokens: the gradient is then

@@ -37,6 +37,7 @@ class GRPO(Algorithm):
     name = "grpo"
     config_section = GRPOSection
     loss_replicated_over_cp = True  # each cp rank gathers the whole rows' log-probabilities
+    generates = True
 
     @classmethod
     def check_plan(cls, cfg, layout, global_batch: int) -> None:

@@ -185,8 +185,8 @@ DEEPSEEK_256 = {"parallel.pp": 32, "parallel.cp": 4, "parallel.ep": 4, "optim.ze
 @pytest.mark.slow
 def test_deepseek_v3_dry_run_at_its_planned_layout_on_256_h100s():
     """The whole published DeepSeek-V3 at tp1 pp32 cp4 ep4 dp2 ZeRO-1: the planner says it fits
-    an H100, and the dry run (first, middle and last pipeline position) completes within 2% of the
-    prediction (~50 s on 2 cores)."""
+    an H100, and the dry run of the last pipeline position (the largest peak; ~13 s on 2 cores)
+    completes within 2% of the prediction. All three positions, measured, are in docs/plan.md."""
     import argparse
 
     from megaswift.planner.dry_run import capped, dry_run, with_values
@@ -199,8 +199,7 @@ def test_deepseek_v3_dry_run_at_its_planned_layout_on_256_h100s():
     cfg = with_values(base_config(argparse.Namespace(seq_len=4096, lora_rank=0), directory), DEEPSEEK_256)
     mc = hf_model_config(directory, cfg)
     usable = hardware("h100").usable_bytes
-    got = dry_run(cfg, mc, 256)
-    assert [r.rank for r in got] == [0, 8, 248]
+    got = dry_run(cfg, mc, 256, ranks=[248])
     for r in got:
         predicted = predict_position(capped(cfg, 256), mc, 256, r.rank)
         assert predicted["peak"] <= usable
