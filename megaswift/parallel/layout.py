@@ -85,6 +85,10 @@ class Layout:
             raise LayoutError(
                 f"ffn_hidden_size / intermediate_size ({cfg.ffn_hidden_size}) is not divisible by tp ({tp})"
             )
+        shared = cfg.moe_shared_expert_ffn_hidden_size if cfg.moe_layers else 0
+        if shared % tp:  # the shared expert is a dense MLP split over tp like any other
+            raise LayoutError(f"the shared expert's width ({shared}: shared_expert_intermediate_size, or "
+                              f"n_shared_experts x moe_intermediate_size) is not divisible by tp ({tp})")
         linear = [i for i in range(cfg.num_layers) if cfg.token_mixer_for_layer(i) == "gated_deltanet"]
         if linear and self.cp > 1:
             raise LayoutError("context parallelism is not supported for Gated DeltaNet layers (Qwen3-Next, Qwen3.5): "

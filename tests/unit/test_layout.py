@@ -23,6 +23,8 @@ def test_valid_layouts_pass():
     (dict(num_attention_heads=10, num_query_groups=2), 4, r"num_attention_heads \(10\) is not divisible by tp \(4\)"),
     (dict(ffn_hidden_size=90), 4, r"intermediate_size \(90\) is not divisible by tp \(4\)"),
     (dict(num_attention_heads=12, num_query_groups=8), 1, r"num_attention_heads \(12\) is not divisible by num_key_value_heads \(8\)"),
+    (dict(num_moe_experts=4, moe_ffn_hidden_size=8, moe_shared_expert_ffn_hidden_size=30), 4,
+     r"shared expert's width \(30.*not divisible by tp \(4\)"),
 ])
 def test_model_rules_name_the_numbers(kw, tp, msg):
     with pytest.raises(LayoutError, match=msg):
