@@ -2,7 +2,8 @@
 
 Targets: linear_qkv, linear_proj, linear_fc1, linear_fc2 (dense MLPs, shared experts and
 grouped experts alike), multi-latent attention's linear_q_proj, linear_q_down_proj,
-linear_q_up_proj, linear_kv_down_proj, linear_kv_up_proj, or all-linear for all of them. The adapters' maths and split live in
+linear_q_up_proj, linear_kv_down_proj, linear_kv_up_proj, Gated DeltaNet's in_proj_qkvz,
+in_proj_ba, out_proj, or all-linear for all of them. The adapters' maths and split live in
 parallel/lora.py; their canonical shapes and slices in models/sharding.py (`lora_layout`), so
 checkpoints of adapters reshard like any weight.
 """
@@ -21,8 +22,10 @@ from .sharding import box_of, fill_from_canonical, layout_on
 # multi-latent attention's projections (models/mla.py): the down-projections are replicated over
 # tp, the up-projections column-parallel; all are "column" adapters (B follows the weight's rows)
 MLA_TARGETS = ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
-TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", *MLA_TARGETS)
-COLUMN = ("linear_qkv", "linear_fc1", *MLA_TARGETS)
+# Gated DeltaNet's projections (models/deltanet.py): the in-projections column-, out_proj row-parallel
+DELTANET_COLUMN = ("in_proj_qkvz", "in_proj_ba")
+TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", *MLA_TARGETS, *DELTANET_COLUMN, "out_proj")
+COLUMN = ("linear_qkv", "linear_fc1", *MLA_TARGETS, *DELTANET_COLUMN)
 
 
 def target_set(targets: list[str]) -> set[str]:

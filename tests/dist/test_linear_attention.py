@@ -110,3 +110,13 @@ def test_training_at_tp2_sp_matches_single_process(tmp_path_factory, tmp_path):
     for key, later in (("loss", 1e-4), ("grad_norm", 5e-4)):
         np.testing.assert_allclose(got[0][key], want[0][key], rtol=1e-5, err_msg=key)
         np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=later, err_msg=key)
+
+
+def test_lora_at_pp2_matches_single_process(linear_hf, tmp_path):
+    """LoRA on every linear, Gated DeltaNet's projections included, at pp=2."""
+    import numpy as np
+
+    lora = {"model__lora__rank": 4, "model__lora__alpha": 8, "model__lora__targets": "[all-linear]"}
+    got, want = _train(linear_hf["qwen3_next"], tmp_path, {"parallel__pp": 2}, dict(data__packing=True, **lora))
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-5, err_msg=key)
