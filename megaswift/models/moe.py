@@ -87,6 +87,16 @@ def load_balancing_loss(counts: Tensor, p_sum: Tensor, tokens: Tensor, num_exper
     return num_experts * torch.sum((counts / tokens) * (p_sum / tokens))
 
 
+@torch.no_grad()
+def _summed_over(stats: Tensor, groups) -> Tensor:
+    """A detached copy of the statistics, summed over each process group in turn."""
+    out = stats.detach().clone()
+    for group in groups:
+        if group_size(group) > 1:
+            all_reduce(out, group=group)
+    return out
+
+
 def aux_loss_parts(stats: Tensor, num_experts: int, group_list) -> tuple[Tensor, Tensor, dict]:
     """This rank's differentiable parts of the load-balancing loss and the z-loss, whose sums
     over the token-holding ranks are the global micro batch's losses, and their reduced
@@ -96,11 +106,7 @@ def aux_loss_parts(stats: Tensor, num_experts: int, group_list) -> tuple[Tensor,
     `group_list`); the probability sums are local, so the local part is linear in them and the
     gradient of the sum over ranks reaches every rank's routers exactly."""
     E, L = num_experts, stats.shape[0]
-    with torch.no_grad():
-        glob = stats.detach().clone()
-        for group in group_list:
-            if group_size(group) > 1:
-                all_reduce(glob, group=group)
+    glob = _summed_over(stats, group_list)
     counts, tokens = glob[:, E + 1: 2 * E + 1].sum(0), glob[:, -1].sum().clamp_min(1)
     aux_part = load_balancing_loss(counts, stats[:, :E].sum(0), tokens, E)
     # z-loss (Zoph et al. 2022) per layer, mean over tokens, summed over layers as in Megatron
@@ -126,11 +132,8 @@ def seq_aux_loss_parts(stats: Tensor, num_experts: int, topk: int, row_groups,
     uses its local sums (with the row's global counts and T) and the parts of all ranks add up
     to the loss, gradients included. The z-loss and the counts are the global ones, as there."""
     E, L = num_experts, stats.shape[0]
+    full = _summed_over(stats, row_groups)
     with torch.no_grad():
-        full = stats.detach().clone()
-        for group in row_groups:
-            if group_size(group) > 1:
-                all_reduce(full, group=group)
         counts, tokens = full[..., E + 1: 2 * E + 1], full[..., -1]
         real = (tokens > 0).float()  # a row of padding only is no sequence to balance
         weight = counts * (real * E / (topk * tokens.clamp_min(1).square())).unsqueeze(-1)  # [L, rows, E]
