@@ -428,7 +428,7 @@ def family_for(hf_config: dict) -> FamilySpec:
         if model_type in spec.model_types:
             return spec
     architectures = hf_config.get("architectures") or []
-    if not _known_to_transformers(model_type):  # a model_type transformers knows is what it says
+    if not known_to_transformers(model_type):  # a model_type transformers knows is what it says
         for spec in FAMILIES.values():
             if spec.architecture in architectures:
                 return spec
@@ -437,7 +437,9 @@ def family_for(hf_config: dict) -> FamilySpec:
                           f"supported: {supported}")
 
 
-def _known_to_transformers(model_type) -> bool:
+def known_to_transformers(model_type) -> bool:
+    """Whether transformers has a config class for this model_type (else the checkpoint relies on
+    its own code, which megaswift never runs)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     return model_type in CONFIG_MAPPING

@@ -53,12 +53,12 @@ def hf_model_class(hf_dir):
     auto_map points at remote code), the transformers class its `architectures` names
     (DeepseekV3ForCausalLM)."""
     import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from .families import known_to_transformers
     from .hf_io import read_hf_config
 
     hf = read_hf_config(hf_dir)
-    if hf.get("model_type") in CONFIG_MAPPING:
+    if known_to_transformers(hf.get("model_type")):
         return transformers.AutoModelForCausalLM
     for arch in hf.get("architectures") or []:
         if hasattr(transformers, arch):
