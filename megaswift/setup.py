@@ -13,6 +13,7 @@ through here, and nothing here imports a command or an algorithm.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import torch
@@ -33,8 +34,23 @@ def hf_model_config(hf_dir: str, cfg):
     from megaswift.convert.hf_io import read_hf_config
 
     hf = read_hf_config(hf_dir)
-    return family_for(hf).model_config(hf, cfg.model.make_vocab_size_divisible_by,
-                                       source=os.path.join(hf_dir, "config.json"))
+    model_cfg = family_for(hf).model_config(hf, cfg.model.make_vocab_size_divisible_by,
+                                            source=os.path.join(hf_dir, "config.json"))
+    if model_cfg.moe_layers and has_fused_experts(hf_dir):
+        model_cfg = dataclasses.replace(model_cfg, hf_fused_experts=True)
+    return model_cfg
+
+
+def has_fused_experts(hf_dir: str) -> bool:
+    """Whether the checkpoint stores its experts as 3-D fused tensors (ModelConfig.hf_fused_experts):
+    read from the names in its index or safetensors header, no weights. A directory holding a
+    config.json only (the planner's) has none."""
+    from megaswift.convert.families import FUSED_EXPERT_SUFFIXES
+    from megaswift.convert.hf_io import INDEX_FILE, SINGLE_FILE, HFReader
+
+    if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in (INDEX_FILE, SINGLE_FILE)):
+        return False
+    return any(n.endswith(FUSED_EXPERT_SUFFIXES) for n in HFReader(hf_dir).names())
 
 
 def plan_layout(cfg, world_size: int, model_cfg=None) -> Layout:

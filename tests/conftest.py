@@ -84,9 +84,16 @@ def latent_hf(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def linear_hf(tmp_path_factory):
-    """Hybrid linear attention (issue 22), tiny: qwen3_next with Gated DeltaNet in layers 0-2 and
-    gated full attention in layer 3 (megaswift/testing/tiny.py)."""
-    from megaswift.testing.tiny import make_tiny_hf
+    """Hybrid linear attention (issue 22), tiny (megaswift/testing/tiny.py), each with an MTP block
+    (`mtp.*`, passed through): qwen3_next with Gated DeltaNet in layers 0-2 and gated full
+    attention in layer 3; multimodal qwen3_5 and qwen3_5_moe (a one-block vision tower, DeltaNet
+    in layers 0 and 2 around full attention); qwen3_5_moe_fused, the MoE one with its experts
+    stored fused as Qwen3.5-MoE is published."""
+    from megaswift.testing.tiny import add_qwen_mtp, fuse_experts, make_tiny_hf
 
     root = tmp_path_factory.mktemp("linear_hf")
-    return {"qwen3_next": make_tiny_hf("qwen3_next", str(root / "qwen3_next"), seed=40)}
+    out = {f: make_tiny_hf(f, str(root / f), seed=40 + i) for i, f in enumerate(("qwen3_next", "qwen3_5", "qwen3_5_moe"))}
+    for i, d in enumerate(out.values()):
+        add_qwen_mtp(d, seed=50 + i)
+    out["qwen3_5_moe_fused"] = fuse_experts(out["qwen3_5_moe"], str(root / "qwen3_5_moe_fused"))
+    return out

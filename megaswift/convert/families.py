@@ -8,6 +8,7 @@ models/routers.py); a new architecture adds modules there and names them here.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from megaswift.errors import CheckpointError
@@ -73,16 +74,47 @@ class FamilySpec:
     """The MLP of layers with experts (models/blocks.py MLPS)."""
     router: str = "softmax_topk"
     """The router of MoE layers (models/routers.py ROUTERS)."""
+    hf_prefix: str = "model."
+    """Where the language model's tensors live: `<hf_prefix>embed_tokens.weight`,
+    `<hf_prefix>layers.<i>.`, `<hf_prefix>norm.weight` (`lm_head.weight` beside it)."""
+    text_config: str | None = None
+    """A multimodal checkpoint's config.json nests the language model's config under this key
+    (Qwen3.5: `text_config`); megaswift trains that model and exports the config as it was."""
+    passthrough: tuple[str, ...] = ()
+    """Prefixes of tensors kept verbatim besides the MTP layers (Qwen: `mtp.`; Qwen3.5's vision
+    tower `model.visual.`): see passthrough_prefixes."""
+    split_linear_projections: bool = False
+    """Gated DeltaNet's input projections stored as Qwen3.5 does (in_proj_qkv = [all q; all k; all
+    v], in_proj_z, in_proj_b, in_proj_a) instead of Qwen3-Next's per-key-head in_proj_qkvz and
+    in_proj_ba; megaswift holds the latter layout either way (see _deltanet_segments)."""
+
+    def language_config(self, hf: dict) -> dict:
+        """The config.json keys of the language model: the file's own, or for a multimodal
+        checkpoint its `text_config`, with the top level's tie_word_embeddings (which is what
+        transformers' ForConditionalGeneration ties by)."""
+        if self.text_config is None:
+            return hf
+        text = hf.get(self.text_config)
+        if not isinstance(text, dict):
+            raise CheckpointError(f"a {self.name} config.json nests the language model's config under "
+                                  f"{self.text_config!r}, and this one has none; restore config.json from the "
+                                  "original checkpoint")
+        text = dict(text)
+        if "tie_word_embeddings" in hf:
+            text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+        return text
 
     def passthrough_prefixes(self, hf: dict) -> tuple[str, ...]:
         """Name prefixes of HF tensors megaswift does not train but must keep: import stores them
         verbatim beside the checkpoint and export writes them back (convert/passthrough.py). The
         multi-token-prediction layers of DeepSeek-V3 / GLM-4.5 (`num_nextn_predict_layers`,
         stored as the layers after the last decoder layer), which serving engines use for
-        speculative decoding and transformers ignores."""
-        n_mtp = hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0
-        layers = hf.get("num_hidden_layers", 0)
-        return tuple(f"model.layers.{layers + i}." for i in range(n_mtp))
+        speculative decoding and transformers ignores, and the family's own `passthrough`
+        prefixes (Qwen3-Next's and Qwen3.5's `mtp.*`, Qwen3.5's vision tower)."""
+        text = self.language_config(hf)
+        n_mtp = text.get("num_nextn_predict_layers") or text.get("num_mtp_layers") or 0
+        layers = text.get("num_hidden_layers", 0)
+        return tuple(f"{self.hf_prefix}layers.{layers + i}." for i in range(n_mtp)) + self.passthrough
 
     def required_keys(self) -> list[str]:
         """config.json keys without which the model's shape is unknown."""
@@ -92,6 +124,7 @@ class FamilySpec:
     def model_config(self, hf: dict, make_vocab_size_divisible_by: int = 128,
                      source: str = "config.json") -> ModelConfig:
         """`source` names the file in errors."""
+        outer, hf = hf, self.language_config(hf)
         aliases = {r.key: r.aliases for r in self.flags.values() if isinstance(r, HFKey)}
         missing = [k for k in self.required_keys()
                    if all(hf.get(a) is None for a in (k, *aliases.get(k, ())))]
@@ -132,7 +165,9 @@ class FamilySpec:
             # configs) says which layers slide, and without it every layer slides (Mistral).
             sliding_window=hf.get("sliding_window"),
             layer_types=hf.get("layer_types"),
-            extra_hf_config={k: v for k, v in hf.items() if k not in _DERIVED_HF_KEYS},
+            # a nested config is kept whole: export writes it back as it was (hf_config)
+            extra_hf_config=({k: v for k, v in hf.items() if k not in _DERIVED_HF_KEYS}
+                             if self.text_config is None else dict(outer)),
             token_mixer=self.token_mixer,
             dense_mlp=self.dense_mlp,
             moe_mlp=self.moe_mlp,
@@ -143,7 +178,15 @@ class FamilySpec:
         return ModelConfig(**fields)
 
     def hf_config(self, cfg: ModelConfig, dtype: str) -> dict:
-        """config.json for an exported checkpoint: the source's own keys plus the model's maths."""
+        """config.json for an exported checkpoint: the source's own keys plus the model's maths.
+        A nested (multimodal) config is the source's, as it was, in the export's dtype: training
+        changes no key of it, and rewriting its text part would lose what megaswift does not
+        model (Qwen3.5's multimodal RoPE sections, the vision config)."""
+        if self.text_config is not None:
+            hf = copy.deepcopy(cfg.extra_hf_config)
+            for part in (hf, hf.get(self.text_config) or {}):  # the dtype keys it has (newer: dtype)
+                part.update({k: dtype for k in ("torch_dtype", "dtype") if k in part} or {"dtype": dtype})
+            return hf
         hf = dict(cfg.extra_hf_config)
         rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
         if cfg.rotary_fraction != 1.0:
@@ -175,13 +218,15 @@ class FamilySpec:
     def segments(self, name: str, cfg: ModelConfig) -> list[Segment]:
         """Where the rows of canonical tensor `name` come from in the HF checkpoint."""
         if name in _TOP_LEVEL:
-            hf = _TOP_LEVEL[name]
+            hf = _TOP_LEVEL[name].replace("model.", self.hf_prefix, 1)
             return [Segment(0, _rows(name, cfg), hf, 0)]
         parts = name.split(".")  # decoder.layers.<i>.<module path>
         i, local = parts[2], ".".join(parts[3:])
-        prefix = f"model.layers.{i}."
+        prefix = f"{self.hf_prefix}layers.{i}."
         if cfg.is_mla and local in _MLA_NAMES:
             return [Segment(0, _rows(name, cfg), prefix + _MLA_NAMES[local], 0)]
+        if self.split_linear_projections and local in _SPLIT_DELTANET:
+            return _SPLIT_DELTANET[local](cfg, prefix + "linear_attn.")
         if local in _DELTANET_NAMES:
             return [Segment(0, _rows(name, cfg), prefix + _DELTANET_NAMES[local], 0)]
         if local in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
@@ -205,6 +250,11 @@ class FamilySpec:
             return [Segment(0, E, f"{prefix}{names.block}gate.weight", 0)]
         if local == "mlp.router.expert_bias":
             return [Segment(0, E, f"{prefix}{names.block}gate.e_score_correction_bias", 0)]
+        # experts stored fused (ModelConfig.hf_fused_experts): the same [gate; up] rows per expert
+        if cfg.hf_fused_experts and local == "mlp.experts.linear_fc1.weight":
+            return [Segment(0, E * 2 * F, f"{prefix}{names.block}experts.gate_up_proj", 0)]
+        if cfg.hf_fused_experts and local == "mlp.experts.linear_fc2.weight":
+            return [Segment(0, E * H, f"{prefix}{names.block}experts.down_proj", 0)]
         if local == "mlp.experts.linear_fc1.weight":
             return [Segment(e * 2 * F + half * F, F, names.expert(prefix, e, which), 0)
                     for e in range(E) for half, which in enumerate(("gate", "up"))]
@@ -263,10 +313,18 @@ _LAYER_NAMES = {
 SQUEEZED_HF_SUFFIXES = ("conv1d.weight",)
 
 
-def hf_shape(hf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF shape of a tensor megaswift holds as `shape`."""
+# fused expert tensors (ModelConfig.hf_fused_experts): 3-D [experts, rows, cols], which segments index as
+# [experts x rows, cols]
+FUSED_EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def hf_shape(hf_name: str, shape: tuple[int, ...], cfg: ModelConfig | None = None) -> tuple[int, ...]:
+    """The HF shape of a tensor whose rows megaswift's segments index as `shape` (2-D)."""
     if hf_name.endswith(SQUEEZED_HF_SUFFIXES) and len(shape) == 2:
         return (shape[0], 1, shape[1])
+    if hf_name.endswith(FUSED_EXPERT_SUFFIXES) and len(shape) == 2 and cfg is not None:
+        E = cfg.num_moe_experts
+        return (E, shape[0] // E, shape[1])
     return tuple(shape)
 
 
@@ -321,6 +379,37 @@ _DELTANET_NAMES = {
 }
 
 
+def _split_qkvz(cfg: ModelConfig, attn: str) -> list[Segment]:
+    """Qwen3.5's in_proj_qkv ([q of every key head; k of every key head; v of every value head])
+    and in_proj_z, regrouped per key head as megaswift (and Qwen3-Next) holds them: [q_h, k_h,
+    v of its r value heads, z of them] for each key head h."""
+    hk, dk, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    r = cfg.linear_num_value_heads // hk
+    out, row = [], 0
+    for h in range(hk):
+        for length, name, start in ((dk, "in_proj_qkv", h * dk), (dk, "in_proj_qkv", hk * dk + h * dk),
+                                    (r * dv, "in_proj_qkv", 2 * hk * dk + h * r * dv),
+                                    (r * dv, "in_proj_z", h * r * dv)):
+            out.append(Segment(row, length, f"{attn}{name}.weight", start))
+            row += length
+    return out
+
+
+def _split_ba(cfg: ModelConfig, attn: str) -> list[Segment]:
+    """Qwen3.5's in_proj_b and in_proj_a (one row per value head), as [b of key head h's r value
+    heads, a of them] for each key head h."""
+    hk = cfg.linear_num_key_heads
+    r = cfg.linear_num_value_heads // hk
+    return [Segment(h * 2 * r + i * r, r, f"{attn}{name}.weight", h * r)
+            for h in range(hk) for i, name in enumerate(("in_proj_b", "in_proj_a"))]
+
+
+_SPLIT_DELTANET = {
+    "self_attention.in_proj_qkvz.weight": _split_qkvz,
+    "self_attention.in_proj_ba.weight": _split_ba,
+}
+
+
 _ATTN_BIAS = HFKey("attention_bias", False)
 
 _LINEAR_ATTENTION = {  # Gated DeltaNet's shape (Qwen3-Next, Qwen3.5)
@@ -367,6 +456,11 @@ _MLA = {
 _ROUTER_LOSS = {"moe_aux_loss_coef": HFKey("router_aux_loss_coef", 0.001),
                 "moe_output_router_logits": HFKey("output_router_logits", False)}
 
+_QWEN35_TEXT = {"add_qkv_bias": _ATTN_BIAS, "add_proj_bias": _ATTN_BIAS, "qk_layernorm": True,
+                "attn_output_gate": True, "norm_zero_centered": True, **_LINEAR_ATTENTION}
+_QWEN35_LAYOUT = dict(hf_prefix="model.language_model.", text_config="text_config",
+                      passthrough=("mtp.", "model.visual."), split_linear_projections=True)
+
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec for spec in (
         FamilySpec("llama", ("llama",), "LlamaForCausalLM",
@@ -410,7 +504,19 @@ FAMILIES: dict[str, FamilySpec] = {
                     "moe_router_topk": HFKey("num_experts_per_tok"), "moe_norm_topk_prob": HFKey("norm_topk_prob", True),
                     "moe_shared_expert_ffn_hidden_size": HFKey("shared_expert_intermediate_size", 0),
                     "moe_layer_ids": Derived(_qwen3_moe_layers), **_ROUTER_LOSS},
-                   moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj")),
+                   moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj"), passthrough=("mtp.",)),
+        # Qwen3.5: Qwen3-Next's layers inside a multimodal checkpoint (text_config; the vision
+        # tower and the MTP layer kept verbatim), DeltaNet's in-projections stored split; the
+        # MoE variant has fused experts, every layer routed, top-k always renormalised
+        FamilySpec("qwen3_5", ("qwen3_5",), "Qwen3_5ForConditionalGeneration", {**_QWEN35_TEXT},
+                   **_QWEN35_LAYOUT),
+        FamilySpec("qwen3_5_moe", ("qwen3_5_moe",), "Qwen3_5MoeForConditionalGeneration",
+                   {**_QWEN35_TEXT, "num_moe_experts": HFKey("num_experts"),
+                    "moe_ffn_hidden_size": HFKey("moe_intermediate_size"), "moe_router_topk": HFKey("num_experts_per_tok"),
+                    "moe_norm_topk_prob": True,
+                    "moe_shared_expert_ffn_hidden_size": HFKey("shared_expert_intermediate_size", 0),
+                    "moe_layer_ids": Derived(lambda hf: list(range(hf["num_hidden_layers"]))), **_ROUTER_LOSS},
+                   moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj"), **_QWEN35_LAYOUT),
         FamilySpec("mixtral", ("mixtral",), "MixtralForCausalLM",
                    {"num_moe_experts": HFKey("num_local_experts"), "moe_ffn_hidden_size": HFKey("intermediate_size"),
                     "moe_router_topk": HFKey("num_experts_per_tok"), "moe_norm_topk_prob": True, **_ROUTER_LOSS},

@@ -39,7 +39,7 @@ def hf_tensors(group: list[str], tensors: dict[str, torch.Tensor], cfg: ModelCon
     for hf_name, parts in pieces.items():
         parts.sort(key=lambda p: p[0])
         full = torch.cat([t for _, t in parts]) if len(parts) > 1 else parts[0][1]
-        yield hf_name, full.view(hf_shape(hf_name, tuple(full.shape)))
+        yield hf_name, full.view(hf_shape(hf_name, tuple(full.shape), cfg))
 
 
 def default_export_dtype(meta: dict) -> str:

@@ -25,7 +25,7 @@ def expected_hf_shapes(cfg: ModelConfig, spec: FamilySpec) -> dict[str, tuple[in
             for seg in spec.segments(name, cfg):
                 shape = shapes.setdefault(seg.hf_name, [0, *canon[1:]])
                 shape[0] = max(shape[0], seg.hf_start + seg.length)
-    return {k: hf_shape(k, tuple(v)) for k, v in shapes.items()}
+    return {k: hf_shape(k, tuple(v), cfg) for k, v in shapes.items()}
 
 
 def check_hf_tensors(reader: HFReader, cfg: ModelConfig, spec: FamilySpec) -> dict[str, tuple]:
@@ -62,9 +62,14 @@ def _read_rows(reader: HFReader, segments: list[Segment], start: int, out: torch
         if lo >= hi:
             continue
         first, dst = seg.hf_start + lo - seg.canon_start, out.narrow(0, lo - start, hi - lo)
-        if dst.ndim == 2 and len(reader.shape(seg.hf_name)) == 3:  # a conv weight's singleton (families.hf_shape)
-            dst = dst.unsqueeze(1)
         covered += hi - lo
+        hf_dims = reader.shape(seg.hf_name)
+        if len(hf_dims) == 3 and hf_dims[1] != 1:  # fused experts (families.hf_shape): rows over experts
+            rows = reader.read_rows(seg.hf_name, first, hi - lo)
+            dst.copy_(rows if cols is None else rows.narrow(1, *cols))
+            continue
+        if dst.ndim == 2 and len(hf_dims) == 3:  # a conv weight's singleton (families.hf_shape)
+            dst = dst.unsqueeze(1)
         # `out` passed positionally: tests wrap `reader.read` in a recorder taking *args
         if cols is None:
             reader.read(seg.hf_name, 0, first, hi - lo, dst)

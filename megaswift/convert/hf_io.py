@@ -267,6 +267,22 @@ class HFReader:
             out.copy_(buf)
         return buf if out is None else out
 
+    def read_rows(self, name: str, start: int, n: int) -> torch.Tensor:
+        """Rows [start, start + n) of a 3-D tensor [a, b, c] seen as [a x b, c] (fused experts:
+        expert e's rows start at e x b): one contiguous run of bytes."""
+        entry, path = self._entry(name)
+        if self._scale_of(name):
+            raise CheckpointError(f"{name}: fp8 block-quantized fused expert tensors are not supported; "
+                                  "import the checkpoint's bf16 release")
+        cols = entry.shape[-1]
+        if start < 0 or n < 0 or start + n > math.prod(entry.shape[:-1]):
+            raise IndexError(f"{name}: rows [{start}, {start + n}) are outside its {list(entry.shape)} seen as 2-D")
+        buf = torch.empty(n, cols, dtype=entry.dtype)
+        if buf.numel():
+            with open(path, "rb", buffering=0) as f:
+                _read_at(f, path, entry.start + start * cols * entry.dtype.itemsize, buf)
+        return buf
+
     @staticmethod
     def _read_slice(f, path: str, entry: _Entry, dim: int, start: int, n: int, buf: torch.Tensor) -> None:
         outer = math.prod(entry.shape[:dim])
@@ -291,7 +307,11 @@ def default_dtype(reader: HFReader) -> torch.dtype:
     """What a model of this checkpoint is imported (and so exported) in unless told otherwise:
     the dtype of its embedding, or bf16 for an fp8 block-quantized checkpoint, whose weights
     dequantize to more than fp8 holds and whose unquantized tensors are bf16 as published."""
-    return torch.bfloat16 if reader.block else reader.dtype("model.embed_tokens.weight")
+    if reader.block:
+        return torch.bfloat16
+    from .families import family_for  # the embedding's name: model.embed_tokens, or Qwen3.5's nested one
+
+    return reader.dtype(family_for(reader.hf_config).hf_prefix + "embed_tokens.weight")
 
 
 def read_tensor(path: str, entry: _Entry) -> torch.Tensor:

@@ -115,6 +115,12 @@ class ModelConfig:
     init_method_std: float = 0.02
     extra_hf_config: dict = field(default_factory=dict)
     """Keys of the source config.json kept verbatim so export-hf writes them back."""
+    hf_fused_experts: bool = False
+    """The source checkpoint stores its experts fused, as transformers >= 5 holds them (Qwen3.5-MoE
+    is published so): `experts.gate_up_proj` [experts, 2 x moe_ffn, hidden], each expert's gate
+    rows then its up rows, and `experts.down_proj` [experts, hidden, moe_ffn], instead of one
+    tensor per expert and projection. Found from the checkpoint's tensor names at import; export
+    writes the same layout back."""
 
     @property
     def queries_per_group(self) -> int:

@@ -62,6 +62,26 @@ TINY_FAMILIES = {
 }
 
 
+# multimodal families: the language model's keys go into text_config (TINY_COMMON, then these),
+# beside a one-block vision tower whose output width is the language model's hidden size
+_QWEN35_TEXT = dict(
+    num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+    num_attention_heads=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+    linear_value_head_dim=6, linear_conv_kernel_dim=4, mtp_num_hidden_layers=1,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                     "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=24, patch_size=4, spatial_merge_size=2,
+                   temporal_patch_size=2, num_position_embeddings=16, out_hidden_size=TINY_COMMON["hidden_size"])
+TINY_MULTIMODAL = {
+    # Qwen3.5: DeltaNet in layers 0 and 2 around a gated attention layer (half the head rotated,
+    # interleaved multimodal RoPE sections), the dense MLP
+    "qwen3_5": ("Qwen3_5Config", _QWEN35_TEXT),
+    # Qwen3.5-MoE: the same, with 4 fused experts (top-2) and a gated shared expert on every layer
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", dict(_QWEN35_TEXT, num_experts=4, num_experts_per_tok=2,
+                                             moe_intermediate_size=24, shared_expert_intermediate_size=32)),
+}
+
+
 def _words(n: int, seed: int) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     syll = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "qu", "an", "el"]
@@ -98,11 +118,16 @@ def make_tiny_hf(family: str, out_dir: str, *, seed: int = 0, max_shard_size: st
     import transformers
     from transformers import AutoModelForCausalLM
 
-    cls_name, extra = TINY_FAMILIES[family]
-    kwargs = {**TINY_COMMON, **extra, **overrides}
-    config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if family in TINY_MULTIMODAL:  # the whole multimodal model, so its checkpoint holds a vision tower
+        cls_name, extra = TINY_MULTIMODAL[family]
+        config = getattr(transformers, cls_name)(text_config={**TINY_COMMON, **extra, **overrides},
+                                                 vision_config=TINY_VISION)
+        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    else:
+        cls_name, extra = TINY_FAMILIES[family]
+        config = getattr(transformers, cls_name)(**{**TINY_COMMON, **extra, **overrides})
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # HF zero-inits biases and ones-inits norms: randomise so they are tested
         biases = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
@@ -141,4 +166,64 @@ def make_kimi_k2_style(out_dir: str, *, seed: int = 0, **overrides) -> str:
         "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
     with open(path, "w") as f:
         json.dump(config, f, indent=2)
+    return out_dir
+
+
+def add_qwen_mtp(hf_dir: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Give a tiny Qwen3-Next / Qwen3.5 checkpoint a multi-token-prediction block as Qwen
+    publishes it (`mtp.*`, which transformers skips on load): the fc that joins embedding and
+    hidden state, its two pre-norms, a final norm and one attention projection of an odd shape,
+    in a shard of their own. Returns them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from megaswift.testing.fp8 import _weight_map, _write_index
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    hidden = config.get("text_config", config)["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"mtp.fc.weight": (hidden, 2 * hidden), "mtp.pre_fc_norm_embedding.weight": (hidden,),
+              "mtp.pre_fc_norm_hidden.weight": (hidden,), "mtp.norm.weight": (hidden,),
+              "mtp.layers.0.self_attn.q_proj.weight": (37, hidden)}
+    tensors = {k: 0.05 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    weight_map = _weight_map(hf_dir)
+    save_file(tensors, os.path.join(hf_dir, "model-mtp.safetensors"), metadata={"format": "pt"})
+    weight_map.update({k: "model-mtp.safetensors" for k in tensors})
+    _write_index(hf_dir, weight_map)
+    return tensors
+
+
+def fuse_experts(src_dir: str, out_dir: str) -> str:
+    """A copy of an HF checkpoint with its per-expert tensors stacked into transformers >= 5's
+    fused layout (`experts.gate_up_proj` [E, 2F, H]: each expert's gate rows then its up rows;
+    `experts.down_proj` [E, H, F]), as Qwen3.5-MoE is published. One shard; the other files
+    copied."""
+    import glob
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(src_dir, "*.safetensors"))):
+        tensors.update(load_file(path))
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(src_dir):
+        if not name.endswith(".safetensors") and name != "model.safetensors.index.json":
+            shutil.copy2(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for name, t in tensors.items():
+        m = re.match(r"(.*\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name)
+        if m:
+            experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = t
+        else:
+            out[name] = t
+    for block, per in experts.items():
+        order = sorted(per)
+        out[block + "gate_up_proj"] = torch.stack([torch.cat([per[e]["gate_proj"], per[e]["up_proj"]]) for e in order])
+        out[block + "down_proj"] = torch.stack([per[e]["down_proj"] for e in order])
+    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     return out_dir

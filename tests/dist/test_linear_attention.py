@@ -7,6 +7,8 @@ ep=2 and pp=2; packed documents equal each document alone; SFT at pp=2 equals on
 (rtol 1e-5) and at tp=2 + SP within the tolerances stated there; context parallelism and GRPO
 (no incremental decoding yet) are refused in one line.
 """
+import os
+
 import pytest
 
 from megaswift.errors import LayoutError
@@ -14,16 +16,22 @@ from megaswift.testing.dist import run_distributed
 from tests.dist.test_latent_families import _verify
 
 VERIFY = {
-    "tp2_sp": (2, {"parallel.tp": 2, "parallel.sp": True}),
-    "ep2": (2, {"parallel.ep": 2}),
-    "pp2": (2, {"parallel.pp": 2}),
+    "tp2_sp": {"parallel.tp": 2, "parallel.sp": True},
+    "ep2": {"parallel.ep": 2},
+    "tp2_ep2": {"parallel.tp": 2, "parallel.ep": 2},
+    "pp2": {"parallel.pp": 2},
+    "pp2_uneven": {"parallel.pp": 2, "parallel.pp_layers": "[1,2]"},  # Qwen3.5's tiny ones have 3 layers
 }
+# Qwen3.5's checkpoints are multimodal (text_config, a vision tower, DeltaNet's projections
+# stored split); the fused variant reads Qwen3.5-MoE's published 3-D expert tensors
+CASES = [("qwen3_next", lay) for lay in ("tp2_sp", "ep2", "pp2")] + [("qwen3_5", "tp2_sp"), ("qwen3_5", "pp2_uneven"),
+                                                                    ("qwen3_5_moe", "tp2_ep2"), ("qwen3_5_moe", "pp2_uneven"),
+                                                                    ("qwen3_5_moe_fused", "tp2_ep2")]
 
 
-@pytest.mark.parametrize("layout", list(VERIFY))
-def test_logits_match_transformers(linear_hf, layout):
-    world, overrides = VERIFY[layout]
-    results = run_distributed(_verify, world, linear_hf["qwen3_next"], overrides)
+@pytest.mark.parametrize("family,layout", CASES)
+def test_logits_match_transformers(linear_hf, family, layout):
+    results = run_distributed(_verify, 2, linear_hf[family], VERIFY[layout])
     assert all(r == results[0] for r in results)
     assert results[0]["max_abs_diff"] < 1e-4, results[0]
 
@@ -57,18 +65,6 @@ def test_context_parallelism_is_refused_in_one_line(linear_hf):
     cfg = load_config(None, ["--parallel.cp=2"])
     with pytest.raises(LayoutError, match="context parallelism is not supported for Gated DeltaNet"):
         plan_layout(cfg, 2, hf_model_config(linear_hf["qwen3_next"], cfg))
-
-
-def test_grpo_is_refused_in_one_line(linear_hf, tmp_path):
-    """GRPO's rollouts need incremental decoding, not written for Gated DeltaNet yet."""
-    from megaswift.errors import ConfigError
-    from megaswift.train.plan import plan_training
-    from tests.helpers.train import train_config, write_prompt_data
-
-    cfg = train_config(linear_hf["qwen3_next"], write_prompt_data(str(tmp_path / "p.jsonl")), str(tmp_path / "out"),
-                       data__seq_len=64, grpo__max_new_tokens=8, train__global_batch_size=8)
-    with pytest.raises(ConfigError, match="incremental decoding of Gated DeltaNet layers"):
-        plan_training(cfg, 1, "grpo", quiet=True)
 
 
 def _train(hf_dir, tmp_path, overrides, common):
@@ -120,3 +116,54 @@ def test_lora_at_pp2_matches_single_process(linear_hf, tmp_path):
     got, want = _train(linear_hf["qwen3_next"], tmp_path, {"parallel__pp": 2}, dict(data__packing=True, **lora))
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-5, err_msg=key)
+
+
+# -- conversion -------------------------------------------------------------------------------------
+def _import(rank, world, pairs):
+    """import-hf at tp=2 (x ep=2 with experts) of each (HF dir, checkpoint dir)."""
+    from types import SimpleNamespace
+
+    from megaswift.commands import import_command
+    from megaswift.config import load_config
+
+    for hf_dir, ckpt, ep in pairs:
+        cfg = load_config(None, ["--parallel.tp=2", f"--parallel.ep={ep}"])
+        import_command(SimpleNamespace(hf_dir=hf_dir, ckpt_dir=ckpt, overwrite=False, dtype=None), cfg)
+
+
+def test_import_export_is_bitwise_with_mtp_and_vision_and_loads_in_transformers(linear_hf, tmp_path):
+    """import-hf at tp=2 (x ep=2) then export-hf gives every tensor back bit for bit: the MTP
+    block and Qwen3.5's vision tower (kept beside the checkpoint, never trained) included, fused
+    experts written fused again, and Qwen3.5's nested config.json as it was. transformers loads
+    each export (Qwen3.5 as the whole multimodal model) with nothing missing and only the MTP
+    block unexpected (it ignores `mtp.*` by design)."""
+    import json
+
+    import torch
+    import transformers
+
+    from megaswift.convert.hf_export import export_hf
+    from tests.helpers.hf import tensors
+
+    families = ("qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_fused")
+    pairs = [(linear_hf[f], str(tmp_path / f"{f}.ckpt"), 1 if f == "qwen3_5" else 2) for f in families]
+    run_distributed(_import, 2, pairs)
+    for family, (src, ckpt, _) in zip(families, pairs):
+        out = str(tmp_path / f"{family}.hf")
+        export_hf(ckpt, out)
+        want, got = tensors(src), tensors(out)
+        assert set(got) == set(want), (family, set(got) ^ set(want))
+        assert any(k.startswith("mtp.") for k in got), family
+        for k in want:
+            assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), (family, k)
+        with open(os.path.join(src, "config.json")) as f, open(os.path.join(out, "config.json")) as g:
+            a, b = json.load(f), json.load(g)
+        if family.startswith("qwen3_5"):
+            assert a == b, family
+        else:
+            assert all(a[k] == b[k] for k in ("model_type", "architectures", "layer_types", "linear_num_value_heads"))
+        auto = transformers.AutoModelForImageTextToText if family.startswith("qwen3_5") else \
+            transformers.AutoModelForCausalLM
+        _, info = auto.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+        assert not info["missing_keys"] and not info["mismatched_keys"], (family, info)
+        assert all(k.startswith("mtp.") for k in info["unexpected_keys"]), (family, info["unexpected_keys"])
