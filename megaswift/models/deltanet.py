@@ -18,6 +18,14 @@ Packed documents: the conv does not reach across a document start and the delta 
 restarts there (`document_ids`), so a packed row equals its documents run one by one.
 Context parallelism is refused for now: the layer needs its tokens in order (see
 kernels/gated_delta.py for the affine-in-state pieces a cp version would combine).
+
+Incremental decoding (rollouts, models/kv_cache.py): per row the cache holds the conv state (the
+last K-1 conv inputs, [b, K-1, channels]) and the recurrent state ([b, value heads, dk, dv],
+float32), both zero before the prompt. A forward zeroes the hidden states of its invalid tokens
+(left padding, finished rows' filler) as transformers' apply_mask_to_padding_states does: zero
+inputs from a zero state leave both states at zero, so left padding changes nothing. The conv
+continues from the stored inputs; the delta rule runs chunked from the stored state (prefill) or
+one recurrent step (decode), and both states are replaced by the ones after the new tokens.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaswift.errors import ConfigError, LayoutError
-from megaswift.kernels.gated_delta import gated_delta_rule
+from megaswift.kernels.gated_delta import gated_delta_rule, gated_delta_step
 from megaswift.parallel.grads import mark_tp_partial_grad
 from megaswift.parallel.state import ParallelState
 from megaswift.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear
@@ -103,25 +111,49 @@ class GatedDeltaNet(nn.Module):
                                           dtype=dtype, device=device)
 
     def forward(self, x, cos, sin, document_ids=None, cp_index=None, kv_cache=None):
-        if kv_cache is not None:
-            raise NotImplementedError("incremental decoding of Gated DeltaNet layers (a recurrent and a conv state "
-                                      "per row) is not implemented yet")
+        if kv_cache is not None:  # rollouts: padding and filler zeroed first, as HF does (module docstring)
+            x = x * kv_cache.new_valid()[..., None].to(x.dtype)
         qkvz = self.in_proj_qkvz(x)  # [b, s, n_k * (2 dk + 2 r dv)], the whole sequence
         b, s, _ = qkvz.shape
         r = self.n_v // self.n_k
         q, k, v, z = qkvz.view(b, s, self.n_k, -1).split([self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
         beta_in, a = self.in_proj_ba(x).view(b, s, self.n_k, 2 * r).split([r, r], dim=-1)
         mixed = torch.cat([q.reshape(b, s, -1), k.reshape(b, s, -1), v.reshape(b, s, -1)], dim=-1)
-        mixed = F.silu(causal_conv(mixed, self.conv1d.weight, document_ids))
+        if kv_cache is None:
+            mixed = causal_conv(mixed, self.conv1d.weight, document_ids)
+        else:
+            conv_state, state = kv_cache.linear_state(self.layer_idx)
+            mixed, conv_state = self._conv_from(conv_state, mixed)
+        mixed = F.silu(mixed)
         q, k, v = mixed.split([self.n_k * self.dk, self.n_k * self.dk, self.n_v * self.dv], dim=-1)
         q, k = q.view(b, s, self.n_k, self.dk), k.view(b, s, self.n_k, self.dk)
         v = v.view(b, s, self.n_v, self.dv)
         beta = torch.sigmoid(beta_in.reshape(b, s, self.n_v))
         g = -self.A_log.float().exp() * F.softplus(a.reshape(b, s, self.n_v).float() + self.dt_bias.float())
-        out, _ = gated_delta_rule(q, k, v, g, beta, document_ids=document_ids, use_qk_l2norm=True,
-                                  backend=_kernel_backend(self.backend))
+        if kv_cache is None:
+            out, _ = gated_delta_rule(q, k, v, g, beta, document_ids=document_ids, use_qk_l2norm=True,
+                                      backend=_kernel_backend(self.backend))
+        elif s == 1:  # one decode step
+            out, state = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, use_qk_l2norm=True)
+            out = out[:, None]
+        else:  # prefill (or several tokens), continuing the stored state
+            out, state = gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True,
+                                          use_qk_l2norm=True, backend=_kernel_backend(self.backend))
+        if kv_cache is not None:
+            kv_cache.set_linear_state(self.layer_idx, conv_state, state)
         out = self.out_norm(out, z.reshape(b, s, self.n_v, self.dv))
         return self.out_proj(out.reshape(b, s, self.n_v * self.dv))
+
+    def _conv_from(self, conv_state, mixed):
+        """The causal conv of this forward's inputs mixed [b, s, c], continuing conv_state (the
+        K-1 inputs before them, [b, K-1, c]; zero when None). Returns (conv output [b, s, c], the
+        new conv state: the last K-1 inputs)."""
+        K = self.conv1d.weight.shape[-1]
+        if conv_state is None:
+            conv_state = mixed.new_zeros(mixed.shape[0], K - 1, mixed.shape[2])
+        seq = torch.cat([conv_state, mixed], dim=1)
+        out = causal_conv(seq, self.conv1d.weight, None)[:, K - 1:]
+        return out, seq[:, seq.shape[1] - (K - 1):]
 
 
 def _kernel_backend(attention_backend: str) -> str:

@@ -9,6 +9,11 @@ change no other token's output; their own outputs are thrown away.
 
 One cache serves all the layers of a rank (keyed by global layer index), also under pipeline
 parallelism, where the rank's stages hold different layers; `begin` runs once per forward.
+
+Linear-attention layers (Gated DeltaNet, models/deltanet.py) keep no keys: per row they carry a
+conv state (the last K-1 conv inputs, [b, K-1, channels]) and the delta rule's recurrent state
+([b, value heads, dk, dv], float32), replaced by each forward (`linear_state`,
+`set_linear_state`). Under tp both hold the rank's own heads and channels.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ class KVCache:
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.k: dict[int, Tensor] = {}
         self.v: dict[int, Tensor] = {}
+        self.conv: dict[int, Tensor] = {}  # linear-attention layers: last K-1 conv inputs [b, K-1, c]
+        self.recurrent: dict[int, Tensor] = {}  # linear-attention layers: state [b, h_v, dk, dv] fp32
         self._new = 0
         self._masks: dict[int | None, Tensor] = {}
 
@@ -47,6 +54,19 @@ class KVCache:
         self.k[layer][:, self.length:end] = k
         self.v[layer][:, self.length:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
+
+    def new_valid(self) -> Tensor:
+        """Bool [b, n]: which of this forward's tokens are real (not padding or a finished row's filler)."""
+        return self.valid[:, self.length:self.length + self._new]
+
+    def linear_state(self, layer: int) -> tuple[Tensor | None, Tensor | None]:
+        """(conv state, recurrent state) of linear-attention `layer` before this forward; None
+        before its first forward (the states start at zero)."""
+        return self.conv.get(layer), self.recurrent.get(layer)
+
+    def set_linear_state(self, layer: int, conv: Tensor, recurrent: Tensor) -> None:
+        """The states after this forward's tokens."""
+        self.conv[layer], self.recurrent[layer] = conv, recurrent
 
     def mask(self, window: int | None) -> Tensor:
         """Boolean [b, n, end]: True where this forward's query i may see cached key j."""

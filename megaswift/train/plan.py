@@ -85,10 +85,6 @@ def plan_training(cfg, world_size: int, algorithm="sft", quiet: bool = False) ->
     if gbs % (t.micro_batch_size * layout.dp):
         raise ConfigError(f"train.global_batch_size={gbs} must be a multiple of micro_batch_size x dp = "
                           f"{t.micro_batch_size} x {layout.dp} = {t.micro_batch_size * layout.dp}")
-    linear = [i for i in range(model_cfg.num_layers) if model_cfg.token_mixer_for_layer(i) == "gated_deltanet"]
-    if alg.generates and linear:
-        raise ConfigError(f"{alg.name} samples completions, and incremental decoding of Gated DeltaNet layers "
-                          f"({model_cfg.family}) is not implemented yet; train it with sft or dpo")
     alg.check_plan(cfg, layout, gbs)
     if layout.pp > 1 and layout.cp > 1 and cfg.data.packing:
         raise ConfigError("data.packing with both pp > 1 and cp > 1 is not supported yet: the pipeline needs one "

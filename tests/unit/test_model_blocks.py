@@ -42,6 +42,8 @@ def _hf(family: str) -> dict:
         hf.update(_MLA_HF)
     if "linear_num_key_heads" in FAMILIES[family].flags:
         hf.update(_LINEAR_HF)
+    if FAMILIES[family].text_config:  # a multimodal config.json: the language model's keys nested
+        hf = {"model_type": hf.pop("model_type"), FAMILIES[family].text_config: hf}
     return hf
 
 
@@ -88,7 +90,8 @@ def test_todays_families_get_todays_modules(family):
         kind = cfg.token_mixer_for_layer(int(i))
         assert type(layer.self_attention) is {"gqa": SelfAttention, "mla": MultiLatentAttention,
                                               "gated_deltanet": GatedDeltaNet}[kind]
-        assert kind == ("gated_deltanet" if family == "qwen3_next" and i == "0" else mixer)
+        hybrid = "linear_num_key_heads" in FAMILIES[family].flags
+        assert kind == ("gated_deltanet" if hybrid and i == "0" else mixer)
         if int(i) in moe_layers:
             assert type(layer.mlp) is MoELayer
             assert type(layer.mlp.router) is {"softmax_topk": TopKRouter, "sigmoid_group": GroupLimitedRouter}[router]
