@@ -2,6 +2,7 @@
 
     python benchmarks/gated_delta_bench.py                       # b 1, s 2048, 8 heads of 128, 2 threads
     python benchmarks/gated_delta_bench.py --k-heads 4 --seq-len 4096
+    python benchmarks/gated_delta_bench.py --device cuda          # adds fla's kernel (when it imports)
 
 Both run the same float32 inputs shaped like a Qwen3-Next layer's (l2-normalised q/k in the
 kernel, g = -exp(A_log) * softplus(.), beta = sigmoid(.)): megaswift's `gated_delta_rule`
@@ -9,6 +10,8 @@ kernel, g = -exp(A_log) * softplus(.), beta = sigmoid(.)): megaswift's `gated_de
 the same process. Each time is the median of the timed passes after one warm-up; the ratio is
 reference / megaswift (above 1: megaswift is faster). Packed documents run only in megaswift
 (transformers' torch path has none), so that row is a ratio to megaswift's own plain run.
+On CUDA, flash-linear-attention's `chunk_gated_delta_rule` (backend fla) joins when it imports,
+timed against megaswift's torch form, and its bf16 output is compared with the fp32 torch form.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed passes after one warm-up")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return p.parse_args(argv)
 
 
@@ -55,6 +59,8 @@ def time_fwd_bwd(fn, tensors, steps):
         start = time.perf_counter()
         out, final = fn(*leaves)
         (out.sum() + final.sum()).backward()
+        if leaves[0].is_cuda:
+            torch.cuda.synchronize()
         if step:  # the first pass warms up allocators and kernels
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -68,10 +74,10 @@ def main(argv=None):
     from megaswift.kernels.gated_delta import gated_delta_rule
 
     c = args.chunk_size
-    tensors = inputs(args)
+    tensors = [t.to(args.device) for t in inputs(args)]
     b, s = args.batch, args.seq_len
     # documents of 1/3, 1/2 and 1/6 of each row, boundaries off the chunk grid
-    ids = torch.zeros(b, s, dtype=torch.long)
+    ids = torch.zeros(b, s, dtype=torch.long, device=args.device)
     ids[:, s // 3:] = 1
     ids[:, s // 3 + s // 2:] = 2
 
@@ -83,6 +89,10 @@ def main(argv=None):
         "megaswift+documents": lambda q, k, v, g, beta: gated_delta_rule(
             q, k, v, g, beta, document_ids=ids, output_final_state=True, chunk_size=c, backend="torch"),
     }
+    fla = args.device == "cuda" and _fla_imports()
+    if fla:
+        runs["fla (bf16)"] = lambda q, k, v, g, beta: gated_delta_rule(
+            *(t.bfloat16() for t in (q, k, v)), g, beta.bfloat16(), output_final_state=True, backend="fla")
     times = {name: time_fwd_bwd(fn, tensors, args.steps) for name, fn in runs.items()}
     print(f"gated delta rule fwd+bwd, b {b}, s {s}, heads k/v {args.k_heads}/{args.v_heads} x {args.head_dim}, "
           f"chunk {c}, {args.threads} threads, torch {torch.__version__}")
@@ -91,6 +101,23 @@ def main(argv=None):
           f"ratio {times['transformers'] / times['megaswift']:.2f}x")
     print(f"  megaswift with 3 documents per row         {times['megaswift+documents']:.3f} s  "
           f"{times['megaswift+documents'] / times['megaswift']:.2f}x of its plain run")
+    if fla:
+        with torch.no_grad():
+            ref = runs["megaswift"](*tensors)[0].float()
+            got = runs["fla (bf16)"](*tensors)[0].float()
+        print(f"  fla chunk_gated_delta_rule (bf16)          {times['fla (bf16)']:.3f} s  "
+              f"ratio {times['megaswift'] / times['fla (bf16)']:.2f}x of megaswift's torch form; output vs fp32 "
+              f"torch form: max {(got - ref).abs().max().item():.2e}, mean {(got - ref).abs().mean().item():.2e}")
+    elif args.device == "cuda":
+        print("  fla: flash-linear-attention does not import here; only the torch form ran")
+
+
+def _fla_imports() -> bool:
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+    except Exception:  # not installed, or no Triton for this GPU
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -68,10 +68,13 @@ mapfile -t GPU_FILES < <(grep -rl "mark.gpu" tests --include='test_*.py')
 phase gpu_tests 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_FILES[@]}"
 
 # 2. verify in bf16 against transformers: llama's head dim 12 takes the padded-kernel path,
-# deepseek_v3's multi-latent attention a value head dim (10) other than q/k's (14)
-for fam in llama qwen3 qwen3_moe deepseek_v3 glm4_moe; do "$PY" -m megaswift tiny-hf "$fam" "$WORK/$fam" >/dev/null 2>&1; done
+# deepseek_v3's multi-latent attention a value head dim (10) other than q/k's (14); qwen3_next
+# and qwen3_5 run Gated DeltaNet through flash-linear-attention's kernels when fla imports
+FAMS="llama qwen3 qwen3_moe deepseek_v3 glm4_moe qwen3_next qwen3_5"
+for fam in $FAMS; do "$PY" -m megaswift tiny-hf "$fam" "$WORK/$fam" >/dev/null 2>&1; done
+export FAMS
 verify_all() {
-  for fam in llama qwen3 qwen3_moe deepseek_v3 glm4_moe; do
+  for fam in $FAMS; do
     "$PY" -m megaswift verify "$WORK/$fam" --dtype bfloat16 --model.attention_backend "$BACKEND" || return 1
     "$PY" -m megaswift verify "$WORK/$fam" --dtype float32 || return 1
   done
@@ -101,6 +104,7 @@ phase train_bench 200 "$PY" benchmarks/train_bench.py --hidden 2048 --layers 8 -
   --ffn 5632 --seq-len 4096 --micro-batch 2 --steps 8 --warmup 3 --repeats 1
 phase rollout_bench 60 "$PY" benchmarks/rollout_bench.py --rows 256 --new 64 --hidden 1024 --layers 8 \
   --vocab 32000 --device cuda --tp 1 --repeat 1
+phase delta_bench 60 "$PY" benchmarks/gated_delta_bench.py --device cuda --seq-len 4096 --k-heads 16 --v-heads 32
 phase moe_bench 60 "$PY" benchmarks/moe_bench.py --world 1 --eps 1 --experts 16 --hidden 1024 --expert-ffn 1024 \
   --seq-len 2048 --layers 4 --steps 4
 # 5. the planner's prediction for one GPU against a real step: peak memory and step time
@@ -110,7 +114,7 @@ phase plan_check 90 "$PY" benchmarks/plan_gpu_check.py --layers 8 --seq-len 4096
   echo "gpu_check summary ($(head -n 1 "$LOGS/env.log"))"
   printf '%s\n' "${SUMMARY[@]}"
   grep -h -E "^verify |^sft: |^ratio |^(transformers|megaswift) |tokens/s|^peak memory|^step time|^layout" \
-    "$LOGS"/verify.log "$LOGS"/sft.log "$LOGS"/train_bench.log "$LOGS"/rollout_bench.log "$LOGS"/moe_bench.log \
+    "$LOGS"/verify.log "$LOGS"/sft.log "$LOGS"/train_bench.log "$LOGS"/rollout_bench.log "$LOGS"/delta_bench.log "$LOGS"/moe_bench.log \
     "$LOGS"/plan_check.log 2>/dev/null | head -n 44
   tail -n 1 "$LOGS/gpu_tests.log"
 } | tee "$LOGS/summary.txt"
