@@ -178,6 +178,18 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
         needs a gradient: `grad_in`, whether the layer's input does (a frozen base's embedding
         output does not), grows by the adapters met (`adapters`: the targeted linears)."""
         for i in layers:
+            if m.token_mixer_for_layer(i) == "gated_deltanet":  # models/deltanet.py
+                # in_proj_qkvz and in_proj_ba gather (and sum the gradients of) their input each;
+                # out_proj sums like linear_proj; cp is refused for these layers
+                qkv_out = grad_in or bool({"in_proj_qkvz", "in_proj_ba"} & adapters)
+                column(fwd, bwd if grad_in else 0)  # in_proj_qkvz
+                column(fwd, bwd if grad_in else 0)  # in_proj_ba
+                row(fwd, c, bwd if qkv_out else 0)  # out_proj
+                if "out_proj" in adapters:
+                    row(fwd, c, bwd, Xr)
+                grad_in = grad_in or qkv_out or "out_proj" in adapters
+                grad_in = mlp_pass(i, fwd, bwd, grad_in, adapters)
+                continue
             if m.is_mla:
                 qkv_out = mla(fwd, bwd, grad_in, adapters)
             else:
@@ -188,27 +200,31 @@ def predict_comm(cfg, model_cfg, world_size: int, rank: int, *, device_type: str
             if "linear_proj" in adapters:  # the adapter's partial A x, summed (its B is replicated)
                 row(fwd, c, bwd, Xr)
             _context_parallel(t, m, lay, b, s, c, core, fwd, bwd if qkv_out else 0)
-            grad_in = grad_in or proj_out
-            if i in moe:
-                if tp > 1 and not sp:  # each tp rank routes 1/tp of the replicated tokens
-                    t.add("tp", AG, fwd * X * c)  # the experts' outputs joined
-                    t.add("tp", AG, bwd * X * F)  # the input gradient joined
-                if m.moe_shared_expert_ffn_hidden_size:  # a dense MLP beside the experts
-                    column(fwd, bwd if grad_in else 0)
-                    row(fwd, c, bwd if grad_in or "linear_fc1" in adapters else 0)
-                    if "linear_fc2" in adapters:
-                        row(fwd, c, bwd, Xr)
-                _experts(t, cfg, m, lay, ep_rank, b * s // tp, c, fwd, bwd)
-                grad_in = grad_in or bool(adapters)
-            else:
-                fc1_out = grad_in or "linear_fc1" in adapters
-                column(fwd, bwd if grad_in else 0)  # linear_fc1
-                # linear_fc2's sum: the layer's last op that backward needs nothing of (unless an
-                # adapter's sum follows it: then recompute reruns it too)
-                row(fwd if "linear_fc2" in adapters else min(fwd, n), c, bwd if fc1_out else 0)
+            grad_in = mlp_pass(i, fwd, bwd, grad_in or proj_out, adapters)
+        return grad_in
+
+    def mlp_pass(i, fwd, bwd, grad_in, adapters):
+        """Layer i's MLP (dense or experts); returns whether its output needs a gradient."""
+        if i in moe:
+            if tp > 1 and not sp:  # each tp rank routes 1/tp of the replicated tokens
+                t.add("tp", AG, fwd * X * c)  # the experts' outputs joined
+                t.add("tp", AG, bwd * X * F)  # the input gradient joined
+            if m.moe_shared_expert_ffn_hidden_size:  # a dense MLP beside the experts
+                column(fwd, bwd if grad_in else 0)
+                row(fwd, c, bwd if grad_in or "linear_fc1" in adapters else 0)
                 if "linear_fc2" in adapters:
                     row(fwd, c, bwd, Xr)
-                grad_in = grad_in or fc1_out or "linear_fc2" in adapters
+            _experts(t, cfg, m, lay, ep_rank, b * s // tp, c, fwd, bwd)
+            grad_in = grad_in or bool(adapters)
+        else:
+            fc1_out = grad_in or "linear_fc1" in adapters
+            column(fwd, bwd if grad_in else 0)  # linear_fc1
+            # linear_fc2's sum: the layer's last op that backward needs nothing of (unless an
+            # adapter's sum follows it: then recompute reruns it too)
+            row(fwd if "linear_fc2" in adapters else min(fwd, n), c, bwd if fc1_out else 0)
+            if "linear_fc2" in adapters:
+                row(fwd, c, bwd, Xr)
+            grad_in = grad_in or fc1_out or "linear_fc2" in adapters
         return grad_in
 
     # the reference model of DPO: forward only (no_grad), once per micro batch, before the step
@@ -333,28 +349,37 @@ def _finalize_grads(t, m, lay, sp, layers, post, lora_rank=0, adapted=frozenset(
     column-parallel linear, B of a row-parallel one under sp, B's replicated KV rows)."""
     tp, h, hd = lay.tp, m.hidden_size, m.kv_channels
     r, dense = lora_rank, [i for i in layers if i not in m.moe_layers]
+    # Gated DeltaNet layers (models/deltanet.py) have no linear_qkv / linear_proj, q/k norms or
+    # replicated KV rows: in_proj_qkvz / in_proj_ba, out_proj and the per-head gated norm instead
+    linear = sum(1 for i in layers if m.token_mixer_for_layer(i) == "gated_deltanet")
+    attn = len(layers) - linear
     if r:
         partial = 0
-        if tp > 1:  # A [r, h] of linear_qkv and of a dense linear_fc1 (and a shared expert's)
+        if tp > 1:  # A [r, h] of linear_qkv (DeltaNet: in_proj_qkvz, in_proj_ba), a dense or shared linear_fc1
             fc1 = len(dense) + (len(layers) - len(dense)) * bool(m.moe_shared_expert_ffn_hidden_size)
-            partial += r * h * (len(layers) * ("linear_qkv" in adapted) + fc1 * ("linear_fc1" in adapted))
-        if sp:  # B [h, r] of linear_proj and of linear_fc2
+            partial += r * h * (attn * ("linear_qkv" in adapted) + fc1 * ("linear_fc1" in adapted)
+                                + linear * (("in_proj_qkvz" in adapted) + ("in_proj_ba" in adapted)))
+        if sp:  # B [h, r] of linear_proj (out_proj) and of linear_fc2
             fc2 = len(dense) + (len(layers) - len(dense)) * bool(m.moe_shared_expert_ffn_hidden_size)
-            partial += r * h * (len(layers) * ("linear_proj" in adapted) + fc2 * ("linear_fc2" in adapted))
+            partial += r * h * (attn * ("linear_proj" in adapted) + fc2 * ("linear_fc2" in adapted)
+                                + linear * ("out_proj" in adapted))
         t.add("tp", AR, F * partial, tp)
-        if tp > m.num_query_groups and "linear_qkv" in adapted:
-            t.add("tp", AR, F * m.num_query_groups * len(layers) * 2 * hd * r, tp)
+        if tp > m.num_query_groups and "linear_qkv" in adapted and attn:
+            t.add("tp", AR, F * m.num_query_groups * attn * 2 * hd * r, tp)
         return
     partial = h if post and sp else 0
     # MLA under SP: the replicated down-projections and latent norms see this rank's tokens only
     latent = ((m.q_lora_rank or 0) * (h + 1) + (m.kv_lora_rank + m.qk_rope_head_dim) * h + m.kv_lora_rank
               if m.is_mla and sp else 0)
     for i in layers:
-        partial += 2 * h * sp + 2 * hd * (tp > 1 and m.qk_layernorm) + h * (sp and m.add_proj_bias) + latent
+        if m.token_mixer_for_layer(i) == "gated_deltanet":  # the gated norm's weight, each rank's heads
+            partial += 2 * h * sp + m.linear_value_head_dim * (tp > 1)
+        else:
+            partial += 2 * h * sp + 2 * hd * (tp > 1 and m.qk_layernorm) + h * (sp and m.add_proj_bias) + latent
         if i in m.moe_layers:
             gate = sp and m.moe_shared_expert_ffn_hidden_size and m.moe_shared_expert_gate
             partial += m.num_moe_experts * h * (tp > 1) + h * bool(gate)
     t.add("tp", AR, F * partial, tp)
-    if tp > m.num_query_groups:
-        rows = len(layers) * 2 * hd * (h + m.add_qkv_bias)
+    if tp > m.num_query_groups and attn:
+        rows = attn * 2 * hd * (h + m.add_qkv_bias)
         t.add("tp", AR, F * m.num_query_groups * rows, tp)

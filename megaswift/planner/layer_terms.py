@@ -52,12 +52,83 @@ moe_ffn_hidden_size / etp
                experts' intermediates, the combined rows and their weighted copy, indices
   shared       2 T (H + 4 Fs) (Fs = shared width / tp) as a dense MLP; its sigmoid gate
                (Qwen2-MoE) + 2 T H + 8 T; DeepSeek-V3's and GLM-4.5's are ungated
+Qwen3-Next's gated attention (attn_output_gate) and zero-centred q/k norms (norm_zero_centered)
+  qkv          + 2 T n hd          linear_qkv's output holds each query head's gate too
+  core         + 2 x 2 T n hd      sigmoid(gate) and the gated output (linear_proj's input)
+  qk norms     the normalised copy is fp32 (scaled by 1 + w in fp32), not bf16: 8 T (n + nkv) hd
+
+Token mixer `gated_deltanet` (models/deltanet.py; Qwen3-Next's and Qwen3.5's linear_attention
+layers), nk / nv the key / value heads of this rank, dk / dv their widths, ch = 2 nk dk + nv dv
+the conv's channels, K its kernel, b the rows (cp is refused for these layers: s = seq_len).
+The delta rule runs in kernels/gated_delta.py's chunked torch form (the dry run's and the CPU
+run's; flash-linear-attention's kernels on CUDA keep their own set, recomputing the chunk states
+in backward: not modelled, this is then an upper bound) with chunks of C = 64 tokens:
+n = ceil(s / C) chunks, P = b n C the padded tokens. Read off the autograd graph of a real layer
+(fp32 weights, bf16 autocast, where the kernel's matmuls run in bf16), exact to a few bytes over
+b, s, heads and widths (tests/unit/test_memory_model.py):
+  casts        2 x 2 T H           the bf16 inputs of in_proj_qkvz and in_proj_ba (two casts)
+  conv         2 ch b (K s + K (K-1) / 2)   the bf16 conv input and its K-1 shifted copies (each
+               + 2 x 4 T ch        a slice of its padded storage), kept for the conv weight's
+                                   gradient; the fp32 conv output (silu's input) and silu's output
+                                   (q, k, v, read by the l2 norms and the chunking)
+  gates        2 T nv + 2 x 4 T nv sigmoid(b) (bf16); softplus's input and output (fp32); the
+               + 5 x 4 T nk        l2 norms' [T, nk] factors of q and k
+  delta_rule   4 P nv C (4 x 4 + 3 x 2) + 2 x 2 P nk C + C^2   per chunk and value head the
+                                   fp32 [C, C] decay, K K^T o decay, the system and its inverse
+                                   (the UT transform), the bf16 casts of the transform (twice) and
+                                   of Q K^T o decay; per key head the bf16 K K^T and Q K^T; the mask
+               + P nk dk (2 x 4 + 4 x 2)   q and k chunked (fp32) and their bf16 casts (q, k, k^T twice)
+               + P nv dv (4 + 2 x 2)       v chunked (fp32), beta v and the stacked writes U (bf16)
+               + P nv dk (2 + 2 x 2 [n > 1])  W's right factor beta e^G K (bf16); with more than
+                                   one chunk W itself and Q e^G (bf16)
+               + 2 b nv (n-1) C (dk + dv)  each chunk's K^T and U but the last's (the last
+                                   chunk's state update feeds nothing that is kept)
+               + 4 P nv (4 [n > 1] or 3) + 4 b nv n   the per-token decays, beta and their
+                                   products (fp32), the per-chunk e^{G_C}
+  chunk_states (2 n + 4 (n-1) + 2 n) b nv dk dv    the state entering each chunk: a bf16 cast for
+                                   W S, the fp32 state kept by the decay's product (not the
+                                   last), the bf16 cast of all of them stacked for Q S
+  out_norm     5 x 4 T nv dv + 4 T nv   the gated RMSNorm in fp32: the kernel's output, the
+               + 2 T nv dv         normalised x (weight gradient), w x, the gate and silu(gate),
+                                   rsqrt; out_proj's bf16 input
+  Qwen3-Next-80B-A3B (nv 32, dk = dv = 128, ch 8192) on a 4096-token row at tp 1: 1.72 GiB a
+  layer (conv 512 MiB, delta_rule 609, chunk_states 254, out_norm 353), 4.8 times what its
+  gated-attention layers' mixer keeps (365 MiB), about 14 KB per token and value head.
+  LoRA (frozen base): the conv input copies, the normalised x and softplus's output go; an
+  unadapted projection's input too. Packed documents (document_ids) add a few [C, C] masks per
+  chunk (not modelled: the dry run's rows are unpacked).
+  What decoding keeps instead (rollouts, models/kv_cache.py), per sequence and layer: the
+  recurrent state, nv dk dv in fp32, and the conv state, (K-1) ch in the compute dtype
+  (`recurrent_state`); independent of the sequence's length.
 The matmul weights' bf16 copies are the memory model's (autocast caches one per step); the
 sigmoid router's weight is used in fp32: no copy.
 """
 from __future__ import annotations
 
+import inspect
+from functools import lru_cache
+
 F32, BF16 = 4, 2
+DELTANET = "gated_deltanet"
+DELTANET_TARGETS = {"in_proj_qkvz", "in_proj_ba", "out_proj"}
+
+
+@lru_cache(maxsize=1)
+def delta_chunk() -> int:
+    """The torch form's chunk (kernels/gated_delta.py gated_delta_rule's default chunk_size)."""
+    from megaswift.kernels.gated_delta import gated_delta_rule
+
+    return inspect.signature(gated_delta_rule).parameters["chunk_size"].default
+
+
+def mixer_of(mc, i: int) -> str:
+    """Layer i's token mixer: 'gqa', 'mla' or 'gated_deltanet' (models/config.py)."""
+    return mc.token_mixer_for_layer(i)
+
+
+def kind_of(mc, i: int) -> tuple[str, bool]:
+    """(token mixer, MoE) of layer i: what its terms depend on."""
+    return mixer_of(mc, i), i in mc.moe_layers
 
 
 def tokens(cfg, rows: int | None = None) -> tuple[int, int, int]:
@@ -69,14 +140,17 @@ def tokens(cfg, rows: int | None = None) -> tuple[int, int, int]:
     return T, Tq, (Tq if p.sp else T // tp)
 
 
-def adapted_targets(cfg, mc) -> set[str]:
-    """The LoRA targets this model's layers have (all-linear names every family's)."""
+def adapted_targets(cfg, mc, mixer: str | None = None) -> set[str]:
+    """The LoRA targets a layer with this token mixer has (None: the model's own mixer; all-linear
+    names every family's)."""
     lora = cfg.model.lora
     if not lora.rank:
         return set()
     from megaswift.models.lora import target_set
 
-    if mc.is_mla:
+    if mixer == DELTANET:
+        mixer = DELTANET_TARGETS
+    elif mc.is_mla:
         mixer = {"linear_q_down_proj", "linear_q_up_proj"} if mc.q_lora_rank else {"linear_q_proj"}
         mixer |= {"linear_kv_down_proj", "linear_kv_up_proj"}
     else:
@@ -86,25 +160,32 @@ def adapted_targets(cfg, mc) -> set[str]:
 
 def bf16_copied(name: str, mc) -> bool:
     """Whether autocast makes a bf16 copy of this matrix for its matmul: the sigmoid router runs
-    in fp32 (models/routers.py GroupLimitedRouter)."""
+    in fp32 (models/routers.py GroupLimitedRouter), and Gated DeltaNet's conv weight [channels, K]
+    is no matmul's (an elementwise product, in fp32)."""
+    if name.endswith("conv1d.weight"):
+        return False
     return not (name.endswith("router.weight") and mc.moe_router == "sigmoid_group")
 
 
-def layer_terms(cfg, mc, moe: bool, rows: int | None = None) -> dict:
-    """Saved-for-backward bytes of one decoder layer (an MoE one if `moe`) on one micro batch of
-    `rows` rows (default train.micro_batch_size; DPO's hold two per pair), by term (module
-    docstring). LoRA freezes the base: a frozen norm weight needs no normalised input saved, a
-    frozen linear saves its bf16 weight (for the input's gradient) but not its input: an
-    adapted linear's input is saved by the adapter's A instead."""
+def layer_terms(cfg, mc, moe: bool, rows: int | None = None, mixer: str | None = None) -> dict:
+    """Saved-for-backward bytes of one decoder layer (an MoE one if `moe`, with token mixer
+    `mixer`: None the model's own, or 'gated_deltanet') on one micro batch of `rows` rows
+    (default train.micro_batch_size; DPO's hold two per pair), by term (module docstring). LoRA
+    freezes the base: a frozen norm weight needs no normalised input saved, a frozen linear
+    saves its bf16 weight (for the input's gradient) but not its input: an adapted linear's
+    input is saved by the adapter's A instead."""
     p = cfg.parallel
     T, Tq, Tm = tokens(cfg, rows)
     H = mc.hidden_size
     lora = cfg.model.lora
     frozen = bool(lora.rank)
-    adapted = adapted_targets(cfg, mc)
+    adapted = adapted_targets(cfg, mc, mixer)
     saved = (lambda name: name in adapted) if frozen else (lambda name: True)
     t = {"residual": 2 * F32 * Tq * H, "norms": 2 * ((0 if frozen else F32 * Tq * H) + F32 * Tq)}
-    t.update(_mixer_terms(cfg, mc, T, Tq, frozen, saved))
+    if mixer == DELTANET:
+        t.update(_deltanet_terms(cfg, mc, rows or cfg.train.micro_batch_size, T, frozen, saved))
+    else:
+        t.update(_mixer_terms(cfg, mc, T, Tq, frozen, saved))
     if frozen:  # each adapter keeps its rank-wide middle A x
         t["lora"] = BF16 * T * lora.rank * len(adapted)
     if moe:
@@ -122,6 +203,8 @@ def _mixer_terms(cfg, mc, T, Tq, frozen, saved) -> dict:
     t = _mla_terms(cfg, mc, T, Tq, frozen, saved) if mc.is_mla else _gqa_terms(cfg, mc, T, frozen, saved)
     n = mc.num_attention_heads // p.tp
     t["core"] = BF16 * T * n * mc.value_head_dim
+    if mc.attn_output_gate:  # sigmoid(gate) and the gated output, linear_proj's input
+        t["core"] += 2 * BF16 * T * n * mc.value_head_dim
     if cfg.train.recompute != "selective":
         t["core"] += F32 * T * n  # the lse
     if p.cp > 1:
@@ -162,11 +245,53 @@ def ring_backward_temporaries(cfg, mc, rows: int) -> int:
 def _gqa_terms(cfg, mc, T, frozen, saved) -> dict:
     tp, hd, H = cfg.parallel.tp, mc.kv_channels, mc.hidden_size
     nq, nkv = mc.num_attention_heads // tp, max(1, mc.num_query_groups // tp)
-    t = {"casts": BF16 * T * H * int(saved("linear_qkv")), "qkv": BF16 * T * (nq + 2 * nkv) * hd,
+    gates = nq if mc.attn_output_gate else 0  # each query head's gate rows (Qwen3-Next)
+    t = {"casts": BF16 * T * H * int(saved("linear_qkv")), "qkv": BF16 * T * (nq + gates + 2 * nkv) * hd,
          "rope": BF16 * T * (nq + nkv) * hd}
-    if mc.qk_layernorm:
-        t["qk_norms"] = (F32 + (0 if frozen else BF16)) * T * (nq + nkv) * hd + F32 * T * (nq + nkv)
+    if mc.qk_layernorm:  # zero-centred: the normalised copy (the weight's gradient) stays fp32
+        normalised = 0 if frozen else (F32 if mc.norm_zero_centered else BF16)
+        t["qk_norms"] = (F32 + normalised) * T * (nq + nkv) * hd + F32 * T * (nq + nkv)
     return t
+
+
+def _deltanet_shape(cfg, mc, rows: int) -> tuple:
+    """(b, s, nk, nv, dk, dv, ch, K, C, n, P) of a Gated DeltaNet layer on this rank."""
+    tp, b, s = cfg.parallel.tp, rows, cfg.data.seq_len // cfg.parallel.cp
+    nk, nv = mc.linear_num_key_heads // tp, mc.linear_num_value_heads // tp
+    dk, dv = mc.linear_key_head_dim, mc.linear_value_head_dim
+    C = delta_chunk()
+    n = -(-s // C)
+    return b, s, nk, nv, dk, dv, 2 * nk * dk + nv * dv, mc.linear_conv_kernel_dim, C, n, b * n * C
+
+
+def _deltanet_terms(cfg, mc, rows, T, frozen, saved) -> dict:
+    """Gated DeltaNet's saved tensors (module docstring: the formula, term by term)."""
+    b, s, nk, nv, dk, dv, ch, K, C, n, P = _deltanet_shape(cfg, mc, rows)
+    H, more = mc.hidden_size, n > 1
+    conv_in = 0 if frozen else BF16 * ch * b * (K * s + K * (K - 1) // 2)
+    rule = (2 * F32 + 4 * BF16) * P * nk * dk + (F32 + 2 * BF16) * P * nv * dv
+    rule += BF16 * P * nv * dk * (1 + 2 * more) + BF16 * b * nv * (n - 1) * C * (dk + dv)
+    rule += (4 * F32 + 3 * BF16) * P * nv * C + 2 * BF16 * P * nk * C + C * C
+    rule += F32 * P * nv * (4 if more else 3) + F32 * b * nv * n
+    return {"casts": BF16 * T * H * (int(saved("in_proj_qkvz")) + int(saved("in_proj_ba"))),
+            "conv": conv_in + 2 * F32 * T * ch,
+            "gates": BF16 * T * nv + (1 if frozen else 2) * F32 * T * nv + 5 * F32 * T * nk,
+            "delta_rule": rule,
+            "chunk_states": (2 * BF16 * n + F32 * (n - 1)) * b * nv * dk * dv,
+            "out_norm": (4 + (0 if frozen else 1)) * F32 * T * nv * dv + F32 * T * nv
+            + BF16 * T * nv * dv * int(saved("out_proj"))}
+
+
+def recurrent_state(mc, tp: int, layers) -> int:
+    """Bytes a decoding rank keeps per sequence for its Gated DeltaNet layers among `layers`:
+    each layer's recurrent state (its nv value heads' [dk, dv], fp32) and conv state (the last
+    K-1 conv inputs of its channels, in the compute dtype, bf16). 0 without such layers."""
+    n = sum(1 for i in layers if mixer_of(mc, i) == DELTANET)
+    if not n:
+        return 0
+    nk, nv = mc.linear_num_key_heads // tp, mc.linear_num_value_heads // tp
+    dk, dv = mc.linear_key_head_dim, mc.linear_value_head_dim
+    return n * (F32 * nv * dk * dv + BF16 * (mc.linear_conv_kernel_dim - 1) * (2 * nk * dk + nv * dv))
 
 
 def _mla_terms(cfg, mc, T, Tq, frozen, saved) -> dict:
@@ -207,9 +332,12 @@ def _moe_terms(cfg, mc, T, Tm) -> dict:
     return t
 
 
-def core_out(cfg, mc, rows: int) -> int:
-    """The attention output one layer's linear_proj keeps (bf16)."""
+def core_out(cfg, mc, rows: int, layer: int | None = None) -> int:
+    """The token mixer's output its output projection keeps (bf16): linear_proj's, or a Gated
+    DeltaNet layer's out_proj's."""
     T, _, _ = tokens(cfg, rows)
+    if layer is not None and mixer_of(mc, layer) == DELTANET:
+        return BF16 * T * (mc.linear_num_value_heads // cfg.parallel.tp) * mc.linear_value_head_dim
     return BF16 * T * (mc.num_attention_heads // cfg.parallel.tp) * mc.value_head_dim
 
 
@@ -220,15 +348,18 @@ def input_pass_grads(cfg, mc, layer: int, rows: int) -> int:
     p = cfg.parallel
     T, Tq, Tm = tokens(cfg, rows)
     H, n = mc.hidden_size, mc.num_attention_heads // p.tp
-    g = 2 * F32 * Tq * H + BF16 * T * H  # the two norms, linear_proj
-    if mc.is_mla:
+    g = 2 * F32 * Tq * H + BF16 * T * H  # the two norms, linear_proj (out_proj)
+    if mixer_of(mc, layer) == DELTANET:  # in_proj_qkvz, in_proj_ba; the conv, the gated norm, A_log / dt_bias (fp32)
+        _, _, nk, nv, dk, dv, ch, _, _, _, _ = _deltanet_shape(cfg, mc, rows)
+        g += BF16 * T * (2 * nk * dk + 2 * nv * dv + 2 * nv) + F32 * T * (ch + nv * dv + 2 * nv)
+    elif mc.is_mla:
         rq, rkv, qk = mc.q_lora_rank, mc.kv_lora_rank, mc.qk_head_dim
         g += (BF16 + F32) * Tq * rq + BF16 * T * n * qk if rq else BF16 * T * n * qk
         g += BF16 * Tq * (rkv + mc.qk_rope_head_dim) + F32 * Tq * rkv
         g += BF16 * T * n * (mc.qk_nope_head_dim + mc.v_head_dim)
     else:
         hd, nkv = mc.kv_channels, max(1, mc.num_query_groups // p.tp)
-        g += BF16 * T * (n + 2 * nkv) * hd
+        g += BF16 * T * (n * (2 if mc.attn_output_gate else 1) + 2 * nkv) * hd
         if mc.qk_layernorm:
             g += F32 * T * (n + nkv) * hd
     if layer in mc.moe_layers:
@@ -262,5 +393,26 @@ def weight_pass_frees(cfg, mc, rows: int) -> dict:
                    linear_kv_up_proj=BF16 * T * (rkv + n * (mc.qk_nope_head_dim + mc.v_head_dim)))
     else:
         hd, nkv = mc.kv_channels, max(1, mc.num_query_groups // p.tp)
-        out["linear_qkv"] = BF16 * T * ((n + 2 * nkv) * hd + H)
+        out["linear_qkv"] = BF16 * T * ((n * (2 if mc.attn_output_gate else 1) + 2 * nkv) * hd + H)
+    if any(mixer_of(mc, i) == DELTANET for i in range(mc.num_layers)):  # a hybrid model's linear-attention modules
+        b, s, nk, nv, dk, dv, ch, K, _, _, _ = _deltanet_shape(cfg, mc, rows)
+        out.update(in_proj_qkvz=BF16 * T * (H + 2 * nk * dk + 2 * nv * dv), in_proj_ba=BF16 * T * (H + 2 * nv),
+                   conv1d=BF16 * ch * b * (K * s + K * (K - 1) // 2) + F32 * T * ch,
+                   out_norm=2 * F32 * T * nv * dv, out_proj=BF16 * T * (nv * dv + H))
     return out
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a parameter name belongs to (None: the embedding, final norm, output layer)."""
+    return int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
+
+
+def merged_experts(cfg, mc) -> int:
+    """LoRA on the experts (linear_fc1 / linear_fc2 targets): each MoE layer's forward merges
+    W + B A in fp32 for all of a rank's experts (parallel/lora.py), and the merged weights live
+    until its dispatch returns: the bytes of one layer's."""
+    if not mc.moe_layers or not cfg.model.lora.rank:
+        return 0
+    p, adapted = cfg.parallel, adapted_targets(cfg, mc)
+    e_local, Fe = mc.num_moe_experts // p.ep, mc.moe_ffn_hidden_size // p.etp
+    return F32 * e_local * Fe * mc.hidden_size * (2 * ("linear_fc1" in adapted) + ("linear_fc2" in adapted))

@@ -157,9 +157,27 @@ def plan_command(ns) -> int:
                 diff = f" ({(predicted - r.peak_bytes) / r.peak_bytes:+.1%} predicted)" if predicted else ""
                 print(f"      dry run, rank {r.rank}: peak {_gib(r.peak_bytes)} GiB{diff}, {r.seconds:.1f} s")
         print(f"      {command(cand, ns, directory, ns.gpus_per_node)}")
+    line = recurrent_state_line(top, mc)
+    if line:
+        print("\n" + line)
     if over:
         print("\n" + overflow_line(over[0]))
     return 0
+
+
+def recurrent_state_line(top, mc) -> str:
+    """Hybrid linear-attention models (Gated DeltaNet): what decoding keeps per sequence for
+    those layers on the rank that holds the most of them, for each printed layout ('' without
+    such layers): constant in the sequence's length, unlike the attention layers' KV cache."""
+    from .layer_terms import DELTANET, mixer_of
+
+    n = sum(1 for i in range(mc.num_layers) if mixer_of(mc, i) == DELTANET)
+    if not n or not top:
+        return ""
+    per = ", ".join(f"#{i} {max(m['recurrent_state_per_sequence'] for m in c.memory) / 2 ** 20:.1f} MiB"
+                    for i, c in enumerate(top, 1))
+    return (f"recurrent state per sequence ({n} Gated DeltaNet layers: fp32 [value heads, dk, dv] and the conv "
+            f"state, what a rollout keeps besides the attention layers' KV cache; per GPU): {per}")
 
 
 def _count(mc) -> str:

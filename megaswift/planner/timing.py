@@ -10,7 +10,12 @@ pipeline schedule's bubble.
   `selective`), over the stage's ranks, at `peak x compute_efficiency`. A layer's FLOPs are
   train/metrics.py's: its projections (multi-latent attention's down- and up-projections), the
   core over the q/k and the v head widths, a dense MLP or the router, top-k experts and shared
-  expert; DeepSeek's dense first layers count as dense.
+  expert; DeepSeek's dense first layers count as dense. Qwen3-Next's gated attention adds its
+  query gates to the q projection; a Gated DeltaNet layer (linear attention) counts its
+  in_proj_qkvz, in_proj_ba and out_proj, and for its core the chunked delta rule's matmuls
+  (kernels/gated_delta.py, chunks of C tokens, r value heads per key head), per token and value
+  head C (2 dk / r + dk + 2 dv) + C^2 / 3 (the triangular solve) + 3 dk dv (the state's three
+  products): linear in the sequence, where attention's core grows with it.
 - bubble (micro batches m, pp ranks p): 1F1B and GPipe (p - 1) / m; interleaved with v stages
   per rank (p - 1) / (v m); zbv (p - 1) / (3 m), taking that the weight-gradient passes fill
   two thirds of the 1F1B bubble (an approximation of the zero-bubble schedule).
@@ -32,6 +37,8 @@ from __future__ import annotations
 from megaswift.parallel.pipeline_stages import num_stages, split_layers, stages_of_rank
 from megaswift.train.metrics import attention_core_macs, layer_matmul_params
 
+from .layer_terms import DELTANET, delta_chunk, mixer_of
+
 _FACTOR = {"allreduce": lambda n: 2 * (n - 1) / n, "allgather": lambda n: (n - 1) / n,
            "_allgather_base": lambda n: (n - 1) / n, "_reduce_scatter_base": lambda n: (n - 1) / n,
            "reduce_scatter": lambda n: (n - 1) / n, "alltoall_base": lambda n: (n - 1) / n,
@@ -48,20 +55,39 @@ def layer_flops_per_token(mc, seq_len: int) -> tuple[float, float, float]:
     return 2 * attention, 2 * attention_core_macs(mc, seq_len), (2 * dense, 2 * moe)
 
 
+def mixer_flops_per_token(mc, seq_len: int, layer: int) -> tuple[float, float]:
+    """Forward FLOPs per token of layer `layer`'s token mixer: (projections, core)."""
+    h = mc.hidden_size
+    if mixer_of(mc, layer) == DELTANET:
+        hk, hv, dk, dv = (mc.linear_num_key_heads, mc.linear_num_value_heads, mc.linear_key_head_dim,
+                          mc.linear_value_head_dim)
+        C, r = delta_chunk(), hv // hk
+        proj = h * (2 * hk * dk + 2 * hv * dv + 2 * hv) + hv * dv * h
+        core = hv * (C * (2 * dk / r + dk + 2 * dv) + C * C / 3 + 3 * dk * dv)
+        return 2 * proj, 2 * core
+    attention, _, _ = layer_matmul_params(mc)
+    if mc.attn_output_gate:  # each query head's gate rows in linear_qkv
+        attention += h * mc.num_attention_heads * mc.kv_channels
+    return 2 * attention, 2 * attention_core_macs(mc, seq_len)
+
+
 def stage_flops_per_token(cfg, mc, pp_rank: int) -> float:
     """Forward + backward (+ recompute) FLOPs per token of the stages `pp_rank` runs."""
     p, seq = cfg.parallel, cfg.data.seq_len
     stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
     split = split_layers(mc.num_layers, stages, p.pp_layers if p.pp > 1 else None)
     mine = stages_of_rank(pp_rank, p.pp, stages, p.pp_schedule) if p.pp > 1 else [0]
-    proj, core, (dense, moe) = layer_flops_per_token(mc, seq)
+    _, _, (dense, moe) = layer_flops_per_token(mc, seq)
     recompute = cfg.train.recompute
     total = 0.0
     for s in mine:
         for layer in split[s]:
             mlp = moe if layer in mc.moe_layers else dense
+            proj, core = mixer_flops_per_token(mc, seq, layer)
             fwd = proj + core + mlp
-            extra = fwd if recompute == "full" else core if recompute == "selective" else 0.0
+            # selective recompute reruns the attention core (a Gated DeltaNet layer's runs once)
+            selective = core if mixer_of(mc, layer) != DELTANET else 0.0
+            extra = fwd if recompute == "full" else selective if recompute == "selective" else 0.0
             total += 3 * fwd + extra
         if s == stages - 1:
             total += 3 * 2 * mc.hidden_size * mc.vocab_size  # output layer

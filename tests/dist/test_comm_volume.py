@@ -15,6 +15,11 @@ narrower than q/k), Ulysses moves q, k and v at their own widths; the expert bia
 the dp buckets and travels with the step's MoE statistics over pp, whose gradient crosses a stage
 boundary only after an MoE layer.
 
+qwen3_next (Gated DeltaNet in layers 0-2, gated attention in layer 3) under SP: each DeltaNet
+layer's in_proj_qkvz and in_proj_ba gather the hidden states and reduce-scatter their gradients
+separately, out_proj sums as linear_proj does, and finalize_grads sums the gated norm's per-head
+weight (not q/k norms) over tp.
+
 Not here (checked once by hand the same way, all exact): LoRA on linear_qkv alone (tp2), on
 linear_proj alone (tp2 sp), under ZeRO-1 (dp2) and pp2; DPO under tp2 sp, pp2 with LoRA (the
 adapters-off reference and its forward_stages sends), Ulysses cp2 with a precomputed reference,
@@ -94,6 +99,9 @@ LAYOUTS = {
     # expert biases are summed over pp
     "glm4_moe_pp2_ep2": ("latent_hf", "glm4_moe", 4, {
         "parallel__pp": 2, "parallel__ep": 2, "moe__router_force_balance": True}),
+    # linear attention: two column-parallel inputs per DeltaNet layer, the gated norm's partial grads
+    "qwen3_next_tp2_sp": ("linear_hf", "qwen3_next", 2, {
+        "parallel__tp": 2, "parallel__sp": True, "moe__router_force_balance": True}),
 }
 
 

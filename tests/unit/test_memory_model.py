@@ -1,5 +1,6 @@
 """planner/memory_model.py against the dry run (SFT and DPO): state bytes exact, the peak within 5%
-(2% on the cut configs)."""
+(2% on the cut configs); planner/layer_terms.py's Gated DeltaNet and gated-attention terms against
+the tensors a real layer's autograd graph saves."""
 import time
 
 import pytest
@@ -55,6 +56,9 @@ GLM45 = dict(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", attent
              partial_rotary_factor=0.5, rope_theta=1000000, rms_norm_eps=1e-5, vocab_size=151552,
              max_position_embeddings=131072, tie_word_embeddings=False, hidden_act="silu")
 DENSE_FIRST = {"first_k_dense_replace": 1}  # cut to a few layers, the first stays dense
+# Qwen3-Next cut to 4 layers: 3 Gated DeltaNet, then gated attention (the layer types transformers
+# derives from full_attention_interval 4)
+HYBRID = {"layer_types": ["linear_attention"] * 3 + ["full_attention"]}
 
 # pipeline layouts (and a family without q/k norms), on real configs cut to a few layers: every
 # rank position of the schedule against the dry run; then deepseek_v3 (multi-latent attention
@@ -84,13 +88,18 @@ PIPELINES = [
                    "--data.seq_len=4096", "--train.global_batch_size=4"], DENSE_FIRST),
     (GLM45, 8, 16, ["--parallel.pp=2", "--parallel.pp_schedule=zbv", "--parallel.tp=4", "--parallel.sp=true",
                     "--parallel.ep=2", "--data.seq_len=2048", "--train.global_batch_size=8"], DENSE_FIRST),
+    # Gated DeltaNet's chunked delta rule (16 chunks a row) beside gated attention, tp2 with SP
+    # and pp2: stage 0 holds two DeltaNet layers, stage 1 one and the attention layer
+    ("Qwen3-Next-80B-A3B-Instruct", 4, 8, ["--parallel.pp=2", "--parallel.tp=2", "--parallel.sp=true",
+                                           "--parallel.ep=4", "--data.seq_len=1024", "--train.global_batch_size=4"],
+     HYBRID),
 ]
 
 
 @pytest.mark.parametrize("name,layers,world,overrides,hf", [(*p, {})[:5] for p in PIPELINES],
                          ids=["qwen3-interleaved", "qwen3-1f1b-pp4", "llama-1f1b-sp", "qwen3-235b-ep1-full",
                               "deepseek-tp2-sp-ep2", "deepseek-1f1b-tp2-sp-ep4", "deepseek-pp2-cp2-ring",
-                              "glm45-tp2-sp-ep2", "glm45-zbv-tp4-ep2"])
+                              "glm45-tp2-sp-ep2", "glm45-zbv-tp4-ep2", "qwen3next-1f1b-pp2-tp2-sp-ep4"])
 def test_pipeline_prediction_matches_dry_run(tmp_path, name, layers, world, overrides, hf):
     import json
 
@@ -152,3 +161,78 @@ def test_zbv_prediction_matches_dry_run(tmp_path):
     for got in dry_run(cfg, mc, 32, [0, 8, 16, 24]):
         pred = predict_position(capped(cfg, 32), mc, 32, got.rank)
         assert abs(pred["peak"] - got.peak_bytes) <= 0.02 * got.peak_bytes, (got.rank, pred["peak"], got.peak_bytes)
+
+
+def _hybrid_model_config(**hf):
+    """A small qwen3_next ModelConfig (no files): layer 0 Gated DeltaNet (2 key heads of 8, 4 value
+    heads of 12), layer 1 gated attention with zero-centred q/k norms; dense MLPs."""
+    from megaswift.convert.families import family_for
+
+    raw = dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", vocab_size=1000, hidden_size=64,
+               intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
+               linear_conv_kernel_dim=4, num_experts=0, num_experts_per_tok=1, moe_intermediate_size=8,
+               mlp_only_layers=[0, 1], partial_rotary_factor=0.25, rope_theta=1e4,
+               layer_types=["linear_attention", "full_attention"])
+    raw.update(hf)
+    return family_for(raw).model_config(raw, 8)
+
+
+def _saved_bytes(out, exclude) -> int:
+    """Bytes of the distinct storages the autograd graph behind `out` saves for backward, but
+    those in `exclude`."""
+    import torch
+
+    seen, nodes, stack = {}, set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in nodes:
+            continue
+        nodes.add(node)
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                value = getattr(node, attr)
+                for t in value if isinstance(value, (tuple, list)) else [value]:
+                    if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in exclude:
+                        seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        stack.extend(n for n, _ in node.next_functions)
+    return sum(seen.values())
+
+
+# (HF overrides, rows, seq_len, layer): one chunk (the last chunk's state update is dropped, so a
+# single chunk keeps less), whole chunks, a padded last chunk, three value heads per key head
+LAYERS = [({}, 1, 64, 0), ({}, 2, 128, 0), ({}, 1, 200, 0),
+          ({"linear_num_value_heads": 6, "linear_value_head_dim": 16}, 1, 192, 0), ({}, 2, 96, 1)]
+
+
+@pytest.mark.parametrize("hf,rows,seq,layer", LAYERS, ids=["one-chunk", "rows2", "padded", "r3", "gated-attention"])
+def test_layer_terms_match_a_real_layers_saved_tensors(hf, rows, seq, layer):
+    """One decoder layer built by the model code (fp32 weights, bf16 autocast, the delta rule's
+    torch form): the activations its autograd graph saves (weights and their bf16 copies aside)
+    equal planner/layer_terms.py's terms within 0.1% (what is left: the norms' [H] scale and
+    A_log's [nv] exponent)."""
+    import torch
+
+    from megaswift.models.layers import TransformerLayer
+    from megaswift.models.rope import inv_frequencies
+    from megaswift.parallel.state import ParallelState
+    from megaswift.planner import layer_terms
+
+    mc = _hybrid_model_config(**hf)
+    torch.manual_seed(0)
+    lay = TransformerLayer(mc, ParallelState.single(), layer, dtype=torch.float32)
+    for w in lay.parameters():
+        torch.nn.init.normal_(w, std=0.02)
+    x = torch.randn(rows, seq, mc.hidden_size, requires_grad=True) * 1.0  # not a leaf, as a layer's input is
+    freqs = torch.outer(torch.arange(seq).float(), inv_frequencies(mc.rotary_dim, mc.rope_theta, None, seq))
+    cos, sin = torch.cat([freqs, freqs], -1).cos()[None], torch.cat([freqs, freqs], -1).sin()[None]
+    exclude = {t.untyped_storage()._cdata for t in (x, cos, sin, *lay.parameters())}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = lay(x, cos, sin)
+    copies = layer_terms.BF16 * sum(w.numel() for name, w in lay.named_parameters()
+                                    if w.dim() >= 2 and "conv1d" not in name)
+    measured = _saved_bytes(out, exclude) - copies
+    cfg = load_config(None, ["--model.hf_path=unused", f"--data.seq_len={seq}", f"--train.micro_batch_size={rows}"])
+    terms = layer_terms.layer_terms(cfg, mc, False, mixer=layer_terms.mixer_of(mc, layer))
+    predicted = sum(terms.values()) - 4 * rows * seq * mc.hidden_size  # the layer's input is the caller's
+    assert abs(measured - predicted) <= 1e-3 * measured, (measured, predicted, terms)

@@ -11,7 +11,10 @@
 - `dry-run` reports a config's rank positions;
 - DeepSeek-V3 (multi-latent attention, the group-limited router): cut to 6 layers, the printed
   layouts of 2 nodes launch and their dry runs are within 2%; whole (slow, ~50 s), the layout the
-  planner ranks first on 256 H100s fits and dry-runs within 2% at every rank position.
+  planner ranks first on 256 H100s fits and dry-runs within 2% at every rank position;
+- Qwen3-Next-80B-A3B (Gated DeltaNet beside gated attention): on 32 H100s the printed layouts
+  launch, use no context parallelism (refused for these layers), and the report gives each
+  layout's recurrent state per sequence.
 """
 import json
 import shlex
@@ -206,3 +209,37 @@ def test_deepseek_v3_dry_run_at_its_planned_layout_on_256_h100s():
         for key in ("parameters", "gradients", "optimizer"):
             assert predicted[key] == r.state_bytes[key], (r.rank, key)
         assert abs(predicted["peak"] - r.peak_bytes) <= 0.02 * r.peak_bytes, (r.rank, predicted["peak"], r.peak_bytes)
+
+
+@pytest.fixture(scope="module")
+def qwen3_next(tmp_path_factory):
+    """The published Qwen3-Next-80B-A3B config with the layer types transformers derives from
+    full_attention_interval written out (the published file has none)."""
+    hf = json.loads((REAL / "Qwen3-Next-80B-A3B-Instruct" / "config.json").read_text())
+    hf["layer_types"] = ["linear_attention" if (i + 1) % hf["full_attention_interval"] else "full_attention"
+                         for i in range(hf["num_hidden_layers"])]
+    out = tmp_path_factory.mktemp("qwen3_next_80b")
+    (out / "config.json").write_text(json.dumps(hf))
+    return str(out)
+
+
+def test_plan_qwen3_next_on_32_h100s(capsys, qwen3_next):
+    import re
+
+    code, out = _plan(capsys, qwen3_next, "--nodes", 4, "--gpus-per-node", 8, "--seq-len", 4096,
+                      "--global-batch-tokens", 1 << 20, "--top", 2)
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if line[:3].strip().isdigit()]
+    assert len(rows) == 2 and all(" cp1 " in line for line in rows), out
+    for line in (line.strip() for line in out.splitlines() if line.strip().startswith("megaswift ")):
+        _check_command(line, 32, qwen3_next)
+    # per Gated DeltaNet layer and sequence: the 32 value heads' [128, 128] fp32 states (2 MiB) and
+    # the conv's last 3 inputs of its 8192 channels (bf16), split over tp; the rank with the most
+    # such layers holds a whole number of them, at most all 36
+    state = [line for line in out.splitlines() if line.startswith("recurrent state per sequence (36 Gated")]
+    assert len(state) == 1, out
+    mib = [float(x.split()[1]) for x in state[0].split("per GPU): ", 1)[1].split(", ")]
+    for row, got in zip(rows, mib):
+        tp = int(re.search(r"tp(\d+)", row).group(1))
+        layers = got * 2 ** 20 / ((4 * 32 * 128 * 128 + 2 * 3 * 8192) / tp)
+        assert 1 <= round(layers) <= 36 and abs(layers - round(layers)) < 0.05, (row, state[0])
