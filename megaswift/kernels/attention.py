@@ -34,6 +34,15 @@ Masks: `causal` (query i sees keys j <= i), `document_ids` (packed sequences: a 
 keys of its own document id), `window` (HF Mistral's sliding window: key j is visible to query i
 only if i - j < window). They combine. A query that sees no key gets out = 0 and lse = -inf,
 never NaN, which ring attention relies on for blocks that lie entirely in a query's future.
+
+Attention sinks (gpt-oss): `sinks` [hq] is a learned logit per query head that joins every row's
+softmax denominator as a key without a value, p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(sink_h)).
+Then out is that attention and lse the log of the whole denominator, logaddexp(lse, sink). The
+reference adds the sink term to its own softmax; the fused kernels know nothing of sinks, so their
+(out, lse) is rescaled after the kernel by `apply_sinks`: out * sigmoid(lse - sink) per head and
+query, which needs the lse gradient (`_LseGrad`) on every backward, not only under ring attention.
+A sinked (out, lse) no longer merges with other blocks (the sink would count once per block):
+context parallelism merges plain blocks and applies the sinks once, to the union.
 """
 from __future__ import annotations
 
@@ -53,7 +62,7 @@ _TINY = torch.finfo(torch.float32).tiny
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, document_ids: Tensor | None = None,
               window: int | None = None, scale: float | None = None, backend: str = "auto",
-              mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              mask: Tensor | None = None, sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """q [b, s, hq, d], k [b, s, hkv, d], v [b, s, hkv, dv] (hq % hkv == 0: GQA, each kv head
     serves hq/hkv consecutive query heads, as in HF's repeat_kv; dv may differ from d). Returns
     out [b, s, hq, dv] (dtype of q) and lse [b, hq, s] float32: the natural-log log-sum-exp of
@@ -65,13 +74,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, document_
     document_ids and window (pass causal=False with it); k/v may then have another sequence
     length than q. Ring attention uses it for the blocks of a split key set. Not supported by
     flash_attn.
+    sinks: [hq] logits of attention sinks (see the module docstring); out and lse then include
+    the sink, and lse can no longer be merged with other blocks'.
     """
     _check_inputs(q, k, v, causal, document_ids, window, mask)
+    if sinks is not None and tuple(sinks.shape) != (q.shape[2],):
+        raise ValueError(f"sinks must hold one logit per query head, [{q.shape[2]}], got {tuple(sinks.shape)}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     backend = _resolve_backend(backend, q, v, mask)
     if backend == "reference":
-        return _reference(q, k, v, _visible_keys(q, k, causal, document_ids, window, mask), scale)
+        return _reference(q, k, v, _visible_keys(q, k, causal, document_ids, window, mask), scale, sinks)
 
     # a plain causal (or unmasked) square attention needs no mask tensor in any fused kernel,
     # and flash_attn never needs one: documents become variable-length sequences
@@ -104,7 +117,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, document_
         seen = visible.any(-1)  # [b, s_q]
         out = torch.where(seen[:, :, None, None], out, 0.0)
         lse = torch.where(seen[:, None, :], lse, -math.inf)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks)
     return out, lse
+
+
+def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over keys -> attention over the same keys plus a sink per head (no value).
+
+    out [b, s, h, dv], lse [b, h, s] of the keys alone, sinks [h]. The sink only enlarges each
+    row's denominator from exp(lse) to exp(lse) + exp(sink), so every probability, and out, is
+    scaled by exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink): no exp() of a large
+    number, 0 for a row that sees no key (lse = -inf), whose new lse is the sink's. Returns
+    (out in out's dtype, lse' = logaddexp(lse, sink) float32); differentiable in out, lse and
+    sinks (d out'/d sink = -out' exp(sink - lse'))."""
+    sink = sinks.float()[None, :, None]  # [1, h, 1] against lse [b, h, s]
+    lse = lse.float()
+    keep = torch.sigmoid(lse - sink).transpose(1, 2)[..., None]  # [b, h, s] -> [b, s, h, 1]
+    return (out.float() * keep).to(out.dtype), torch.logaddexp(lse, sink.expand_as(lse))
 
 
 def merge_attention_blocks(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,7 +234,7 @@ def _visible_keys(q, k, causal, document_ids, window, mask) -> Tensor | None:
     return visible.expand(b, s_q, s_k)
 
 
-def _reference(q, k, v, visible, scale):
+def _reference(q, k, v, visible, scale, sinks=None):
     hq, hkv = q.shape[2], k.shape[2]
     if hq != hkv:
         k, v = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
@@ -214,10 +244,16 @@ def _reference(q, k, v, visible, scale):
         scores = scores.masked_fill(~visible[:, None], -math.inf)
     # softmax through a finite shift, so a row with every key masked gives exp() = 0 everywhere,
     # then out 0 and lse -inf, instead of the NaN of (-inf) - (-inf); its gradients stay 0.
-    shift = scores.amax(-1, keepdim=True).detach()
+    shift = scores.amax(-1, keepdim=True)
+    sink = None if sinks is None else sinks.float()[None, :, None, None]  # [1, hq, 1, 1]
+    if sink is not None:  # the sink is one more logit of each row (gpt-oss's eager attention)
+        shift = torch.maximum(shift, sink)
+    shift = shift.detach()
     shift = torch.where(torch.isfinite(shift), shift, 0.0)
     e = torch.exp(scores - shift)
     total = e.sum(-1, keepdim=True)
+    if sink is not None:
+        total = total + torch.exp(sink - shift)
     lse = torch.where(total > 0, total.clamp_min(_TINY).log() + shift, -math.inf)
     probs = e / total.clamp_min(_TINY)  # = exp(scores - lse) where any key is visible
     out = probs @ vh  # [b, hq, s_q, dv]

@@ -3,6 +3,10 @@
 Activations are batch-first [b, s, h]. Under sequence parallelism (parallel.sp) the input and
 output are [b, s/tp, h]; linear_qkv all-gathers the sequence and linear_proj reduce-scatters it
 back (Megatron-LM's SP).
+
+Attention sinks (cfg.attention_sinks, gpt-oss): `sinks` holds one logit per local query head
+(split by head under tp, as linear_proj's columns); every path (the kernels, context
+parallelism, the KV cache) adds it to each row's softmax denominator (kernels/attention.py).
 """
 from __future__ import annotations
 
@@ -58,6 +62,8 @@ class SelfAttention(nn.Module):
                 mark_tp_partial_grad(self.k_layernorm.weight)
         else:
             self.q_layernorm = self.k_layernorm = None
+        # one logit per query head; reset_parameters / conversion fill it (HF: normal(0, std))
+        self.sinks = nn.Parameter(torch.empty(self.n_q, dtype=dtype, device=device)) if cfg.attention_sinks else None
         self.linear_proj = RowParallelLinear(self.n_q * self.hd, cfg.hidden_size, tp_group=st.tp_group,
                                              bias=cfg.add_proj_bias, sequence_parallel=st.sp, dtype=dtype, device=device)
 
@@ -79,7 +85,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
         if kv_cache is not None:  # incremental decoding (rollouts): attend to every cached key
             k, v = kv_cache.update(self.layer_idx, k, v)
-            out, _ = attention(q, k, v, causal=False, mask=kv_cache.mask(self.window),
+            out, _ = attention(q, k, v, causal=False, mask=kv_cache.mask(self.window), sinks=self.sinks,
                                backend="reference" if self.backend == "flash_attn" else self.backend)
         elif self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, document_ids, cp_index, use_reentrant=False)
@@ -95,6 +101,7 @@ class SelfAttention(nn.Module):
             ulysses, ring = self.cp_groups
             return context_parallel_attention(q, k, v, cp_index=cp_index, document_ids=document_ids,
                                               window=self.window, backend=self.backend, ulysses_group=ulysses,
-                                              ring_group=ring)
-        out, _ = attention(q, k, v, causal=True, document_ids=document_ids, window=self.window, backend=self.backend)
+                                              ring_group=ring, sinks=self.sinks)
+        out, _ = attention(q, k, v, causal=True, document_ids=document_ids, window=self.window, backend=self.backend,
+                           sinks=self.sinks)
         return out

@@ -39,6 +39,10 @@ class ModelConfig:
     layer_types: list[str] | None = None
     """Per layer 'full_attention' or 'sliding_attention'; None means every layer uses
     sliding_window when it is set (Mistral) and full attention otherwise."""
+    attention_sinks: bool = False
+    """Each attention head has a learned sink logit (`self_attention.sinks` [heads]; gpt-oss
+    `self_attn.sinks`) that joins the softmax's denominator as a key without a value:
+    p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(sink_h)). Sliding and full layers alike."""
     num_moe_experts: int = 0
     """Routed experts per MoE layer; 0 makes every layer a dense MLP."""
     moe_ffn_hidden_size: int = 0
@@ -64,6 +68,16 @@ class ModelConfig:
     moe_router_expert_bias: bool = False
     """The router has a per-expert bias added to the scores only to choose experts (HF
     e_score_correction_bias, fp32), which aux-loss-free balancing moves (moe.bias_update_rate)."""
+    moe_router_bias: bool = False
+    """The router's linear layer has a bias (gpt-oss: `mlp.router.bias`)."""
+    moe_expert_bias: bool = False
+    """Each expert's two projections carry a bias (gpt-oss: `gate_up_proj_bias`, `down_proj_bias`)."""
+    moe_activation: str = "swiglu"
+    """The experts' activation: 'swiglu' (silu(gate) x up) or 'clamped_swiglu' (gpt-oss: gate
+    clamped above at moe_swiglu_limit, up to +-limit, gate x sigmoid(moe_swiglu_alpha x gate) x
+    (up + 1))."""
+    moe_swiglu_limit: float = 7.0
+    moe_swiglu_alpha: float = 1.702
     moe_layer_ids: list[int] | None = None
     """Layers with experts; None means every layer when num_moe_experts > 0. Qwen3-MoE derives it
     from decoder_sparse_step and mlp_only_layers."""

@@ -114,6 +114,10 @@ def _expert_layout(name: str, cfg: ModelConfig, ep: int, ep_rank: int, etp: int,
         return ShardLayout((E, 2 * F, H), 1, ((s, n), (F + s, n)), outer=mine)
     if name.endswith("experts.linear_fc2.weight"):  # [E, H, F], row-parallel over etp
         return ShardLayout((E, H, F), 2, ((s, n),), outer=mine)
+    if name.endswith("experts.linear_fc1.bias"):  # [E, gate; up], split as linear_fc1's rows
+        return ShardLayout((E, 2 * F), 1, ((s, n), (F + s, n)), outer=mine)
+    if name.endswith("experts.linear_fc2.bias"):  # [E, H], whole on every etp rank
+        return ShardLayout((E, H), 1, ((0, H),), outer=mine)
     raise KeyError(f"no shard layout for expert parameter {name!r}")
 
 
@@ -213,9 +217,11 @@ def shard_layout(name: str, cfg: ModelConfig, tp: int, tp_rank: int, *, ep: int 
         return ShardLayout((H, F), 1, (split_range(F, tp, tp_rank),))
     if leaf == "linear_proj.bias":
         return ShardLayout.replicated((H,))
+    if leaf == "self_attention.sinks":  # a logit per query head (attention_sinks): split by head
+        return ShardLayout((cfg.num_attention_heads,), 0, (split_range(cfg.num_attention_heads, tp, tp_rank),))
     if leaf == "router.weight":  # replicated: every rank routes its own tokens
         return ShardLayout.replicated((cfg.num_moe_experts, H))
-    if leaf == "router.expert_bias":
+    if leaf in ("router.expert_bias", "router.bias"):
         return ShardLayout.replicated((cfg.num_moe_experts,))
     if leaf == "shared_expert_gate.weight":
         return ShardLayout.replicated((1, H))
@@ -239,6 +245,8 @@ def layer_param_names(cfg: ModelConfig, i: int) -> list[str]:
         names.append(p + "self_attention.linear_qkv.bias")
     if cfg.qk_layernorm:
         names += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
+    if cfg.attention_sinks:
+        names.append(p + "self_attention.sinks")
     names.append(p + "self_attention.linear_proj.weight")
     if cfg.add_proj_bias:
         names.append(p + "self_attention.linear_proj.bias")
@@ -252,7 +260,11 @@ def _mlp_param_names(cfg: ModelConfig, i: int) -> list[str]:
         names.append(p + "mlp.router.weight")
         if cfg.moe_router_expert_bias:
             names.append(p + "mlp.router.expert_bias")
+        if cfg.moe_router_bias:
+            names.append(p + "mlp.router.bias")
         names += [p + "mlp.experts.linear_fc1.weight", p + "mlp.experts.linear_fc2.weight"]
+        if cfg.moe_expert_bias:
+            names += [p + "mlp.experts.linear_fc1.bias", p + "mlp.experts.linear_fc2.bias"]
         if cfg.moe_shared_expert_ffn_hidden_size:
             names += [p + "mlp.shared_expert.linear_fc1.weight", p + "mlp.shared_expert.linear_fc2.weight"]
             if cfg.moe_shared_expert_gate:

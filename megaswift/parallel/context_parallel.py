@@ -21,6 +21,10 @@ Attention (`context_parallel_attention`), on a cp group of U (Ulysses) x R (ring
 - Hybrid: Ulysses inside, ring across; ring or Ulysses alone are the cases R = 1 or U = 1.
 V's head dim may differ from Q/K's (multi-latent attention): K and V travel the ring as one
 tensor, stacked when their head dims agree and concatenated along the head dim otherwise.
+Attention sinks (gpt-oss, kernels/attention.py) are applied once, to the merged blocks: a sink
+per block would count once per block. Under Ulysses a rank attends a 1/U share of the heads and
+takes the same share of the sinks; each rank's sink gradient covers its own queries and heads,
+summed over dp x cp with the other dense gradients.
 
 Written here rather than taken from torch: torch's `context_parallel` has no CPU kernels (see
 shared/torch-on-cpu.md) and no packed-document or Ulysses support.
@@ -35,7 +39,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch import Tensor
 
 from megaswift.errors import LayoutError
-from megaswift.kernels.attention import attention, merge_attention_blocks, pad_head_dim
+from megaswift.kernels.attention import apply_sinks, attention, merge_attention_blocks, pad_head_dim
 
 from .tp_comm import group_rank, group_size
 from .watchdog import beat
@@ -161,11 +165,13 @@ def block_mask(q_index: Tensor, k_index: Tensor, document_ids: Tensor | None, wi
 # -- attention -------------------------------------------------------------------------------------
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, cp_index: Tensor, document_ids: Tensor | None,
                                window: int | None, backend: str, ulysses_group, ring_group,
-                               scale: float | None = None) -> Tensor:
+                               scale: float | None = None, sinks: Tensor | None = None) -> Tensor:
     """q [b, s_local, hq, d], k [b, s_local, hkv, d], v [b, s_local, hkv, dv] of this cp rank's
-    tokens -> out [b, s_local, hq, dv]."""
+    tokens -> out [b, s_local, hq, dv]. sinks: [hq] attention-sink logits, or None."""
     if not q.dtype == k.dtype == v.dtype:  # packing K with V would silently promote both
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if sinks is not None and tuple(sinks.shape) != (q.shape[2],):
+        raise ValueError(f"sinks must hold one logit per query head, [{q.shape[2]}], got {tuple(sinks.shape)}")
     U, R = group_size(ulysses_group), group_size(ring_group)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if backend == "flash_attn":  # the blocks carry explicit masks, which flash-attn does not take
@@ -174,11 +180,14 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, cp_index: Ten
     if U > 1:
         k, v = _replicate_kv(q.shape[2], k, v, U)
         q, k, v = (_AllToAll.apply(x, ulysses_group, True) for x in (q, k, v))
+        if sinks is not None:  # this rank now holds head share u of U (see _all_to_all)
+            n = sinks.shape[0] // U
+            sinks = sinks[group_rank(ulysses_group) * n: (group_rank(ulysses_group) + 1) * n]
     # the token positions of each ring rank's block: its ulysses group's shards, in rank order
     blocks = cp_index.view(b, R, U * cp_index.shape[2])
     me = group_rank(ring_group)
     live = _live_hops(cp_index, blocks, me, document_ids, window)
-    out = _RingAttention.apply(q, k, v, blocks, me, document_ids, window, backend, scale, ring_group, live)
+    out = _RingAttention.apply(q, k, v, blocks, me, document_ids, window, backend, scale, ring_group, live, sinks)
     if U > 1:
         out = _AllToAll.apply(out, ulysses_group, False)
     return out
@@ -231,10 +240,16 @@ def _all_to_all(x: Tensor, group, to_heads: bool) -> Tensor:
 
 class _RingAttention(torch.autograd.Function):
     """Attention of this rank's queries over the K/V blocks of every ring rank (see the module
-    docstring). `blocks` [b, R, n] are the padded-row positions of each ring rank's tokens."""
+    docstring). `blocks` [b, R, n] are the padded-row positions of each ring rank's tokens.
+
+    With sinks, the merged (out, lse) becomes (out', lse') = apply_sinks(out, lse, sinks), and
+    the backward needs nothing new for q, k, v: a sink is a key whose value is 0, so flash
+    attention's backward on each block with the union's out' and lse' is exact (P' = exp(s -
+    lse'), and rowsum(do * out') already is the D of the softmax over keys and sink). The sink's
+    own gradient is that key's ds summed over queries: dsink_h = -sum_i exp(sink_h - lse'_i) D_i."""
 
     @staticmethod
-    def forward(ctx, q, k, v, blocks, me, document_ids, window, backend, scale, group, live):
+    def forward(ctx, q, k, v, blocks, me, document_ids, window, backend, scale, group, live, sinks=None):
         R = blocks.shape[1]
         ring = _Ring(group)
         masks = _MaskMaker(blocks, me, document_ids, window, live)
@@ -252,17 +267,23 @@ class _RingAttention(torch.autograd.Function):
         if out is None:  # no query sees any key (all padding)
             out = torch.zeros((*q.shape[:3], v.shape[3]), dtype=torch.float32, device=q.device)
             lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, device=q.device)
-        ctx.save_for_backward(q, k, v, out, lse, blocks, document_ids)
+        if sinks is not None:
+            out, lse = apply_sinks(out, lse, sinks.detach())
+        ctx.save_for_backward(q, k, v, out, lse, blocks, document_ids, sinks)
         ctx.me, ctx.window, ctx.backend, ctx.scale, ctx.group, ctx.live = me, window, backend, scale, group, live
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, blocks, document_ids = ctx.saved_tensors
+        q, k, v, out, lse, blocks, document_ids, sinks = ctx.saved_tensors
         R = blocks.shape[1]
         ring = _Ring(ctx.group)
         masks = _MaskMaker(blocks, ctx.me, document_ids, ctx.window, ctx.live)
         dout = dout.float()
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[11]:
+            rows = (dout * out).sum(-1).transpose(1, 2)  # D [b, s, h] -> [b, h, s]
+            dsinks = -(torch.exp(sinks.float()[None, :, None] - lse) * rows).sum((0, 2)).to(sinks.dtype)
         lse_safe = torch.where(torch.isfinite(lse), lse, 0.0)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         d = k.shape[-1]
@@ -288,7 +309,8 @@ class _RingAttention(torch.autograd.Function):
         if R > 1:  # one more hop brings each block's gradient home
             (dkv_done,) = ring.shift([dkv_done], tag=2).wait()
         dk, dv = _unpack_kv(dkv_done, d)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None,
+                dsinks)
 
 
 def _pack_kv(k: Tensor, v: Tensor) -> Tensor:
