@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("hf_dir")
     s.add_argument("--dtype", choices=list(EXPORT_FORMATS),
                    help="default: the dtype it was imported in; fp8-block: 2-D linear weights in fp8 with per-block "
-                   "scales (DeepSeek-V3's format, for vLLM and SGLang), the rest bf16")
+                   "scales (DeepSeek-V3's format, for vLLM and SGLang), the rest bf16; mxfp4: gpt-oss's MoE "
+                   "expert weights in MXFP4 as gpt-oss publishes them, the rest bf16")
     s.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB, 2GB")
     s.add_argument("--merge-lora", action="store_true",
                    help="LoRA checkpoints: write the base weights with the adapters merged in (default: a PEFT adapter)")

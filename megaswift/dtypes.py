@@ -13,7 +13,11 @@ FP8_BLOCK = "fp8-block"
 """An export format, not a dtype models hold: 2-D linear weights in float8_e4m3fn with per-block
 fp32 scales (DeepSeek-V3's format, convert/fp8.py), everything else in bf16."""
 
-EXPORT_FORMATS = (*DTYPES, FP8_BLOCK)
+MXFP4 = "mxfp4"
+"""An export format: gpt-oss's MoE expert weights in MXFP4 (fp4 e2m1 in blocks of 32 with a
+power-of-two scale, convert/mxfp4.py), everything else in bf16."""
+
+EXPORT_FORMATS = (*DTYPES, FP8_BLOCK, MXFP4)
 """What export-hf --dtype accepts."""
 
 

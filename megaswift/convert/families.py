@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import torch
+
 from megaswift.errors import CheckpointError
 from megaswift.models.config import ModelConfig
 
@@ -34,6 +36,18 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Rearranged:
+    """A canonical expert tensor stored whole in one HF tensor in another arrangement, expert by
+    expert (gpt-oss: [experts, in, out] with gate and up interleaved, where megaswift holds
+    [experts, out, in] with [gate; up] rows). `to_canonical` / `to_hf` map a run of experts
+    [n, ...] between the two; both are exact (index moves only). Conversion reads whole experts
+    of it and takes the canonical box from them."""
+    hf_name: str
+    to_canonical: object
+    to_hf: object
+
+
+@dataclass(frozen=True)
 class Derived:
     """A ModelConfig field computed from several config.json keys; export writes those keys back
     verbatim (they stay in extra_hf_config), not this field."""
@@ -51,6 +65,12 @@ class MoENames:
     up: str
     down: str
     shared: str = "shared_expert."
+    router: str = "gate"
+    """`<block><router>.weight` is the router (gpt-oss: `router`, with a `.bias`)."""
+    interleaved: bool = False
+    """gpt-oss's expert tensors: `<block>experts.gate_up_proj` [experts, hidden, 2 x width] (in x
+    out, gate and up columns interleaved), its bias `gate_up_proj_bias` [experts, 2 x width],
+    `<block>experts.down_proj` [experts, width, hidden] and `down_proj_bias` (see Rearranged)."""
 
     def expert(self, prefix: str, e: int, which: str) -> str:
         return f"{prefix}{self.block}experts.{e}.{getattr(self, which)}.weight"
@@ -247,7 +267,12 @@ class FamilySpec:
         if names is None:
             raise KeyError(f"{self.name}: family has no experts, but the model asks for {local!r}")
         if local == "mlp.router.weight":
-            return [Segment(0, E, f"{prefix}{names.block}gate.weight", 0)]
+            return [Segment(0, E, f"{prefix}{names.block}{names.router}.weight", 0)]
+        if local == "mlp.router.bias":
+            return [Segment(0, E, f"{prefix}{names.block}{names.router}.bias", 0)]
+        if names.interleaved and local in _INTERLEAVED:
+            hf, to_canonical, to_hf = _INTERLEAVED[local]
+            return [Rearranged(f"{prefix}{names.block}experts.{hf}", to_canonical, to_hf)]
         if local == "mlp.router.expert_bias":
             return [Segment(0, E, f"{prefix}{names.block}gate.e_score_correction_bias", 0)]
         # experts stored fused (ModelConfig.hf_fused_experts): the same [gate; up] rows per expert
@@ -269,6 +294,26 @@ class FamilySpec:
             return [Segment(0, 1, f"{prefix}{names.block}shared_expert_gate.weight", 0)]
         raise KeyError(f"{self.name}: no HF source for {local!r}")
 
+
+def _deinterleave(t):
+    """[..., 2F] with gate and up alternating -> [..., gate; up]."""
+    return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
+
+
+def _interleave(t):
+    """[..., gate; up] -> [..., 2F] with gate and up alternating."""
+    gate, up = t.chunk(2, dim=-1)
+    return torch.stack([gate, up], dim=-1).flatten(-2)
+
+
+# gpt-oss's expert tensors (MoENames.interleaved): canonical name -> (HF tensor, to canonical, to HF)
+_INTERLEAVED = {
+    "mlp.experts.linear_fc1.weight": ("gate_up_proj", lambda t: _deinterleave(t).transpose(1, 2),
+                                      lambda t: _interleave(t.transpose(1, 2))),
+    "mlp.experts.linear_fc1.bias": ("gate_up_proj_bias", _deinterleave, _interleave),
+    "mlp.experts.linear_fc2.weight": ("down_proj", lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2)),
+    "mlp.experts.linear_fc2.bias": ("down_proj_bias", lambda t: t, lambda t: t),
+}
 
 _REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -304,6 +349,7 @@ _LAYER_NAMES = {
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "self_attention.linear_proj.bias": "self_attn.o_proj.bias",
+    "self_attention.sinks": "self_attn.sinks",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
 
@@ -412,10 +458,20 @@ _SPLIT_DELTANET = {
 
 _ATTN_BIAS = HFKey("attention_bias", False)
 
+def _hybrid_layer_types(hf: dict) -> list[str]:
+    """Qwen3-Next / Qwen3.5: layer_types as written, else transformers' rule (the published
+    Qwen3-Next config has only full_attention_interval): every interval-th layer full attention,
+    the others linear."""
+    if hf.get("layer_types"):
+        return hf["layer_types"]
+    n = hf.get("full_attention_interval") or 4
+    return ["linear_attention" if (i + 1) % n else "full_attention" for i in range(hf["num_hidden_layers"])]
+
+
 _LINEAR_ATTENTION = {  # Gated DeltaNet's shape (Qwen3-Next, Qwen3.5)
     "linear_num_key_heads": HFKey("linear_num_key_heads"), "linear_num_value_heads": HFKey("linear_num_value_heads"),
     "linear_key_head_dim": HFKey("linear_key_head_dim"), "linear_value_head_dim": HFKey("linear_value_head_dim"),
-    "linear_conv_kernel_dim": HFKey("linear_conv_kernel_dim", 4),
+    "linear_conv_kernel_dim": HFKey("linear_conv_kernel_dim", 4), "layer_types": Derived(_hybrid_layer_types),
 }
 
 
@@ -517,6 +573,18 @@ FAMILIES: dict[str, FamilySpec] = {
                     "moe_shared_expert_ffn_hidden_size": HFKey("shared_expert_intermediate_size", 0),
                     "moe_layer_ids": Derived(lambda hf: list(range(hf["num_hidden_layers"]))), **_ROUTER_LOSS},
                    moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj"), **_QWEN35_LAYOUT),
+        # gpt-oss: sliding-window layers alternating with full ones, attention sinks and biases,
+        # YaRN; every layer routed: a router with a bias, softmax over the chosen logits,
+        # experts with biases and a clamped SwiGLU, stored [experts, in, out] with gate and up
+        # interleaved (MoENames.interleaved); MXFP4 checkpoints read through convert/mxfp4.py
+        FamilySpec("gpt_oss", ("gpt_oss",), "GptOssForCausalLM",
+                   {"add_qkv_bias": HFKey("attention_bias", True), "add_proj_bias": HFKey("attention_bias", True),
+                    "attention_sinks": True, "num_moe_experts": HFKey("num_local_experts"),
+                    "moe_ffn_hidden_size": HFKey("intermediate_size"), "moe_router_topk": HFKey("num_experts_per_tok"),
+                    "moe_norm_topk_prob": True, "moe_router_bias": True, "moe_expert_bias": True,
+                    "moe_activation": "clamped_swiglu", "moe_swiglu_limit": HFKey("swiglu_limit", 7.0),
+                    "moe_swiglu_alpha": HFKey("swiglu_alpha", 1.702), **_ROUTER_LOSS},
+                   moe=MoENames("mlp.", "gate_proj", "up_proj", "down_proj", router="router", interleaved=True)),
         FamilySpec("mixtral", ("mixtral",), "MixtralForCausalLM",
                    {"num_moe_experts": HFKey("num_local_experts"), "moe_ffn_hidden_size": HFKey("intermediate_size"),
                     "moe_router_topk": HFKey("num_experts_per_tok"), "moe_norm_topk_prob": True, **_ROUTER_LOSS},

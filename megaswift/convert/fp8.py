@@ -42,7 +42,8 @@ def block_config(hf_config: dict, source: str = "config.json") -> tuple[int, int
     if q is None:
         return None
     supported = ("megaswift reads fp8 block-quantized checkpoints (quant_method fp8, fmt e4m3, "
-                 "weight_block_size, dynamic activations: DeepSeek-V3, Kimi-K2) and unquantized ones")
+                 "weight_block_size, dynamic activations: DeepSeek-V3, Kimi-K2), MXFP4 experts (gpt-oss) "
+                 "and unquantized ones")
     if not isinstance(q, dict):
         raise CheckpointError(f"{source}: quantization_config is a {type(q).__name__}, not an object; {supported}")
     method = q.get("quant_method")

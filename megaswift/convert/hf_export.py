@@ -13,13 +13,13 @@ import shutil
 import torch
 
 from megaswift.checkpoint.model_state import read_canonical, read_meta
-from megaswift.dtypes import DTYPES, EXPORT_FORMATS, FP8_BLOCK
+from megaswift.dtypes import DTYPES, EXPORT_FORMATS, FP8_BLOCK, MXFP4
 from megaswift.errors import CheckpointError
 from megaswift.models.config import ModelConfig
 from megaswift.models.sharding import canonical_names, shard_layout
 
-from . import fp8, passthrough
-from .families import FAMILIES, FamilySpec, hf_shape
+from . import fp8, mxfp4, passthrough
+from .families import FAMILIES, FamilySpec, Rearranged, hf_shape
 from .hf_io import ShardedSafetensorsWriter
 
 def split_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig, spec: FamilySpec, out: dict) -> None:
@@ -28,6 +28,9 @@ def split_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig, spec: FamilyS
     query group) is complete once all its pieces are in."""
     rows = tensor.flatten(0, 1) if tensor.ndim == 3 else tensor  # experts: [E x rows, cols], as segments index
     for seg in spec.segments(name, cfg):
+        if isinstance(seg, Rearranged):  # one HF tensor holding all of it, rearranged (gpt-oss's experts)
+            out.setdefault(seg.hf_name, []).append((0, seg.to_hf(tensor).contiguous()))
+            continue
         out.setdefault(seg.hf_name, []).append((seg.hf_start, rows.narrow(0, seg.canon_start, seg.length)))
 
 
@@ -54,8 +57,9 @@ def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_by
     adapter directory, or with `merge_lora` the base weights with the adapters merged in.
 
     `dtype`: a name in DTYPES, or FP8_BLOCK: 2-D linear weights quantized in blocks of
-    `fp8_block` (convert/fp8.py), the rest bf16. None: the checkpoint's default (its source's
-    dtype); the pass-through tensors then stay as stored.
+    `fp8_block` (convert/fp8.py), the rest bf16; or MXFP4: gpt-oss's expert weights in MXFP4
+    (convert/mxfp4.py), the rest bf16. None: the checkpoint's default (its source's dtype); the
+    pass-through tensors then stay as stored.
 
     A non-empty `hf_dir` is refused unless `overwrite`; then its previous HF file set is replaced
     whole (see replace_hf_files). `overwrite_option` tells the user how to turn it on ("pass
@@ -67,6 +71,10 @@ def export_hf(ckpt_dir: str, hf_dir: str, dtype: str | None = None, max_shard_by
     spec = FAMILIES[cfg.family]
     if dtype is not None and dtype not in EXPORT_FORMATS:
         raise CheckpointError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    if dtype == MXFP4 and cfg.family not in mxfp4.FAMILIES:
+        raise CheckpointError(f"export --dtype mxfp4 writes gpt-oss's MoE expert weights in MXFP4, and a {cfg.family} "
+                              f"checkpoint has no such experts ({', '.join(mxfp4.FAMILIES)} only); export it in "
+                              "bfloat16 (or fp8-block)")
     keep_stored, dtype = dtype is None, dtype or default_export_dtype(meta)
     staging = _sibling(hf_dir, "export-tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -86,15 +94,17 @@ KEEP_FP32 = ("e_score_correction_bias",)
 
 
 class _Converter:
-    """Hands HF tensors to the shard writer in the export's format: cast to its dtype, or with
-    fp8-block, 2-D linear weights quantized (and their scale grids beside them), the rest bf16."""
+    """Hands HF tensors to the shard writer in the export's format: cast to its dtype; or with
+    fp8-block, 2-D linear weights quantized (and their scale grids beside them), the rest bf16;
+    or with mxfp4, the 3-D expert weights as MXFP4 `_blocks` and `_scales`, the rest bf16."""
 
-    def __init__(self, writer: ShardedSafetensorsWriter, dtype: str, block: tuple[int, int]):
+    def __init__(self, writer: ShardedSafetensorsWriter, dtype: str, block: tuple[int, int] = fp8.DEFAULT_BLOCK):
         self.writer, self.block = writer, block
-        self.fp8 = dtype == FP8_BLOCK
-        self.dtype = torch.bfloat16 if self.fp8 else DTYPES[dtype]
+        self.fp8, self.mxfp4 = dtype == FP8_BLOCK, dtype == MXFP4
+        self.dtype = torch.bfloat16 if self.fp8 or self.mxfp4 else DTYPES[dtype]
         self.linear: set[str] = set()   # 2-D weights written, for modules_to_not_convert
         self.scaled: set[str] = set()   # the quantized ones among them
+        self.experts: set[str] = set()  # expert weights written in mxfp4
 
     def add(self, name: str, tensor: torch.Tensor, as_stored: bool = False) -> None:
         if tensor.ndim == 2 and name.endswith(".weight"):
@@ -103,6 +113,11 @@ class _Converter:
             if name.endswith(fp8.SCALE_SUFFIX):
                 self.scaled.add(name[: -len(fp8.SCALE_SUFFIX)])
             self.writer.add(name, tensor)
+        elif self.mxfp4 and mxfp4.quantizable(name, tensor.shape):
+            blocks, scales = mxfp4.quantize(name, tensor)
+            self.writer.add(name + mxfp4.BLOCKS_SUFFIX, blocks)
+            self.writer.add(name + mxfp4.SCALES_SUFFIX, scales)
+            self.experts.add(name)
         elif self.fp8 and fp8.quantizable(name, tensor.shape):
             q, scale = fp8.quantize(name, tensor, self.block)
             self.writer.add(name, q)
@@ -114,6 +129,11 @@ class _Converter:
             self.writer.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
 
     def quantization_config(self) -> dict | None:
+        if self.mxfp4:
+            if not self.experts:
+                raise CheckpointError("export --dtype mxfp4 writes MoE expert weights (experts.gate_up_proj, "
+                                      "experts.down_proj) in MXFP4, and this checkpoint has none; export it in bfloat16")
+            return mxfp4.quantization_config([n[: -len(".weight")] for n in self.linear])
         if not self.fp8:
             return None
         unquantized = [n[: -len(".weight")] for n in self.linear - self.scaled if not n.endswith("embed_tokens.weight")]
@@ -128,9 +148,9 @@ def _write(ckpt_dir: str, out_dir: str, meta: dict, cfg: ModelConfig, spec: Fami
         from .lora_export import merged_reader, write_peft_adapter
 
         if not merge_lora:  # the adapter, with the tokenizer files beside it; no pass-through tensors
-            if dtype == FP8_BLOCK:
-                raise CheckpointError("a PEFT adapter cannot be exported in fp8-block; export it in bfloat16, "
-                                      "or pass --merge-lora for fp8-block merged weights")
+            if dtype in (FP8_BLOCK, MXFP4):
+                raise CheckpointError(f"a PEFT adapter cannot be exported in {dtype}; export it in bfloat16, "
+                                      f"or pass --merge-lora for {dtype} merged weights")
             info = write_peft_adapter(ckpt_dir, out_dir, meta, cfg, spec, DTYPES[dtype])
             copy_side(ckpt_dir, out_dir)
             return info
@@ -149,10 +169,10 @@ def _write(ckpt_dir: str, out_dir: str, meta: dict, cfg: ModelConfig, spec: Fami
         out.add(name, tensor, as_stored)
     writer.close()
     copy_side(ckpt_dir, out_dir)
-    config = spec.hf_config(cfg, "bfloat16" if out.fp8 else dtype)
+    config = spec.hf_config(cfg, "bfloat16" if out.fp8 or out.mxfp4 else dtype)
     # the source's quantization_config (in extra_hf_config) describes its weights, not these
     config.pop("quantization_config", None)
-    if out.fp8:
+    if out.fp8 or out.mxfp4:
         config["quantization_config"] = out.quantization_config()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -8,7 +8,7 @@ from megaswift.models.config import ModelConfig
 from megaswift.models.sharding import canonical_names, flat_rows, local_pieces, shard_layout
 
 from . import fp8
-from .families import FAMILIES, FamilySpec, Segment, hf_shape
+from .families import FAMILIES, FamilySpec, Rearranged, Segment, hf_shape
 from .hf_io import HFReader
 from .passthrough import passthrough_names
 
@@ -19,13 +19,18 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def expected_hf_shapes(cfg: ModelConfig, spec: FamilySpec) -> dict[str, tuple[int, ...]]:
     """Every HF tensor the family needs and its full shape, from the canonical segments."""
     shapes: dict[str, list[int]] = {}
+    rearranged: dict[str, tuple[int, ...]] = {}
     for group in canonical_names(cfg):
         for name in group:
-            canon = flat_rows(shard_layout(name, cfg, 1, 0).canonical_shape)
+            full = shard_layout(name, cfg, 1, 0).canonical_shape
+            canon = flat_rows(full)
             for seg in spec.segments(name, cfg):
+                if isinstance(seg, Rearranged):  # its shape is the rearrangement's (no data: meta)
+                    rearranged[seg.hf_name] = tuple(seg.to_hf(torch.empty(full, device="meta")).shape)
+                    continue
                 shape = shapes.setdefault(seg.hf_name, [0, *canon[1:]])
                 shape[0] = max(shape[0], seg.hf_start + seg.length)
-    return {k: hf_shape(k, tuple(v), cfg) for k, v in shapes.items()}
+    return {**{k: hf_shape(k, tuple(v), cfg) for k, v in shapes.items()}, **rearranged}
 
 
 def check_hf_tensors(reader: HFReader, cfg: ModelConfig, spec: FamilySpec) -> dict[str, tuple]:
@@ -46,6 +51,9 @@ def check_hf_tensors(reader: HFReader, cfg: ModelConfig, spec: FamilySpec) -> di
         why = ""
         if unexpected[0].endswith(fp8.SCALE_SUFFIX) and reader.block is None:
             why = "; it is an fp8 scale grid, but config.json has no quantization_config to say how to apply it"
+        elif unexpected[0].endswith(("_blocks", "_scales")) and not reader.mxfp4:
+            why = ("; it is an MXFP4 block or scale tensor, but config.json has no quantization_config "
+                   "(quant_method mxfp4) to say how to read it")
         raise CheckpointError(f"unexpected tensor {unexpected[0]!r}{more} in {reader.hf_dir} for family "
                               f"{cfg.family}{why}")
     return expected
@@ -90,6 +98,10 @@ def read_canonical_box(reader: HFReader, segments: list[Segment], shape, offsets
     are flattened over its experts (expert e's rows start at e x shape[1])."""
     if out is None:
         out = torch.empty(sizes, dtype=reader.dtype(segments[0].hf_name))
+    if isinstance(segments[0], Rearranged):  # whole experts, rearranged, then the box's other dims
+        seg = segments[0]
+        experts = seg.to_canonical(reader.read(seg.hf_name, 0, offsets[0], sizes[0]))
+        return out.copy_(experts[(slice(None), *(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:])))])
     if len(shape) == 3:
         rows = shape[1]
         for i, e in enumerate(range(offsets[0], offsets[0] + sizes[0])):

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from megaswift.errors import CheckpointError
 
-from . import fp8
+from . import fp8, mxfp4
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -148,14 +148,21 @@ class HFReader:
     reads as its dequantized weights: `names()` hides the `*.weight_scale_inv` grids, `dtype()`
     of a quantized weight is float32 (the dequantization's precision, convert/fp8.py), and
     `read()` reads the fp8 bytes of the slice and only the scale blocks covering it. The stored
-    tensors stay reachable through `stored_names()` and `stored_entry()` (pass-through copies)."""
+    tensors stay reachable through `stored_names()` and `stored_entry()` (pass-through copies).
+
+    An MXFP4 checkpoint (quantization_config.quant_method mxfp4: gpt-oss) reads as its bf16 expert
+    weights: `names()` shows `X` for each stored pair `X_blocks` / `X_scales`, `shape()` its
+    [experts, in, out], `dtype()` bfloat16 (exact: every MXFP4 value is a bf16 value), and `read()`
+    dequantizes the experts asked for from their own bytes (convert/mxfp4.py)."""
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
         self._headers: dict[str, dict[str, _Entry]] = {}
         config = os.path.join(hf_dir, "config.json")
         self.hf_config = read_json(config, "config.json") if os.path.isfile(config) else {}
-        self.block = fp8.block_config(self.hf_config, config)
+        self.mxfp4 = mxfp4.is_mxfp4(self.hf_config, config)
+        """Whether the checkpoint is MXFP4 (gpt-oss); then `block` is None."""
+        self.block = None if self.mxfp4 else fp8.block_config(self.hf_config, config)
         """(rows, cols) of the fp8 scale blocks; None for an unquantized checkpoint."""
         self._scales: dict[str, str | None] = {}
         index = os.path.join(hf_dir, INDEX_FILE)
@@ -171,6 +178,35 @@ class HFReader:
             raise CheckpointError(
                 f"{hf_dir} has no {SINGLE_FILE} or {INDEX_FILE}; megaswift reads safetensors only "
                 "(re-save .bin checkpoints with transformers' save_pretrained(safe_serialization=True))")
+        self._mx: dict[str, tuple[str, str]] = self._mxfp4_pairs() if self.mxfp4 else {}
+        """MXFP4 weight name -> its stored (blocks, scales) tensors."""
+        self._mx_shapes: dict[str, tuple[int, int, int]] = {}
+
+    def _mxfp4_pairs(self) -> dict[str, tuple[str, str]]:
+        """Each `X_blocks` with its `X_scales`, by name (headers are read when a shape is asked for);
+        a one-line CheckpointError for half a pair, or a pair beside an unquantized `X`."""
+        pairs = {}
+        for name in self.weight_map:
+            for suffix, other in ((mxfp4.BLOCKS_SUFFIX, mxfp4.SCALES_SUFFIX), (mxfp4.SCALES_SUFFIX, mxfp4.BLOCKS_SUFFIX)):
+                if not name.endswith(suffix):
+                    continue
+                base = name[: -len(suffix)]
+                if base + other not in self.weight_map:
+                    raise CheckpointError(f"tensor {name!r} has no {base + other!r} beside it in {self.hf_dir}; "
+                                          "an mxfp4 weight is stored as both: restore the checkpoint's tensors")
+                if base in self.weight_map:
+                    raise CheckpointError(f"{self.hf_dir} holds {base!r} both unquantized and as mxfp4 "
+                                          f"{base + mxfp4.BLOCKS_SUFFIX!r}; keep one of them")
+                pairs[base] = (base + mxfp4.BLOCKS_SUFFIX, base + mxfp4.SCALES_SUFFIX)
+        return pairs
+
+    def _mxfp4_shape(self, name: str) -> tuple[int, int, int]:
+        """[experts, in, out] of the MXFP4 weight `name`, its blocks and scales checked once."""
+        if name not in self._mx_shapes:
+            blocks, scales = self._mx[name]
+            b, s = self._entry(blocks)[0], self._entry(scales)[0]
+            self._mx_shapes[name] = mxfp4.check_stored(blocks, b.shape, b.dtype, scales, s.shape, s.dtype)
+        return self._mx_shapes[name]
 
     def _entry(self, name: str) -> tuple[_Entry, str]:
         if name not in self.weight_map:
@@ -198,6 +234,9 @@ class HFReader:
 
     def names(self) -> set[str]:
         """The checkpoint's tensors as they read: without the scale grids of quantized weights."""
+        if self._mx:
+            stored = {n for pair in self._mx.values() for n in pair}
+            return {k for k in self.weight_map if k not in stored} | set(self._mx)
         if self.block is None:
             return set(self.weight_map)
         n = len(fp8.SCALE_SUFFIX)
@@ -222,10 +261,16 @@ class HFReader:
         return self._scales[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._mx:
+            return self._mxfp4_shape(name)
         return self._entry(name)[0].shape
 
     def dtype(self, name: str) -> torch.dtype:
-        """The dtype `read` returns: the stored one, or float32 for a quantized weight."""
+        """The dtype `read` returns: the stored one, float32 for an fp8 weight, bfloat16 for an
+        MXFP4 one."""
+        if name in self._mx:
+            self._mxfp4_shape(name)
+            return torch.bfloat16
         return torch.float32 if self._scale_of(name) else self._entry(name)[0].dtype
 
     def read(self, name: str, dim: int, start: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,6 +278,8 @@ class HFReader:
         `out` (a tensor of the slice's shape, any dtype or device) and `out` returned. A
         contiguous CPU `out` of the file's dtype receives the bytes directly, with no copy. A
         quantized weight is dequantized (fp32 multiply, then cast to `out`'s dtype)."""
+        if name in self._mx:
+            return self._read_mxfp4(name, dim, start, n, out)
         scale = self._scale_of(name)
         if scale is None:
             return self.read_stored(name, dim, start, n, out)
@@ -248,6 +295,28 @@ class HFReader:
         blocks = -(-(start + n) // b) - first if n else 0
         grid = self.read_stored(scale, dim, first, blocks)
         return fp8.dequantize(q, grid, self.block, (start, 0) if dim == 0 else (0, start), out)
+
+    def _read_mxfp4(self, name: str, dim: int, start: int, n: int, out: torch.Tensor | None) -> torch.Tensor:
+        """`read` of an MXFP4 weight [experts, in, out]. Along dim 0 (whole experts, as import reads
+        them): the bytes of those experts' blocks and scales and no others. Along dim 2 (`out`):
+        those rows of the stored [E, out, ...] tensors. Along dim 1 (`in`): the 32-blocks covering
+        the range, of every expert and row, then narrowed."""
+        shape = list(self._mxfp4_shape(name))
+        if not 0 <= dim < 3 or start < 0 or n < 0 or start + n > shape[dim]:
+            raise IndexError(f"{name}: [{start}, {start + n}) along dim {dim} is outside its shape {shape}")
+        shape[dim] = n
+        if out is not None and list(out.shape) != shape:
+            raise ValueError(f"{name}: a slice of shape {shape} cannot fill a tensor of shape {list(out.shape)}")
+        blocks, scales = self._mx[name]
+        if dim != 1:
+            stored_dim = 0 if dim == 0 else 1  # [E, out, in / 32, 16]: `out` is the stored dim 1
+            return mxfp4.dequantize(self.read_stored(blocks, stored_dim, start, n),
+                                    self.read_stored(scales, stored_dim, start, n), out)
+        first, end = start // mxfp4.BLOCK, -(-(start + n) // mxfp4.BLOCK)
+        whole = mxfp4.dequantize(self.read_stored(blocks, 2, first, end - first),
+                                 self.read_stored(scales, 2, first, end - first))
+        part = whole.narrow(1, start - first * mxfp4.BLOCK, n)
+        return part.contiguous() if out is None else out.copy_(part)
 
     def read_stored(self, name: str, dim: int, start: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """`read` of the bytes as stored (an fp8 weight as fp8, with no scale applied)."""
@@ -270,6 +339,14 @@ class HFReader:
     def read_rows(self, name: str, start: int, n: int) -> torch.Tensor:
         """Rows [start, start + n) of a 3-D tensor [a, b, c] seen as [a x b, c] (fused experts:
         expert e's rows start at e x b): one contiguous run of bytes."""
+        if name in self._mx:  # whole experts (the rows' own), dequantized, then the rows
+            b = self.shape(name)[1]
+            if start < 0 or n < 0 or start + n > self.shape(name)[0] * b:
+                raise IndexError(f"{name}: rows [{start}, {start + n}) are outside its {list(self.shape(name))} "
+                                 "seen as 2-D")
+            first = start // b
+            experts = self.read(name, 0, first, -(-(start + n) // b) - first if n else 0)
+            return experts.flatten(0, 1).narrow(0, start - first * b, n)
         entry, path = self._entry(name)
         if self._scale_of(name):
             raise CheckpointError(f"{name}: fp8 block-quantized fused expert tensors are not supported; "

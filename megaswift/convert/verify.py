@@ -76,10 +76,17 @@ def load_hf_model(hf_dir, dtype, **kwargs):
     from .hf_io import read_hf_config
 
     cls = hf_model_class(hf_dir)
+    hf = read_hf_config(hf_dir)
+    if (hf.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        # dequantized on load, as megaswift reads it: never transformers' Triton path, which
+        # downloads its kernels from the hub
+        import transformers
+
+        kwargs.setdefault("quantization_config", transformers.Mxfp4Config(dequantize=True))
     if cls is not AutoModelForCausalLM:
         # transformers picks how to convert a checkpoint's tensors (the hub's per-expert tensors
         # into its fused experts) by the config's model_type: give it the architecture's own
-        hf = {k: v for k, v in read_hf_config(hf_dir).items() if k not in ("model_type", "auto_map")}
+        hf = {k: v for k, v in hf.items() if k not in ("model_type", "auto_map")}
         kwargs["config"] = cls.config_class.from_dict(hf)
     return cls.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager", **kwargs)
 

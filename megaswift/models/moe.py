@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from megaswift.parallel.collectives import all_reduce
-from megaswift.parallel.experts import balanced_counts, capacity_keep, dispatch_combine
+from megaswift.parallel.experts import balanced_counts, capacity_keep, clamped_swiglu, dispatch_combine, swiglu
 from megaswift.parallel.grads import mark_tp_partial_grad
 from megaswift.parallel.state import ParallelState
 from megaswift.parallel.tp_comm import gather_from_tp_region, group_size, scatter_to_sp_region
@@ -171,12 +171,17 @@ class AttachAuxLoss(torch.autograd.Function):
 
 
 class GroupedLinear(nn.Module):
-    """One weight [local experts, out, in] for all of a rank's experts."""
+    """One weight [local experts, out, in] for all of a rank's experts, and optionally a bias
+    [local experts, out] (gpt-oss)."""
 
-    def __init__(self, shape, dtype=None, device=None):
+    def __init__(self, shape, dtype=None, device=None, bias_shape=None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
         self.weight.expert = True  # reduced over expert-dp, not dp (parallel/data_parallel.py)
+        self.bias = None
+        if bias_shape is not None:
+            self.bias = nn.Parameter(torch.zeros(bias_shape, dtype=dtype, device=device))
+            self.bias.expert = True
         self.lora = None  # parallel/lora.py: merged into the weight at each forward
 
     def effective_weight(self) -> Tensor:
@@ -189,8 +194,18 @@ class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig, st: ParallelState, layer_idx: int, dtype=None, device=None):
         super().__init__()
         p = f"decoder.layers.{layer_idx}.mlp.experts."
-        self.linear_fc1 = GroupedLinear(layout_on(p + "linear_fc1.weight", cfg, st).local_shape, dtype, device)
-        self.linear_fc2 = GroupedLinear(layout_on(p + "linear_fc2.weight", cfg, st).local_shape, dtype, device)
+
+        def bias(name):
+            return layout_on(p + name, cfg, st).local_shape if cfg.moe_expert_bias else None
+        self.linear_fc1 = GroupedLinear(layout_on(p + "linear_fc1.weight", cfg, st).local_shape, dtype, device,
+                                        bias("linear_fc1.bias"))
+        self.linear_fc2 = GroupedLinear(layout_on(p + "linear_fc2.weight", cfg, st).local_shape, dtype, device,
+                                        bias("linear_fc2.bias"))
+        if self.linear_fc2.bias is not None and group_size(st.etp_group) > 1:
+            # whole on every etp rank, added by the first (parallel/experts.py): summed over etp
+            self.linear_fc2.bias.etp_partial_grad = True
+        self.act = (clamped_swiglu(cfg.moe_swiglu_limit, cfg.moe_swiglu_alpha)
+                    if cfg.moe_activation == "clamped_swiglu" else swiglu)
 
 
 class MoELayer(nn.Module):
@@ -215,6 +230,8 @@ class MoELayer(nn.Module):
         # split of the replicated sequence), so the router's gradient is a partial sum over tp.
         if st.tp_size > 1:
             mark_tp_partial_grad(self.router.weight)
+            if getattr(self.router, "bias", None) is not None:
+                mark_tp_partial_grad(self.router.bias)
         self.shared_expert = self.shared_expert_gate = None
         if cfg.moe_shared_expert_ffn_hidden_size:  # every token also takes a dense MLP
             self.shared_expert = MLP(cfg, st, layer_idx, dtype, device, width=cfg.moe_shared_expert_ffn_hidden_size)
@@ -267,7 +284,8 @@ class MoELayer(nn.Module):
         out = dispatch_combine(flat, ids, weights.to(x.dtype), cfg.num_moe_experts,
                                self.experts.linear_fc1.effective_weight(), self.experts.linear_fc2.effective_weight(),
                                keep=keep, ep_group=st.ep_group, etp_group=st.etp_group, backend=self.backend,
-                               uniform_counts=uniform).view(b, s, h)
+                               uniform_counts=uniform, b1=self.experts.linear_fc1.bias,
+                               b2=self.experts.linear_fc2.bias, act=self.experts.act).view(b, s, h)
         if split:
             out = gather_from_tp_region(out, st.tp_group, dim=1)
         mask = None if token_mask is None else token_mask.reshape(-1)

@@ -40,15 +40,20 @@ def balanced_ids(tokens: int, topk: int, num_experts: int, device=None) -> Tenso
 
 class TopKRouter(nn.Module):
     """transformers' Qwen3-MoE / Mixtral router: softmax in fp32 over a linear gate, top-k,
-    optional renormalisation (cfg.moe_norm_topk_prob)."""
+    optional renormalisation (cfg.moe_norm_topk_prob). gpt-oss's router (a gate with a bias,
+    cfg.moe_router_bias; softmax over the top-k logits) is this one renormalised: the softmax of
+    the chosen logits is their share of the chosen probabilities."""
 
     def __init__(self, cfg: ModelConfig, dtype=None, device=None):
         super().__init__()
         self.topk, self.norm_topk_prob = cfg.moe_router_topk, cfg.moe_norm_topk_prob
         self.weight = nn.Parameter(torch.empty(cfg.num_moe_experts, cfg.hidden_size, dtype=dtype, device=device))
+        self.bias = None
+        if cfg.moe_router_bias:
+            self.bias = nn.Parameter(torch.zeros(cfg.num_moe_experts, dtype=dtype, device=device))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        logits = F.linear(x, self.weight)
+        logits = F.linear(x, self.weight, self.bias)
         return (logits, *route(logits, self.topk, self.norm_topk_prob))
 
 

@@ -151,11 +151,27 @@ def _grouped_ok(x: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> bool:
     return all((d * size) % 16 == 0 for d in (w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2]))
 
 
-def expert_swiglu(x: Tensor, counts: list[int], w1: Tensor, w2: Tensor, backend: str = "auto") -> Tensor:
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def clamped_swiglu(limit: float, alpha: float):
+    """gpt-oss's expert activation: the gate clamped above at `limit`, up to [-limit, limit],
+    gate x sigmoid(alpha x gate) x (up + 1)."""
+    def act(gate: Tensor, up: Tensor) -> Tensor:
+        gate = gate.clamp(max=limit)
+        return gate * torch.sigmoid(alpha * gate) * (up.clamp(-limit, limit) + 1)
+    return act
+
+
+def expert_swiglu(x: Tensor, counts: list[int], w1: Tensor, w2: Tensor, backend: str = "auto",
+                  b1: Tensor | None = None, b2: Tensor | None = None, act=swiglu) -> Tensor:
     """x [tokens, H] grouped by local expert (counts[e] rows each) -> [tokens, H].
 
-    w1 [E_local, 2f, H] holds each expert's [gate; up] rows, w2 [E_local, H, f]. `grouped` runs all
-    experts as two grouped GEMMs; `loop` runs them one by one (the reference: plain matmuls)."""
+    w1 [E_local, 2f, H] holds each expert's [gate; up] rows, w2 [E_local, H, f]; b1 [E_local, 2f]
+    and b2 [E_local, H] their biases (gpt-oss), if any; `act(gate, up)` the activation. `grouped`
+    runs all experts as two grouped GEMMs; `loop` runs them one by one (the reference: plain
+    matmuls)."""
     dtype = _compute_dtype(x)
     if backend == "auto":
         backend = "grouped" if _grouped_ok(x, w1, w2, dtype) else "loop"
@@ -163,13 +179,19 @@ def expert_swiglu(x: Tensor, counts: list[int], w1: Tensor, w2: Tensor, backend:
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
         x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)  # casts are differentiable: fp32 master grads
         h = torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)
+        per_row = torch.tensor(counts, device=x.device)
+        if b1 is not None:
+            h = h + b1.to(dtype).repeat_interleave(per_row, dim=0, output_size=h.shape[0])
         gate, up = h.chunk(2, dim=-1)
-        return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2.transpose(1, 2), offs=offs)
+        y = torch._grouped_mm(act(gate, up).contiguous(), w2.transpose(1, 2), offs=offs)
+        if b2 is not None:
+            y = y + b2.to(dtype).repeat_interleave(per_row, dim=0, output_size=y.shape[0])
+        return y
     outs, at = [], 0
     for e, n in enumerate(counts):
         xe = x[at: at + n]
-        gate, up = F.linear(xe, w1[e]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(gate) * up, w2[e]))
+        gate, up = F.linear(xe, w1[e], None if b1 is None else b1[e]).chunk(2, dim=-1)
+        outs.append(F.linear(act(gate, up), w2[e], None if b2 is None else b2[e]))
         at += n
     return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
 
@@ -184,7 +206,8 @@ def balanced_counts(assignments: int, num_experts: int) -> list[int]:
 
 def dispatch_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, num_experts: int, w1: Tensor, w2: Tensor, *,
                      keep: Tensor | None = None, ep_group=None, etp_group=None, backend: str = "auto",
-                     uniform_counts: list[int] | None = None) -> Tensor:
+                     uniform_counts: list[int] | None = None, b1: Tensor | None = None, b2: Tensor | None = None,
+                     act=swiglu) -> Tensor:
     """The MoE output for this rank's tokens x [T, H]: sum_j weights[t, j] * expert_{ids[t, j]}(x[t]).
 
     expert_ids/weights [T, k] come from the router; `keep` [T, k] (optional) marks assignments
@@ -194,7 +217,10 @@ def dispatch_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, num_experts
     `uniform_counts` [E]: the assignments per expert when the caller knows them without reading
     the ids and they are the same on every rank (force-balanced routing). The dispatch then has
     no data-dependent shape: no count exchange, every split a Python int, so it also runs on
-    fake tensors (the dry run, megaswift/planner/)."""
+    fake tensors (the dry run, megaswift/planner/).
+
+    b1/b2: the experts' biases (their etp slice of b1; b2 whole, added by etp rank 0 alone, so
+    the reduce-scatter of the partial sums adds it once); `act`: the activation (expert_swiglu)."""
     T, k = expert_ids.shape
     ep, etp = group_size(ep_group), group_size(etp_group)
     e_local = num_experts // ep
@@ -233,7 +259,9 @@ def dispatch_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, num_experts
             rows = _GatherRows.apply(rows, etp_sizes, etp_group, dist.get_rank(etp_group))
         total, per_expert = None, blocks.sum(0).tolist()
     perm = _expert_major(blocks, total)
-    y = expert_swiglu(rows.index_select(0, perm), per_expert, w1, w2, backend)
+    if b2 is not None and etp > 1 and dist.get_rank(etp_group) != 0:
+        b2 = None  # etp rank 0 adds it (its gradient is summed over etp: grads.etp_partial_grad)
+    y = expert_swiglu(rows.index_select(0, perm), per_expert, w1, w2, backend, b1, b2, act)
     y = y.index_select(0, torch.argsort(perm))  # back to arrival order
     if etp > 1:
         y = _ReduceScatterRows.apply(y, etp_sizes, etp_group, dist.get_rank(etp_group))

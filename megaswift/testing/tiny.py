@@ -53,6 +53,13 @@ TINY_FAMILIES = {
         num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32, decoder_sparse_step=1,
         mlp_only_layers=[], rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                              "partial_rotary_factor": 0.25})),
+    # sliding-window (8) and full layers alternating, attention sinks, q/k/v/o biases, YaRN;
+    # 4 experts with biases (top-2), the clamped SwiGLU at a limit the tiny activations reach
+    "gpt_oss": ("GptOssConfig", dict(
+        num_attention_heads=4, head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.3,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})),
     # GQA with half the head dims rotated, QKV bias, q/k norms; the same router as DeepSeek-V3
     "glm4_moe": ("Glm4MoeConfig", dict(
         head_dim=16, attention_bias=True, use_qk_norm=True, n_routed_experts=8, n_group=2, topk_group=1,
@@ -136,6 +143,8 @@ def make_tiny_hf(family: str, out_dir: str, *, seed: int = 0, max_shard_size: st
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("e_score_correction_bias"):  # a real bias, large enough to change choices
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("sinks"):  # logits of the order of the scores, so they matter
+                p.copy_(torch.randn(p.shape, generator=g))
             elif name.endswith(("A_log", "dt_bias")):  # decays of order one, as trained models have
                 p.copy_(torch.rand(p.shape, generator=g) * 2 - 0.5)
             elif name.endswith("bias"):

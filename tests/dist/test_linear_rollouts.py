@@ -41,9 +41,15 @@ def _greedy(model, **params):
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
 def test_greedy_equals_transformers_generate(linear_hf, family):
+    check_greedy_against_generate(linear_hf[family])
+
+
+def check_greedy_against_generate(hf_dir):
+    """Greedy rollouts of left-padded prompts equal transformers' generate (tokens exactly,
+    log-probabilities within 1e-5); a row that stops early leaves the others unchanged. Also
+    used by other families' tests (tests/dist/test_gpt_oss.py)."""
     from transformers import AutoModelForCausalLM
 
-    hf_dir = linear_hf[family]
     model = _model(hf_dir)
     ours = _greedy(model)
     prompts, width = _prompts(model.cfg.vocab_size), max(PROMPT_LENS)

@@ -154,7 +154,7 @@ def test_reader_dequantizes_every_slice_from_its_own_bytes(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("change, expect", [
     ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method 'awq' is not supported; megaswift reads fp8"),
-    ({"quantization_config": {"quant_method": "mxfp4"}}, "quant_method 'mxfp4' is not supported"),
+    ({"quantization_config": {"quant_method": "nvfp4"}}, "quant_method 'nvfp4' is not supported"),
     ({"quantization_config": {**fp8.quantization_config(BLOCK), "fmt": "e5m2"}}, "fmt 'e5m2' is not supported"),
     ({"quantization_config": {**fp8.quantization_config(BLOCK), "activation_scheme": "static"}},
      "activation_scheme 'static'"),
