@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tiny-hf", help="write a tiny random-weight HF checkpoint (tests, quickstart)")
     s.add_argument("family", choices=["llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "qwen2_moe", "mixtral",
-                                      "deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe"])
+                                      "deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "gpt_oss"])
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     return p

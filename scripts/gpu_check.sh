@@ -69,8 +69,9 @@ phase gpu_tests 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_FILES[@
 
 # 2. verify in bf16 against transformers: llama's head dim 12 takes the padded-kernel path,
 # deepseek_v3's multi-latent attention a value head dim (10) other than q/k's (14); qwen3_next
-# and qwen3_5 run Gated DeltaNet through flash-linear-attention's kernels when fla imports
-FAMS="llama qwen3 qwen3_moe deepseek_v3 glm4_moe qwen3_next qwen3_5"
+# and qwen3_5 run Gated DeltaNet through flash-linear-attention's kernels when fla imports,
+# gpt_oss its attention sinks through the flash kernels' lse
+FAMS="llama qwen3 qwen3_moe deepseek_v3 glm4_moe qwen3_next qwen3_5 gpt_oss"
 for fam in $FAMS; do "$PY" -m megaswift tiny-hf "$fam" "$WORK/$fam" >/dev/null 2>&1; done
 export FAMS
 verify_all() {
