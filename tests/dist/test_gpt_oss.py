@@ -7,7 +7,8 @@ stored as gpt-oss stores them ([experts, in, out], gate and up interleaved).
 
 `verify` (fp32, reference attention) at tp=2 with SP, ep=2, tp=2 x ep=2, etp=2, pp=2, and cp=2
 ring and Ulysses on 48 tokens (longer than the window: windowed and full layers both reach across
-the cp ranks); import then export is bitwise and transformers loads the export; 5 SFT steps equal
+the cp ranks); import then export is bitwise and transformers loads the export, and the
+in-memory weight stream equals the checkpoint at tp=2 x etp=2; 5 SFT steps equal
 one process (rtol 1e-5) at tp=2, dp=2 x ep=2 with ZeRO-1, pp=2 and cp=2; greedy rollouts equal
 transformers' generate.
 """
@@ -126,3 +127,11 @@ def test_greedy_rollouts_equal_transformers_generate(gpt_oss_hf):
     from tests.dist.test_linear_rollouts import check_greedy_against_generate
 
     check_greedy_against_generate(gpt_oss_hf)
+
+
+def test_streamed_weights_equal_the_checkpoint(gpt_oss_hf):
+    """The in-memory weight stream for a rollout engine (convert/hf_stream.py) at tp=2 x etp=2:
+    the interleaved expert tensors and their biases rebuilt bit for bit on every rank."""
+    from tests.dist.test_hf_stream import _check, _stream
+
+    _check(run_distributed(_stream, 2, gpt_oss_hf, {"parallel.tp": 2, "parallel.etp": 2}), gpt_oss_hf)
