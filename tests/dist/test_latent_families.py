@@ -173,19 +173,22 @@ def test_import_export_is_bitwise_with_the_mtp_layer_and_loads_in_transformers(l
 
     import torch
 
+    from megaswift.convert.hf_export import export_hf
     from megaswift.convert.verify import load_hf_model
     from megaswift.testing.fp8 import add_mtp_layer
-    from tests.helpers.cli import megaswift
+    from tests.dist.test_linear_attention import _import
     from tests.helpers.hf import tensors
 
-    for family in ("deepseek_v3", "glm4_moe", "kimi_k2"):
-        src = str(tmp_path / family)
-        shutil.copytree(latent_hf[family], src)
-        mtp = add_mtp_layer(src, seed=1)
+    families, mtps = ("deepseek_v3", "glm4_moe", "kimi_k2"), {}
+    for family in families:  # the MTP layer in copies of the session's checkpoints
+        shutil.copytree(latent_hf[family], str(tmp_path / family))
+        mtps[family] = add_mtp_layer(str(tmp_path / family), seed=1)
+    # import-hf's own command (commands.import_command) on 2 ranks, all three in one launch
+    run_distributed(_import, 2, [(str(tmp_path / f), str(tmp_path / f"{f}.ckpt"), 2) for f in families])
+    for family in families:
+        src, mtp = str(tmp_path / family), mtps[family]
         ckpt, out = str(tmp_path / f"{family}.ckpt"), str(tmp_path / f"{family}.hf")
-        megaswift("launch", "--nproc-per-node", "2", "--", "import-hf", src, ckpt, "--parallel.tp", "2",
-                  "--parallel.ep", "2")
-        megaswift("export-hf", ckpt, out)
+        export_hf(ckpt, out)
         want, got = tensors(src), tensors(out)
         assert set(got) == set(want) and set(mtp) <= set(got), family
         for k in want:
