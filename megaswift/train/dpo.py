@@ -10,6 +10,9 @@ pipeline parallelism it all happens on the last stage.
 Reference log-probabilities, three ways (`dpo.reference`, `dpo.precompute_ref`), all equal: a
 frozen copy or the policy with its adapters off (train/reference.py), or every pair's computed
 once before training and kept in `<output_dir>/ref_logps.pt`, looked up by pair index.
+
+The reference-free loss types (simpo, cpo, orpo; train/dpo_loss.py `reference_free_loss`) hold
+no reference at all: no copy, no adapters-off forward, no table.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from megaswift.parallel.tp_comm import group_size, reduce_from_tp_region
 from megaswift.section import Section, at_least
 
 from .algorithm import Algorithm
-from .dpo_loss import dpo_loss
+from .dpo_loss import REFERENCE_FREE, dpo_loss, reference_free_loss
 from .reference import Reference, reference_mode
 
 REF_FILE = "ref_logps.pt"
@@ -37,9 +40,16 @@ class DPOSection(Section):
     _section: ClassVar[str] = "dpo"
 
     beta: float = at_least(0.0, 0.1)
-    """Strength of the KL anchor to the reference model (TRL's beta)."""
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
-    """DPO (sigmoid), SLiC (hinge), IPO, or robust DPO with label smoothing."""
+    """Strength of the KL anchor to the reference model (TRL's beta); under simpo and cpo the
+    scale of the log-probability margin, under orpo the weight of the odds-ratio term (TRL's)."""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "cpo", "orpo"] = "sigmoid"
+    """DPO (sigmoid), SLiC (hinge), IPO, robust DPO with label smoothing; or, with no reference
+    model, SimPO, CPO or ORPO (TRL's CPOTrainer simpo / sigmoid and ORPOTrainer)."""
+    simpo_gamma: float | None = None
+    """SimPO's target reward margin gamma (TRL's simpo_gamma): simpo only; default 0.5."""
+    cpo_alpha: float | None = at_least(0.0, None)
+    """Weight of the chosen response's NLL (its mean token negative log-likelihood) under cpo and
+    simpo (TRL's cpo_alpha); default 1.0 under cpo, 0 under simpo (pure SimPO)."""
     label_smoothing: float = at_least(0.0, 0.0)
     """Probability that a pair's preference is flipped (robust); must be below 0.5."""
     rpo_alpha: float = at_least(0.0, 0.0)
@@ -61,6 +71,32 @@ class DPOSection(Section):
             raise ConfigError(f"dpo.label_smoothing must be below 0.5 for the robust loss; got {self.label_smoothing}")
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta must be > 0; got {self.beta}")
+        lt = self.loss_type
+        if self.simpo_gamma is not None and lt != "simpo":
+            raise ConfigError(f"dpo.simpo_gamma is SimPO's margin and needs dpo.loss_type simpo; got loss_type {lt}")
+        if self.cpo_alpha is not None and lt not in ("cpo", "simpo"):
+            raise ConfigError(f"dpo.cpo_alpha weighs the NLL of cpo and simpo; got loss_type {lt} (ORPO's NLL has "
+                              "weight 1; DPO's is dpo.rpo_alpha)")
+        if not self.reference_free:
+            return
+        if self.simpo_gamma is None and lt == "simpo":
+            self.simpo_gamma = 0.5
+        if self.cpo_alpha is None and lt in ("cpo", "simpo"):
+            self.cpo_alpha = 1.0 if lt == "cpo" else 0.0
+        for key, value, default in (("ref_path", self.ref_path, None), ("precompute_ref", self.precompute_ref, False),
+                                    ("reference", self.reference, "auto")):
+            if value != default:
+                raise ConfigError(f"dpo.{key} ({value}) has no use under dpo.loss_type {lt}: it trains without a "
+                                  "reference model; remove the setting")
+        for key in ("rpo_alpha", "label_smoothing"):
+            if getattr(self, key):
+                fix = "use dpo.cpo_alpha" if key == "rpo_alpha" and lt != "orpo" else "remove the setting"
+                raise ConfigError(f"dpo.{key} is not used by dpo.loss_type {lt}; {fix}")
+
+    @property
+    def reference_free(self) -> bool:
+        """SimPO, CPO and ORPO need no reference model."""
+        return self.loss_type in REFERENCE_FREE
 
 
 def sequence_logps(per_token_loss: torch.Tensor, labels: torch.Tensor, cp_group=None):
@@ -81,6 +117,15 @@ class DPO(Algorithm):
     metrics = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")
 
+    def _set_up(self, ctx) -> None:
+        """The section, the reference mode and the metrics of this run."""
+        self.ctx, self.cfg = ctx, ctx.cfg.dpo
+        self.mode = "precompute" if self.cfg.precompute_ref else reference_mode(ctx.cfg, "dpo")
+        if self.cfg.reference_free:
+            self.metrics = DPO.metrics + ("nll_loss",) + (
+                ("log_odds_ratio", "log_odds_chosen") if self.cfg.loss_type == "orpo" else ())
+        self.reference, self.table = None, None
+
     @classmethod
     def check_plan(cls, cfg, layout, global_batch: int) -> None:
         if cfg.data.packing:
@@ -95,7 +140,7 @@ class DPO(Algorithm):
         from megaswift.data.preference import PreferenceDataset, PreferenceLoader
 
         cfg = ctx.cfg
-        self.ctx, self.cfg = ctx, cfg.dpo
+        self._set_up(ctx)
         tokenizer = ctx.tokenizer()
         dataset = PreferenceDataset(cfg.data.path, tokenizer, cfg.data.seq_len, cfg.data.max_prompt_len)
         loader = PreferenceLoader(dataset, **ctx.loader_args(tokenizer))
@@ -105,8 +150,8 @@ class DPO(Algorithm):
             print(f"data: {len(dataset)} preference pairs from {cfg.data.path}{dropped}; reference: {self.mode}",
                   flush=True)
         if self.mode == "precompute":
-            self.reference, self.table = None, self._reference_table(loader)
-        else:
+            self.table = self._reference_table(loader)
+        elif self.mode != "none":
             self.reference = Reference(ctx, "dpo", self.mode)
         return loader
 
@@ -118,10 +163,10 @@ class DPO(Algorithm):
         cfg = ctx.cfg
         pairs = cfg.train.micro_batch_size
         if getattr(self, "ctx", None) is not ctx:  # the reference once, as build_data would
-            self.ctx, self.cfg = ctx, cfg.dpo
-            self.mode = "precompute" if self.cfg.precompute_ref else reference_mode(cfg, "dpo")
-            self.reference, self.table = None, torch.zeros(max(1, n_micro * pairs), 2, dtype=torch.float64)
-            if self.mode != "precompute":
+            self._set_up(ctx)
+            if self.mode == "precompute":
+                self.table = torch.zeros(max(1, n_micro * pairs), 2, dtype=torch.float64)
+            elif self.mode != "none":
                 self.reference = Reference(ctx, "dpo", self.mode)
         out = []
         for i in range(n_micro):
@@ -184,6 +229,8 @@ class DPO(Algorithm):
 
     # -- the engine's hooks ----------------------------------------------------------------------
     def before_step(self, micro_batches: list[dict]) -> None:
+        if self.mode == "none":
+            return
         for mb in micro_batches:
             if self.mode == "precompute":
                 mb["ref_logps"] = self.table[mb["pair_index"].cpu()].to(mb["input_ids"].device)
@@ -198,6 +245,8 @@ class DPO(Algorithm):
         logps, tokens = sequence_logps(per_token_loss, mb["labels"], self.ctx.st.cp_group)
         m = logps.shape[0] // 2
         chosen, rejected = logps[:m], logps[m:]
+        if c.reference_free:
+            return self._reference_free_loss(chosen, rejected, tokens[:m], tokens[m:])
         ref = mb["ref_logps"].to(logps.dtype)
         losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], loss_type=c.loss_type,
                                                 beta=c.beta, label_smoothing=c.label_smoothing,
@@ -208,4 +257,28 @@ class DPO(Algorithm):
                  "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
                  "rewards/margins": (chosen_r - rejected_r).sum(),
                  "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()}
+        return losses.sum(), extra
+
+    def _reference_free_loss(self, chosen, rejected, chosen_tokens, rejected_tokens):
+        """SimPO, CPO, ORPO: the preference term plus the chosen response's mean token NLL (weight
+        cpo_alpha; 1 under orpo), per pair, so the engine's division by the step's pairs makes
+        both means over pairs."""
+        c = self.cfg
+        losses, chosen_r, rejected_r, extras = reference_free_loss(
+            chosen, rejected, chosen_tokens, rejected_tokens, loss_type=c.loss_type, beta=c.beta,
+            simpo_gamma=c.simpo_gamma or 0.0)
+        nll = -chosen / chosen_tokens.clamp_min(1)
+        alpha = 1.0 if c.loss_type == "orpo" else c.cpo_alpha
+        if alpha:
+            losses = losses + alpha * nll
+        # logps as TRL logs them: the mean token log-probabilities under simpo and orpo, sums under cpo
+        avg = c.loss_type != "cpo"
+        shown_c = chosen / chosen_tokens.clamp_min(1) if avg else chosen
+        shown_r = rejected / rejected_tokens.clamp_min(1) if avg else rejected
+        extra = {"rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
+                 "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
+                 "rewards/margins": (chosen_r - rejected_r).sum(),
+                 "logps/chosen": shown_c.detach().sum(), "logps/rejected": shown_r.detach().sum(),
+                 "nll_loss": nll.detach().sum()}
+        extra.update({k: v.sum() for k, v in extras.items()})
         return losses.sum(), extra

@@ -19,9 +19,12 @@ from megaswift.errors import ConfigError
 
 
 def reference_mode(cfg, section: str) -> str:
-    """`<section>.reference` resolved: copy or adapters."""
+    """`<section>.reference` resolved: copy or adapters; "none" where the section's loss needs no
+    reference (dpo's reference-free loss types: simpo, cpo, orpo)."""
     lora = cfg.model.lora.rank > 0
     sec = getattr(cfg, section)
+    if getattr(sec, "reference_free", False):
+        return "none"
     mode = sec.reference
     if mode == "auto":
         mode = "adapters" if lora and sec.ref_path is None else "copy"
