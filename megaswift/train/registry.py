@@ -12,6 +12,7 @@ ALGORITHMS = {
     "sft": "megaswift.train.sft:SFT",
     "dpo": "megaswift.train.dpo:DPO",
     "grpo": "megaswift.train.grpo:GRPO",
+    "kto": "megaswift.train.kto:KTO",
 }
 
 
