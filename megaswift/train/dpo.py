@@ -72,6 +72,8 @@ class DPOSection(Section):
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta must be > 0; got {self.beta}")
         lt = self.loss_type
+        # defaults are resolved where they are used (simpo_margin, nll_weight), never written
+        # into the config: a saved config stays valid under another loss_type
         if self.simpo_gamma is not None and lt != "simpo":
             raise ConfigError(f"dpo.simpo_gamma is SimPO's margin and needs dpo.loss_type simpo; got loss_type {lt}")
         if self.cpo_alpha is not None and lt not in ("cpo", "simpo"):
@@ -79,10 +81,6 @@ class DPOSection(Section):
                               "weight 1; DPO's is dpo.rpo_alpha)")
         if not self.reference_free:
             return
-        if self.simpo_gamma is None and lt == "simpo":
-            self.simpo_gamma = 0.5
-        if self.cpo_alpha is None and lt in ("cpo", "simpo"):
-            self.cpo_alpha = 1.0 if lt == "cpo" else 0.0
         for key, value, default in (("ref_path", self.ref_path, None), ("precompute_ref", self.precompute_ref, False),
                                     ("reference", self.reference, "auto")):
             if value != default:
@@ -92,6 +90,21 @@ class DPOSection(Section):
             if getattr(self, key):
                 fix = "use dpo.cpo_alpha" if key == "rpo_alpha" and lt != "orpo" else "remove the setting"
                 raise ConfigError(f"dpo.{key} is not used by dpo.loss_type {lt}; {fix}")
+
+    @property
+    def simpo_margin(self) -> float:
+        """SimPO's gamma: simpo_gamma, or TRL's default 0.5."""
+        return 0.5 if self.simpo_gamma is None else self.simpo_gamma
+
+    @property
+    def nll_weight(self) -> float:
+        """The weight of the chosen response's NLL: 1 under orpo; cpo_alpha under cpo and simpo
+        (TRL's defaults: 1 under cpo, 0 under simpo); 0 otherwise."""
+        if self.loss_type == "orpo":
+            return 1.0
+        if self.loss_type in ("cpo", "simpo"):
+            return self.cpo_alpha if self.cpo_alpha is not None else float(self.loss_type == "cpo")
+        return 0.0
 
     @property
     def reference_free(self) -> bool:
@@ -266,9 +279,9 @@ class DPO(Algorithm):
         c = self.cfg
         losses, chosen_r, rejected_r, extras = reference_free_loss(
             chosen, rejected, chosen_tokens, rejected_tokens, loss_type=c.loss_type, beta=c.beta,
-            simpo_gamma=c.simpo_gamma or 0.0)
+            simpo_gamma=c.simpo_margin)
         nll = -chosen / chosen_tokens.clamp_min(1)
-        alpha = 1.0 if c.loss_type == "orpo" else c.cpo_alpha
+        alpha = c.nll_weight
         if alpha:
             losses = losses + alpha * nll
         # logps as TRL logs them: the mean token log-probabilities under simpo and orpo, sums under cpo

@@ -107,7 +107,8 @@ SHARED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/m
 def test_loss_and_gradients_equal_trl(case):
     kw = CASES[case]
     section = DPOSection(**kw)
-    trl_kw = {"cpo_alpha": section.cpo_alpha or 0.0, "simpo_gamma": section.simpo_gamma or 0.0}
+    trl_kw = {"cpo_alpha": section.nll_weight if kw["loss_type"] != "orpo" else 0.0,
+              "simpo_gamma": section.simpo_margin}
     want, want_m, want_g = _trl(kw["loss_type"], kw["beta"], **trl_kw)
     got, got_m, got_g = _ours(section)
     print(f"{case}: |loss diff| {abs(got - want).item():.2e}, max |grad diff| {(got_g - want_g).abs().max().item():.2e}"
@@ -116,16 +117,16 @@ def test_loss_and_gradients_equal_trl(case):
     torch.testing.assert_close(got_g, want_g, rtol=RTOL, atol=ATOL)
     keys = SHARED + (("log_odds_ratio", "log_odds_chosen") if kw["loss_type"] == "orpo" else ())
     for k in keys:
-        if k == "nll_loss" and kw["loss_type"] != "orpo" and not section.cpo_alpha:
+        if k == "nll_loss" and kw["loss_type"] != "orpo" and not section.nll_weight:
             assert want_m[k] == 0.0  # TRL skips the NLL when cpo_alpha is 0; megaswift logs it anyway
             continue
         assert got_m[k] == pytest.approx(want_m[k], rel=RTOL, abs=ATOL), k
 
 
 def test_defaults_follow_trl():
-    assert DPOSection(loss_type="simpo").simpo_gamma == 0.5 and DPOSection(loss_type="simpo").cpo_alpha == 0.0
-    assert DPOSection(loss_type="cpo").cpo_alpha == 1.0 and DPOSection(loss_type="cpo").simpo_gamma is None
-    assert DPOSection(loss_type="orpo").cpo_alpha is None
+    simpo, cpo, orpo = (DPOSection(loss_type=t) for t in ("simpo", "cpo", "orpo"))
+    assert simpo.simpo_margin == 0.5 and simpo.nll_weight == 0.0 and cpo.nll_weight == 1.0 and orpo.nll_weight == 1.0
+    assert simpo.simpo_gamma is None and cpo.cpo_alpha is None  # resolved when used, not written back
 
 
 def test_log1mexp_is_accurate_on_both_branches():
