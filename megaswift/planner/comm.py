@@ -26,7 +26,7 @@ gradients flowing into them and every master gradient are. "fwd" terms repeat un
        cross entropy fwd 3 b s f (max; target logit and sum of exps)
        MoE router statistics on the last stage: L_moe (2E + 2) f (also over dp x cp)
        per step: partial grads 4 x (the 2 norms per layer and the final norm under sp, q/k norms,
-       routers, a proj bias or shared-expert gate under sp; MLA under sp: the replicated
+       routers (and gpt-oss's router bias), a proj bias or shared-expert gate under sp; MLA under sp: the replicated
        down-projections and latent norms, rq (h + 1) + (rkv + dr) h + rkv); replicated KV rows
        4 ng sum_layers 2 hd (h + qkv bias) when tp > kv heads; grad norm 4
   cp   per layer, U Ulysses x R ring ranks, hq = heads / tp, hk = kv heads / tp replicated up to U
@@ -39,7 +39,9 @@ gradients flowing into them and every master gradient are. "fwd" terms repeat un
        all-to-all fwd (A + ep A_e) h c (dispatch + combine) and bwd the same; per step grad norm 4
        unbalanced routing (no moe.router_force_balance) adds the count exchange E x 8 and assumes
        balanced volumes, which real routing only approximates
-  etp  per MoE layer: 2 all-gathers + 2 reduce-scatters of etp ep A_e h c; per step grad norm 4
+  etp  per MoE layer: 2 all-gathers + 2 reduce-scatters of etp ep A_e h c; per step grad norm 4;
+       gpt-oss: per step the experts' linear_fc2 biases (whole on every etp rank, added by the
+       first), 4 x E / ep x h per MoE layer, summed over etp
   dp   (dp x cp ranks) per step: each gradient bucket padded to a multiple of dp cp, B x 4:
        all-reduce, or under ZeRO-1 reduce-scatter B 4 + all-gather B 4 + grad norm 4; the
        engine's scalars 16 + 8 (float64 units/tokens and loss sum); MoE statistics as in tp
@@ -378,8 +380,11 @@ def _finalize_grads(t, m, lay, sp, layers, post, lora_rank=0, adapted=frozenset(
             partial += 2 * h * sp + 2 * hd * (tp > 1 and m.qk_layernorm) + h * (sp and m.add_proj_bias) + latent
         if i in m.moe_layers:
             gate = sp and m.moe_shared_expert_ffn_hidden_size and m.moe_shared_expert_gate
-            partial += m.num_moe_experts * h * (tp > 1) + h * bool(gate)
+            partial += m.num_moe_experts * (h + m.moe_router_bias) * (tp > 1) + h * bool(gate)
     t.add("tp", AR, F * partial, tp)
+    if m.moe_expert_bias:  # linear_fc2's bias, whole on every etp rank, added by the first: summed over etp
+        n_moe = sum(1 for i in layers if i in m.moe_layers)
+        t.add("etp", AR, F * n_moe * (m.num_moe_experts // lay.ep) * h, lay.etp)
     if tp > m.num_query_groups and attn:
         rows = attn * 2 * hd * (h + m.add_qkv_bias)
         t.add("tp", AR, F * m.num_query_groups * rows, tp)

@@ -48,14 +48,30 @@ moe_ffn_hidden_size / etp
                the softmax kept by the gather); sigmoid_group (DeepSeek-V3, GLM-4.5), fp32
                throughout: 4 Tm H + 12 Tm E (its fp32 input, logits, sigmoid, normalised
                probabilities); + 12 R (ids, weights) + 12 Tm
-  dispatch     2 Re (H + 4 Fe) + 4 R H + 8 (3 R + Re) + 2 R   the dispatched rows and the
-               experts' intermediates, the combined rows and their weighted copy, indices
+  dispatch     2 Re (H + 4 Fe) + 4 R H + 8 (2 R + 2 Re) + 2 R   the dispatched rows and the
+               experts' intermediates, the combined rows and their weighted copy, indices (each
+               assignment's token and place, the rows' permutation and its inverse)
   shared       2 T (H + 4 Fs) (Fs = shared width / tp) as a dense MLP; its sigmoid gate
                (Qwen2-MoE) + 2 T H + 8 T; DeepSeek-V3's and GLM-4.5's are ungated
 Qwen3-Next's gated attention (attn_output_gate) and zero-centred q/k norms (norm_zero_centered)
   qkv          + 2 T n hd          linear_qkv's output holds each query head's gate too
   core         + 2 x 2 T n hd      sigmoid(gate) and the gated output (linear_proj's input)
   qk norms     the normalised copy is fp32 (scaled by 1 + w in fp32), not bf16: 8 T (n + nkv) hd
+gpt-oss's attention sinks and sliding windows (kernels/attention.py's steps after the kernel;
+neither under ring / Ulysses attention, whose kernel handles both inside, nor under selective
+recompute, which reruns them; b rows, s = seq_len)
+  core         + 2 T n hd          sinks or a window: the kernel's own output, which its node keeps,
+                                   is no longer linear_proj's input (the rescaled or masked one is)
+               + 4 T n hd + 4 T n  sinks: its fp32 copy and sigmoid(lse - sink), the rescale
+  window_mask  2 b s^2 + b s       a window: the additive mask [b, 1, s, s] (bf16) the CPU (and
+                                   CUDA sdpa) kernel keeps, whatever the window, and the rows-seen
+                                   flags; flash-attn takes the window itself and keeps neither
+  building the mask is a transient of 10 s^2 (the int64 query - key distances beside two
+  boolean masks; `window_build`), a peak candidate of its own at long sequences
+gpt-oss's experts: the clamped SwiGLU keeps 7 intermediates of Fe per routed row (fc1's output
+  counts 2; the clamped gate, its sigmoid, their product and the shifted clamped up; fc2's input)
+  where silu(gate) x up keeps 4; the expert biases add a row -> expert index (int64) per GEMM
+  and routed row; the router's bias and the biases' adds keep nothing
 
 Token mixer `gated_deltanet` (models/deltanet.py; Qwen3-Next's and Qwen3.5's linear_attention
 layers), nk / nv the key / value heads of this rank, dk / dv their widths, ch = 2 nk dk + nv dv
@@ -105,20 +121,11 @@ sigmoid router's weight is used in fp32: no copy.
 """
 from __future__ import annotations
 
-import inspect
-from functools import lru_cache
+from megaswift.train.metrics import delta_chunk
 
 F32, BF16 = 4, 2
 DELTANET = "gated_deltanet"
 DELTANET_TARGETS = {"in_proj_qkvz", "in_proj_ba", "out_proj"}
-
-
-@lru_cache(maxsize=1)
-def delta_chunk() -> int:
-    """The torch form's chunk (kernels/gated_delta.py gated_delta_rule's default chunk_size)."""
-    from megaswift.kernels.gated_delta import gated_delta_rule
-
-    return inspect.signature(gated_delta_rule).parameters["chunk_size"].default
 
 
 def mixer_of(mc, i: int) -> str:
@@ -126,9 +133,11 @@ def mixer_of(mc, i: int) -> str:
     return mc.token_mixer_for_layer(i)
 
 
-def kind_of(mc, i: int) -> tuple[str, bool]:
-    """(token mixer, MoE) of layer i: what its terms depend on."""
-    return mixer_of(mc, i), i in mc.moe_layers
+def kind_of(mc, i: int) -> tuple[str, bool, int | None]:
+    """(token mixer, MoE, sliding window) of layer i: what its terms depend on (the window of an
+    attention layer that has one, gpt-oss's and Mistral's, else None)."""
+    mixer = mixer_of(mc, i)
+    return mixer, i in mc.moe_layers, (mc.window_for_layer(i) if mixer == "gqa" else None)
 
 
 def tokens(cfg, rows: int | None = None) -> tuple[int, int, int]:
@@ -160,16 +169,19 @@ def adapted_targets(cfg, mc, mixer: str | None = None) -> set[str]:
 
 def bf16_copied(name: str, mc) -> bool:
     """Whether autocast makes a bf16 copy of this matrix for its matmul: the sigmoid router runs
-    in fp32 (models/routers.py GroupLimitedRouter), and Gated DeltaNet's conv weight [channels, K]
-    is no matmul's (an elementwise product, in fp32)."""
-    if name.endswith("conv1d.weight"):
+    in fp32 (models/routers.py GroupLimitedRouter), Gated DeltaNet's conv weight [channels, K]
+    is no matmul's (an elementwise product, in fp32), and gpt-oss's expert biases [experts,
+    out] are cast per forward, added and let go (nothing saves them)."""
+    if name.endswith(("conv1d.weight", ".bias")):
         return False
     return not (name.endswith("router.weight") and mc.moe_router == "sigmoid_group")
 
 
-def layer_terms(cfg, mc, moe: bool, rows: int | None = None, mixer: str | None = None) -> dict:
+def layer_terms(cfg, mc, moe: bool, rows: int | None = None, mixer: str | None = None,
+                window: int | None = None) -> dict:
     """Saved-for-backward bytes of one decoder layer (an MoE one if `moe`, with token mixer
-    `mixer`: None the model's own, or 'gated_deltanet') on one micro batch of `rows` rows
+    `mixer`: None the model's own, or 'gated_deltanet'; an attention layer's sliding `window`,
+    if it has one) on one micro batch of `rows` rows
     (default train.micro_batch_size; DPO's hold two per pair), by term (module docstring). LoRA
     freezes the base: a frozen norm weight needs no normalised input saved, a frozen linear
     saves its bf16 weight (for the input's gradient) but not its input: an adapted linear's
@@ -185,7 +197,7 @@ def layer_terms(cfg, mc, moe: bool, rows: int | None = None, mixer: str | None =
     if mixer == DELTANET:
         t.update(_deltanet_terms(cfg, mc, rows or cfg.train.micro_batch_size, T, frozen, saved))
     else:
-        t.update(_mixer_terms(cfg, mc, T, Tq, frozen, saved))
+        t.update(_mixer_terms(cfg, mc, T, Tq, frozen, saved, rows or cfg.train.micro_batch_size, window))
     if frozen:  # each adapter keeps its rank-wide middle A x
         t["lora"] = BF16 * T * lora.rank * len(adapted)
     if moe:
@@ -197,8 +209,9 @@ def layer_terms(cfg, mc, moe: bool, rows: int | None = None, mixer: str | None =
     return t
 
 
-def _mixer_terms(cfg, mc, T, Tq, frozen, saved) -> dict:
-    """The token mixer's saved tensors (the casts of its inputs only)."""
+def _mixer_terms(cfg, mc, T, Tq, frozen, saved, rows=1, window=None) -> dict:
+    """The token mixer's saved tensors (the casts of its inputs only); `window` a sliding
+    window's (module docstring: sinks and windows)."""
     p = cfg.parallel
     t = _mla_terms(cfg, mc, T, Tq, frozen, saved) if mc.is_mla else _gqa_terms(cfg, mc, T, frozen, saved)
     n = mc.num_attention_heads // p.tp
@@ -209,12 +222,50 @@ def _mixer_terms(cfg, mc, T, Tq, frozen, saved) -> dict:
         t["core"] += F32 * T * n  # the lse
     if p.cp > 1:
         t["core"] += F32 * T * n * mc.value_head_dim  # ring attention keeps its fp32 out
+    elif cfg.train.recompute != "selective":  # kernels/attention.py's steps after the kernel
+        if mc.attention_sinks or window is not None:  # the kernel's own output, kept by its node
+            t["core"] += BF16 * T * n * mc.value_head_dim
+        if mc.attention_sinks:  # its fp32 copy and the rescale sigmoid(lse - sink)
+            t["core"] += F32 * T * n * mc.value_head_dim + F32 * T * n
+        if window is not None:  # the additive mask [b, 1, s, s] and the rows-seen flags [b, s]
+            t["window_mask"] = BF16 * rows * cfg.data.seq_len ** 2 + rows * cfg.data.seq_len
     return t
+
+
+def window_build(cfg, mc, rows: int, layers) -> int:
+    """The transient of building a sliding window's mask (kernels/attention.py _visible_keys and
+    the additive mask), beyond what the layer then saves: the query - key distances as int64 [s,
+    s] beside two boolean [s, s] masks, 10 s^2 bytes, or, for more than 4 rows, the expanded
+    mask's negation [b, s, s] beside the boolean mask, (1 + b) s^2. 0 where none of `layers` has a
+    window, or under context parallelism (ring attention masks its own blocks)."""
+    if cfg.parallel.cp > 1 or not windowed(mc, layers):
+        return 0
+    return max(10, 1 + rows) * cfg.data.seq_len ** 2
+
+
+def windowed(mc, layers) -> list[int]:
+    """The sliding-window attention layers among `layers`."""
+    return [i for i in layers if kind_of(mc, i)[2] is not None]
+
+
+def held_at_window_build(cfg, mc, kinds: dict, layers, rows: int) -> int:
+    """What a micro batch's layers among `layers` hold when the last sliding-window layer of them
+    builds its mask (`window_build`): the layers before it, and its own tensors saved before the
+    attention core (its input, the input norm's, linear_qkv's cast input and output, q and k
+    after RoPE, the q/k norms'). `kinds`: kind_of -> the layer's terms (memory_model)."""
+    last = windowed(mc, layers)[-1]
+    t = kinds[kind_of(mc, last)]
+    T, _, _ = tokens(cfg, rows)
+    adapted = adapted_targets(cfg, mc)
+    cast = BF16 * T * mc.hidden_size * int(not cfg.model.lora.rank or "linear_qkv" in adapted)
+    own = t["residual"] // 2 + t["norms"] // 2 + cast + t["qkv"] + t["rope"] + t.get("qk_norms", 0)
+    return sum(sum(kinds[kind_of(mc, i)].values()) for i in layers if i < last) + own
 
 
 def mixer_saved(cfg, mc, rows: int) -> int:
     """What a layer still keeps while its token mixer's backward runs: its input and the input
-    norm's tensors, and the mixer's own (its MLP's are gone)."""
+    norm's tensors, and the mixer's own (its MLP's are gone). Ring attention's (cp > 1): no
+    window mask or sink tensors outside its kernel."""
     T, Tq, _ = tokens(cfg, rows)
     frozen = bool(cfg.model.lora.rank)
     adapted = adapted_targets(cfg, mc)
@@ -322,8 +373,16 @@ def _moe_terms(cfg, mc, T, Tm) -> dict:
         router = F32 * Tm * H + 3 * F32 * Tm * E
     else:  # bf16 input; fp32 logits (z-loss) and softmax
         router = BF16 * Tm * H + 2 * F32 * Tm * E
+    # the experts' activation: silu(gate) x up keeps fc1's output, silu's and the product (fc2's
+    # input); gpt-oss's clamped one three more: the clamped gate, its sigmoid, their product and
+    # the shifted clamped up instead of silu's output
+    act = 7 if mc.moe_activation == "clamped_swiglu" else 4
+    # int64 indices: each assignment's token and its place in the expert order (R each), the
+    # rows' permutation to expert-major order and back (Re each); with expert biases (gpt-oss)
+    # the row -> expert index that spreads each GEMM's bias over its rows (Re each)
+    index = 2 * R + 2 * Re + (2 * Re if mc.moe_expert_bias else 0)
     t = {"router": router + Tm * k * (8 + 4) + 3 * F32 * Tm,
-         "dispatch": BF16 * Re * (H + 4 * Fe) + 2 * BF16 * R * H + 8 * (3 * R + Re) + BF16 * R}
+         "dispatch": BF16 * Re * (H + act * Fe) + 2 * BF16 * R * H + 8 * index + BF16 * R}
     if mc.moe_shared_expert_ffn_hidden_size:
         Fs = mc.moe_shared_expert_ffn_hidden_size // p.tp
         t["shared_expert"] = BF16 * T * (H + 4 * Fs)

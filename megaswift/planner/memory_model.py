@@ -17,7 +17,7 @@ of every bucket).
 
 Saved activations, per layer, under bf16 autocast with fp32 master weights: planner/layer_terms.py
 (the residual stream and norms, the token mixer's tensors for GQA (Qwen3-Next's gated attention
-too), multi-latent attention and Gated DeltaNet (the chunked delta rule's [C, C] matrices and
+too; gpt-oss's sinks and sliding-window masks), multi-latent attention and Gated DeltaNet (the chunked delta rule's [C, C] matrices and
 chunk states; a hybrid model's layers each by their own mixer), the dense MLP, the MoE router
 (softmax or DeepSeek's fp32 sigmoid router), dispatch and shared expert), plus
   weights      2 x matmul params   autocast's bf16 weight copies, saved by every matmul (not of
@@ -46,6 +46,9 @@ next forward starts, so micro batches add nothing; the peak is state plus the la
   grad_sync  (ZeRO-1) every bucket's fp32 reduce-scatter output (bucket / dp), started during
              the last backward and alive until finish_grad_sync copies them back: the
              gradient shard, all at once (DeepSeek-scale experts with small activations);
+  window_build a sliding-window layer building its mask (layer_terms.window_build: 10 s^2
+             bytes at once) with the layers before it held: at long sequences over a small
+             vocabulary share; under full recompute also its rebuild in the backward;
   optimizer  CUDA's fused AdamW (what the GPU and, by default, the dry run step with) allocates
              nothing; CPU's foreach AdamW (cuda_optimizer=False) allocates exp_avg_sq.sqrt() of
              every tensor of a parameter group at once (4 bytes per element of the larger group).
@@ -140,12 +143,15 @@ def param_list(cfg, mc, c: _Coords) -> list[tuple[str, int, int, bool, bool]]:
             names += layer_param_names(mc, i)
         if s == stages - 1:
             names += ["decoder.final_layernorm.weight"] + ([] if mc.tie_word_embeddings else ["output_layer.weight"])
-        for j, name in enumerate(names):
+        listed = set(names)
+        for name in names:
             if name in seen:  # zbv: the tied embedding of the first and last stage is one Parameter
                 continue
             seen.add(name)
             module = name.rsplit(".", 2)[-2]
-            has_bias = j + 1 < len(names) and names[j + 1].endswith(module + ".bias")
+            # an adapter follows its layer's bias where it has one (gpt-oss's expert biases are
+            # listed after both expert weights)
+            has_bias = name.endswith(".weight") and name[: -len("weight")] + "bias" in listed
             adapt = module in targets and (name.endswith(".bias") or not has_bias) and "shared_expert_gate" not in name
             add(name, adapt and (name.endswith(".weight") or name.endswith(".bias")))
     return out
@@ -281,7 +287,7 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
     names = [n for n, *_ in plist]
     layer_ids = sorted({layer_of(n) for n in names if n.startswith("decoder.layers.")})
     n_moe = sum(1 for i in layer_ids if i in mc.moe_layers)
-    kinds = _layer_kinds(cfg, mc, rows, range(mc.num_layers))  # (mixer, moe) -> its terms
+    kinds = _layer_kinds(cfg, mc, rows, range(mc.num_layers))  # (mixer, moe, window) -> its terms
     per = {k: sum(t.values()) for k, t in kinds.items()}
     weights = BF16 * state["matmul_params"]  # autocast's bf16 copies of every layer's matmul weights
     frozen = bool(cfg.model.lora.rank)
@@ -326,12 +332,26 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
             layers = terms["layer_inputs"] + terms["layer_weight_copies"]
         common = inputs + cos_sin + emb + final
         candidates["forward"] = layers + common + F32 * Tq * H + out_in + BF16 * V * H + logits
+        build = layer_terms.window_build(cfg, mc, rows, layer_ids)
+        if build:  # the last sliding-window layer building its mask in the forward
+            at_build = (terms["layer_inputs"] if full else
+                        layer_terms.held_at_window_build(cfg, mc, kinds, layer_ids, rows) + weights)
+            candidates["window_build"] = at_build + inputs + cos_sin + emb + build
         if merged_experts(cfg, mc):  # LoRA on the experts: the last MoE layer's merged fp32 weights
             candidates["lora_expert_merge"] = layers + common + merged_experts(cfg, mc)
         candidates["backward"] = layers + common + wgrad + F32 * T * H
         if full:
             candidates["backward"] -= terms["layer_weight_copies"]
             candidates["recompute"] = layers - terms["layer_weight_copies"] + common + one + 2 * F32 * Tq * H
+            if build:  # the last sliding-window layer rebuilt in the backward, building its mask
+                # again: the saved inputs of the layers up to it (the embedding's output is layer
+                # 0's), the layer's own tensors before the core, the gradient flowing back
+                last_w = layer_terms.windowed(mc, layer_ids)[-1]
+                inputs_left = sum(1 for i in layer_ids if i <= last_w and not (first and i == 0))
+                rebuilt = layer_terms.held_at_window_build(cfg, mc, kinds, [last_w], rows)
+                candidates["window_build"] = max(candidates["window_build"], F32 * Tq * H * inputs_left
+                                                 + terms["layer_weight_copies"]
+                                                 + inputs + cos_sin + emb + rebuilt + 2 * F32 * Tq * H + build)
         if n_moe and not frozen:  # the last MoE layer's grouped fc1 weight gradient in bf16 and its fp32 cast
             e_local, Fe = mc.num_moe_experts // p.ep, mc.moe_ffn_hidden_size // p.etp
             fc1, fc2 = e_local * 2 * Fe * H, e_local * H * Fe
@@ -368,10 +388,10 @@ def predict_position(cfg, model_cfg, world_size: int, rank: int, cuda_optimizer:
 
 def _layer_kinds(cfg, mc, rows: int, layers) -> dict:
     """The saved-activation terms (planner/layer_terms.py) of each kind of layer among `layers`:
-    (token mixer, MoE) -> terms."""
+    (token mixer, MoE, sliding window) -> terms."""
     out = {}
     for i in layers:
         kind = layer_terms.kind_of(mc, i)
         if kind not in out:
-            out[kind] = layer_terms.layer_terms(cfg, mc, kind[1], rows, kind[0])
+            out[kind] = layer_terms.layer_terms(cfg, mc, kind[1], rows, kind[0], kind[2])
     return out

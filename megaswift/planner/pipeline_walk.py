@@ -18,7 +18,9 @@ gradients (2 x its cached elements) stay until the end, where the casts run (eac
 gradient and frees its bf16 one); on the first stage the embedding's dense fp32 gradient (4 V H)
 comes first. The peak is the largest of
   forward    the in-flight activations at the end of a forward (last stage: + the bf16 logits
-             and the loss's other fp32 copy, 2 T V + 4 T V);
+             and the loss's other fp32 copy, 2 T V + 4 T V), or where the stage's last
+             sliding-window layer builds its mask (layer_terms.window_build, with what that
+             micro batch holds by then);
   backward   the start of a backward (+ fc2's bf16 weight gradient and the MLP's input
              gradients; the last stage's micro batch 0: + the output layer's 6 V H), or its end
              (the other micro batches in flight + the drained weight gradients above); full
@@ -125,7 +127,7 @@ def pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, kinds, terms,
     H, V = mc.hidden_size, mc.padded_vocab_size(p.tp) // p.tp
     frozen = bool(cfg.model.lora.rank)
     full = cfg.train.recompute == "full"
-    per = {k: sum(t.values()) for k, t in kinds.items()}  # (mixer, moe) -> a layer's bytes
+    per = {k: sum(t.values()) for k, t in kinds.items()}  # (mixer, moe, window) -> a layer's bytes
     cos_sin = 2 * F32 * T * mc.rotary_dim
     out_trainable = not frozen
     # per stage: saved activations per micro batch (A), per-micro-batch bf16 weight copies (Wu:
@@ -207,6 +209,15 @@ def pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, kinds, terms,
         return most
 
     grad_drain = {s: drain(s) for s in mine}
+    # the stage's last sliding-window layer building its mask in a forward: what the micro batch
+    # holds by then instead of its whole A[s] (under full recompute, and in the rebuilt layer of
+    # a backward: all of it, an upper bound)
+    build = {s: layer_terms.window_build(cfg, mc, rows, split[s]) for s in mine}
+    short = {s: 0 if not build[s] or full else
+             sum(per[layer_terms.kind_of(mc, i)] for i in split[s])
+             - layer_terms.held_at_window_build(cfg, mc, kinds, split[s], rows) for s in mine}
+    rebuilt = {s: layer_terms.held_at_window_build(cfg, mc, kinds, layer_terms.windowed(mc, split[s])[-1:], rows)
+               if build[s] else 0 for s in mine}
     merged = merged_experts(cfg, mc)
     # a stage's first layer in its token mixer's backward (the last thing a stage's backward
     # computes but the embedding): its mixer's tensors, ring attention's temporaries, and (after
@@ -239,7 +250,8 @@ def pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, kinds, terms,
             live += flight[(s, i)]
             flight_layers += n_layers[s]
             most_flight = max(most_flight, flight_layers / per_rank_layers)
-            top = live + held_i + (logits if s == last_stage else 0)
+            top = max(live + held_i + (logits if s == last_stage else 0),
+                      live + held_i + build[s] - short[s] if build[s] else 0)
             if merged and any(j in mc.moe_layers for j in split[s]):  # during its last MoE layer
                 top = max(top, live + held_i + merged)
             out["forward"] = max(out["forward"], W + top)
@@ -276,6 +288,8 @@ def pipeline_peak(cfg, mc, c, plist, split, mine, stages, n_micro, kinds, terms,
             top = max(top, live - F32 * T * V + (BF16 + F32) * V * H + F32 * T * H)
         if full:  # the last layer rebuilt: the stage's other weight gradients are already made
             top = max(top, live + one_layer + 2 * F32 * Tq * H + (BF16 * sum(casts[s]) if i > 0 else 0))
+            if build[s]:  # a rebuilt sliding-window layer building its mask: its tensors before the core
+                top = max(top, live + rebuilt[s] + build[s] + 2 * F32 * Tq * H + (BF16 * sum(casts[s]) if i > 0 else 0))
         if expert_wgrad[s]:  # an MoE layer's grouped weight gradient (bf16) and its fp32 cast; its own
             # per-micro-batch expert copies went with its grouped GEMM's node (rebuilt ones under full)
             # (the last stage's loss has freed its saved exp by then)

@@ -11,8 +11,9 @@ pipeline schedule's bubble.
   train/metrics.py's: its projections (multi-latent attention's down- and up-projections), the
   core over the q/k and the v head widths, a dense MLP or the router, top-k experts and shared
   expert; DeepSeek's dense first layers count as dense. Qwen3-Next's gated attention adds its
-  query gates to the q projection; a Gated DeltaNet layer (linear attention) counts its
-  in_proj_qkvz, in_proj_ba and out_proj, and for its core the chunked delta rule's matmuls
+  query gates to the q projection; a sliding-window layer (gpt-oss, Mistral) attends to w -
+  w^2 / (2 s) keys on average instead of s/2; a Gated DeltaNet layer (linear attention) counts
+  its in_proj_qkvz, in_proj_ba and out_proj, and for its core the chunked delta rule's matmuls
   (kernels/gated_delta.py, chunks of C tokens, r value heads per key head), per token and value
   head C (2 dk / r + dk + 2 dv) + C^2 / 3 (the triangular solve) + 3 dk dv (the state's three
   products): linear in the sequence, where attention's core grows with it.
@@ -35,9 +36,9 @@ pipeline schedule's bubble.
 from __future__ import annotations
 
 from megaswift.parallel.pipeline_stages import num_stages, split_layers, stages_of_rank
-from megaswift.train.metrics import attention_core_macs, layer_matmul_params
+from megaswift.train.metrics import mixer_macs, mlp_matmul_params
 
-from .layer_terms import DELTANET, delta_chunk, mixer_of
+from .layer_terms import DELTANET, mixer_of
 
 _FACTOR = {"allreduce": lambda n: 2 * (n - 1) / n, "allgather": lambda n: (n - 1) / n,
            "_allgather_base": lambda n: (n - 1) / n, "_reduce_scatter_base": lambda n: (n - 1) / n,
@@ -46,29 +47,14 @@ _FACTOR = {"allreduce": lambda n: 2 * (n - 1) / n, "allgather": lambda n: (n - 1
 # a recv's bytes arrive while the peer's send is timed: counting both would count a transfer twice
 
 
-def layer_flops_per_token(mc, seq_len: int) -> tuple[float, float, float]:
-    """Forward FLOPs per token of one decoder layer: (attention projections, attention core
-    (scores and values over s/2 keys on average, causal), (dense MLP, MoE MLP: the active
-    experts, the router and any shared expert)), from train/metrics.py's count of the weights a
-    token meets (multi-latent attention's down- and up-projections included)."""
-    attention, dense, moe = layer_matmul_params(mc)
-    return 2 * attention, 2 * attention_core_macs(mc, seq_len), (2 * dense, 2 * moe)
-
-
-def mixer_flops_per_token(mc, seq_len: int, layer: int) -> tuple[float, float]:
-    """Forward FLOPs per token of layer `layer`'s token mixer: (projections, core)."""
-    h = mc.hidden_size
-    if mixer_of(mc, layer) == DELTANET:
-        hk, hv, dk, dv = (mc.linear_num_key_heads, mc.linear_num_value_heads, mc.linear_key_head_dim,
-                          mc.linear_value_head_dim)
-        C, r = delta_chunk(), hv // hk
-        proj = h * (2 * hk * dk + 2 * hv * dv + 2 * hv) + hv * dv * h
-        core = hv * (C * (2 * dk / r + dk + 2 * dv) + C * C / 3 + 3 * dk * dv)
-        return 2 * proj, 2 * core
-    attention, _, _ = layer_matmul_params(mc)
-    if mc.attn_output_gate:  # each query head's gate rows in linear_qkv
-        attention += h * mc.num_attention_heads * mc.kv_channels
-    return 2 * attention, 2 * attention_core_macs(mc, seq_len)
+def layer_flops_per_token(mc, seq_len: int, layer: int) -> tuple[float, float, float]:
+    """Forward FLOPs per token of layer `layer`: (token mixer projections, its core, MLP), from
+    train/metrics.py's count (the one MFU uses): attention's projections (gated attention's gate
+    rows, multi-latent attention's down- and up-projections) and causal core over s/2 keys (a
+    sliding-window layer's over at most its window), or Gated DeltaNet's projections and chunked
+    delta rule; a dense MLP, or the router, top-k experts and shared expert."""
+    proj, core = mixer_macs(mc, seq_len, layer)
+    return 2 * proj, 2 * core, 2 * mlp_matmul_params(mc, layer)
 
 
 def stage_flops_per_token(cfg, mc, pp_rank: int) -> float:
@@ -77,13 +63,11 @@ def stage_flops_per_token(cfg, mc, pp_rank: int) -> float:
     stages = num_stages(p.pp, p.vpp, p.pp_schedule) if p.pp > 1 else 1
     split = split_layers(mc.num_layers, stages, p.pp_layers if p.pp > 1 else None)
     mine = stages_of_rank(pp_rank, p.pp, stages, p.pp_schedule) if p.pp > 1 else [0]
-    _, _, (dense, moe) = layer_flops_per_token(mc, seq)
     recompute = cfg.train.recompute
     total = 0.0
     for s in mine:
         for layer in split[s]:
-            mlp = moe if layer in mc.moe_layers else dense
-            proj, core = mixer_flops_per_token(mc, seq, layer)
+            proj, core, mlp = layer_flops_per_token(mc, seq, layer)
             fwd = proj + core + mlp
             # selective recompute reruns the attention core (a Gated DeltaNet layer's runs once)
             selective = core if mixer_of(mc, layer) != DELTANET else 0.0
@@ -92,6 +76,15 @@ def stage_flops_per_token(cfg, mc, pp_rank: int) -> float:
         if s == stages - 1:
             total += 3 * 2 * mc.hidden_size * mc.vocab_size  # output layer
     return total
+
+
+def attention_share(mc, seq_len: int) -> float:
+    """The attention cores' share of the layers' forward FLOPs (what ring attention's transfers
+    overlap with)."""
+    parts = [layer_flops_per_token(mc, seq_len, i) for i in range(mc.num_layers)
+             if mixer_of(mc, i) != DELTANET]
+    total = sum(sum(layer_flops_per_token(mc, seq_len, i)) for i in range(mc.num_layers))
+    return sum(core for _, core, _ in parts) / total if total else 0.0
 
 
 def bubble(cfg, n_micro: int) -> float:
@@ -153,9 +146,7 @@ def step_time(cfg, mc, world: int, gpus_per_node: int, hw, comm: dict, pp_rank: 
             if cls in exposed:
                 exposed[cls] = max(0.0, exposed[cls] - last_backward)
     if "cp" in exposed and p.cp_comm == "ring":  # overlapped with the attention blocks
-        proj, core, (dense, moe) = layer_flops_per_token(mc, cfg.data.seq_len)
-        attention_share = core / (proj + core + (moe if mc.moe_layers else dense))
-        exposed["cp"] = max(0.0, exposed["cp"] - compute * attention_share)
+        exposed["cp"] = max(0.0, exposed["cp"] - compute * attention_share(mc, cfg.data.seq_len))
     optimizer = 32 * shard_elements / (hw.hbm_tbps * 1e12)
     total = compute * (1 + b) + sum(exposed.values()) + optimizer
     return {"step_s": total, "compute_s": compute, "bubble": b, "comm_s": comm_s, "exposed_comm_s": exposed,

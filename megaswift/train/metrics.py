@@ -5,6 +5,7 @@ tokens, tokens_per_s, elapsed_s, plus whatever the algorithm adds. Only rank 0 w
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -49,23 +50,78 @@ def peak_flops() -> float | None:
 
 def train_flops_per_token(cfg, seq_len: int) -> float:
     """Model FLOPs of forward + backward per token (3x the forward), counting matmuls only:
-    the weights (2 flops per multiply-add) and causal attention scores and values (s/2 keys on
-    average). Recomputation is not counted, as MFU conventionally does not."""
-    return 3 * 2 * (matmul_params(cfg) + cfg.num_layers * attention_core_macs(cfg, seq_len))
+    the weights a token meets (2 flops per multiply-add: `matmul_params`) and each layer's token
+    mixer core (`mixer_macs`): causal attention's scores and values (s/2 keys on average; a
+    sliding-window layer's at most `window`), or a Gated DeltaNet layer's chunked delta rule.
+    Biases, norms, attention sinks and Gated DeltaNet's depthwise conv are elementwise and not
+    counted. Recomputation is not counted, as MFU conventionally does not."""
+    core = sum(mixer_macs(cfg, seq_len, i)[1] for i in range(cfg.num_layers))
+    return 3 * 2 * (matmul_params(cfg) + core)
 
 
-def attention_core_macs(cfg, seq_len: int) -> float:
+def attended_keys(seq_len: int, window: int | None = None) -> float:
+    """Keys a query attends to on average in causal attention over `seq_len` tokens: s/2, and
+    with a sliding window of w keys (query i sees keys i - w + 1 .. i) w - w^2 / (2 s) for
+    w <= s (the first w queries see fewer), which is s/2 again at w = s."""
+    if window is None or window >= seq_len:
+        return seq_len / 2
+    return window - window * window / (2 * seq_len)
+
+
+def attention_core_macs(cfg, seq_len: int, window: int | None = None) -> float:
     """Multiply-adds per token of one layer's causal attention core: q.k over the q/k head width
     and the weighted sum of values over the value width (they differ under multi-latent
-    attention), s/2 keys on average."""
-    return cfg.num_attention_heads * (cfg.qk_head_dim + cfg.value_head_dim) * (seq_len / 2)
+    attention), over `attended_keys` (s/2 on average, fewer in a sliding-window layer)."""
+    return cfg.num_attention_heads * (cfg.qk_head_dim + cfg.value_head_dim) * attended_keys(seq_len, window)
+
+
+def delta_rule_macs(cfg) -> float:
+    """Multiply-adds per token of a Gated DeltaNet layer's chunked delta rule (the torch form of
+    kernels/gated_delta.py, chunks of C tokens, r value heads per key head): per value head
+    C (2 dk / r + dk + 2 dv) for the chunk's K K^T and Q K^T (once per key head), T V, T K and
+    the intra-chunk output, C^2 / 3 for the triangular solve, and 3 dk dv for the state's three
+    products (W S, the state update and Q S): linear in the sequence, where attention grows with
+    it."""
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, C, r = cfg.linear_key_head_dim, cfg.linear_value_head_dim, delta_chunk(), hv // hk
+    return hv * (C * (2 * dk / r + dk + 2 * dv) + C * C / 3 + 3 * dk * dv)
+
+
+@functools.lru_cache(maxsize=1)
+def delta_chunk() -> int:
+    """The torch form's chunk (kernels/gated_delta.py gated_delta_rule's default chunk_size)."""
+    import inspect
+
+    from megaswift.kernels.gated_delta import gated_delta_rule
+
+    return inspect.signature(gated_delta_rule).parameters["chunk_size"].default
+
+
+def mixer_macs(cfg, seq_len: int, layer: int) -> tuple[int, float]:
+    """(weights, core multiply-adds) per token of layer `layer`'s token mixer: attention's
+    projections (`layer_matmul_params`) and core over its window, or a Gated DeltaNet layer's
+    in_proj_qkvz, in_proj_ba and out_proj and its delta rule."""
+    if cfg.token_mixer_for_layer(layer) == "gated_deltanet":
+        return mixer_params(cfg, layer), delta_rule_macs(cfg)
+    return mixer_params(cfg, layer), attention_core_macs(cfg, seq_len, cfg.window_for_layer(layer))
+
+
+def mixer_params(cfg, layer: int) -> int:
+    """Weights one token meets in layer `layer`'s token mixer (`mixer_macs`)."""
+    if cfg.token_mixer_for_layer(layer) == "gated_deltanet":
+        h, hk, hv = cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        return h * (2 * hk * dk + 2 * hv * dv + 2 * hv) + hv * dv * h
+    return layer_matmul_params(cfg)[0]
 
 
 def layer_matmul_params(cfg) -> tuple[int, int, int]:
     """Weights one token meets in one layer, as (attention projections, dense MLP, MoE MLP: the
     router, the top-k experts it goes to and any shared expert with its gate). Multi-latent
     attention: the q down- and up-projections (or one q projection), the kv down-projection with
-    the rope key, the kv up-projection and the output projection."""
+    the rope key, the kv up-projection and the output projection; gated attention
+    (attn_output_gate, Qwen3-Next): the q projection's gate rows too. A Gated DeltaNet layer's
+    projections are `mixer_macs`'."""
     h, nq = cfg.hidden_size, cfg.num_attention_heads
     if cfg.is_mla:
         qk, rq = cfg.qk_head_dim, cfg.q_lora_rank
@@ -74,7 +130,8 @@ def layer_matmul_params(cfg) -> tuple[int, int, int]:
                      + cfg.kv_lora_rank * nq * (cfg.qk_nope_head_dim + cfg.v_head_dim) + nq * cfg.v_head_dim * h)
     else:
         hd, ng = cfg.kv_channels, cfg.num_query_groups
-        attention = h * (nq + 2 * ng) * hd + nq * hd * h
+        gates = nq if cfg.attn_output_gate else 0  # each query head's output gate rows
+        attention = h * (nq + gates + 2 * ng) * hd + nq * hd * h
     dense = 3 * h * cfg.ffn_hidden_size
     shared = cfg.moe_shared_expert_ffn_hidden_size
     moe = (h * cfg.num_moe_experts + cfg.moe_router_topk * 3 * h * cfg.moe_ffn_hidden_size
@@ -82,14 +139,19 @@ def layer_matmul_params(cfg) -> tuple[int, int, int]:
     return attention, dense, moe
 
 
+def mlp_matmul_params(cfg, layer: int) -> int:
+    """Weights one token meets in layer `layer`'s MLP: a dense one, or the MoE's router, top-k
+    experts and shared expert."""
+    _, dense, moe = layer_matmul_params(cfg)
+    return moe if layer in cfg.moe_layers else dense
+
+
 def matmul_params(cfg) -> int:
-    """Weights that take part in a matmul per token: every linear layer and the output layer; in
-    an MoE layer the router, the top-k experts a token goes to and the shared expert (active
-    parameters)."""
-    attention, dense, moe = layer_matmul_params(cfg)
-    n_moe = len(cfg.moe_layers)
-    return (cfg.num_layers * attention + (cfg.num_layers - n_moe) * dense + n_moe * moe
-            + cfg.hidden_size * cfg.vocab_size)
+    """Weights that take part in a matmul per token: every linear layer (each layer's by its
+    token mixer) and the output layer; in an MoE layer the router, the top-k experts a token
+    goes to and the shared expert (active parameters)."""
+    layers = sum(mixer_params(cfg, i) + mlp_matmul_params(cfg, i) for i in range(cfg.num_layers))
+    return layers + cfg.hidden_size * cfg.vocab_size
 
 
 class MetricsLogger:

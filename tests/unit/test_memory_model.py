@@ -236,3 +236,88 @@ def test_layer_terms_match_a_real_layers_saved_tensors(hf, rows, seq, layer):
     terms = layer_terms.layer_terms(cfg, mc, False, mixer=layer_terms.mixer_of(mc, layer))
     predicted = sum(terms.values()) - 4 * rows * seq * mc.hidden_size  # the layer's input is the caller's
     assert abs(measured - predicted) <= 1e-3 * measured, (measured, predicted, terms)
+
+
+def _gpt_oss_model_config(**hf):
+    """A small gpt_oss ModelConfig (no files): layer 0 sliding-window (8) attention, layer 1 full,
+    both with sinks and q/k/v/o biases; 4 experts (top-2) with biases and the clamped SwiGLU, the
+    router with a bias."""
+    from megaswift.convert.families import family_for
+
+    raw = dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=1000, hidden_size=64,
+               intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               num_local_experts=4, num_experts_per_tok=2, sliding_window=8, rope_theta=150000.0,
+               layer_types=["sliding_attention", "full_attention"], attention_bias=True, swiglu_limit=7.0)
+    raw.update(hf)
+    return family_for(raw).model_config(raw, 8)
+
+
+@pytest.mark.parametrize("layer", [0, 1], ids=["sliding-window", "full"])
+def test_gpt_oss_layer_terms_match_a_real_layers_saved_tensors(layer):
+    """A gpt-oss decoder layer built by the model code (fp32 weights, bf16 autocast, the grouped
+    expert GEMMs, force-balanced routing as the dry run routes, the router statistics kept as the
+    model keeps them): the activations its autograd graph saves equal planner/layer_terms.py's
+    terms to 40 bytes (two float64 scalars, the GEMMs' int32 offsets, a [2, 1] product). What
+    gpt-oss adds: the attention kernel's own output, its fp32 copy and sigmoid(lse - sink)
+    (sinks), the additive mask [b, 1, s, s] and the rows-seen flags (the sliding window), the
+    clamped SwiGLU's four intermediates, and the row -> expert indices of the expert biases."""
+    import torch
+
+    from megaswift.models.layers import TransformerLayer
+    from megaswift.models.moe import stats_shape
+    from megaswift.models.rope import inv_frequencies
+    from megaswift.parallel.state import ParallelState
+    from megaswift.planner import layer_terms
+
+    rows, seq = 2, 96
+    mc = _gpt_oss_model_config()
+    torch.manual_seed(0)
+    lay = TransformerLayer(mc, ParallelState.single(), layer, dtype=torch.float32)
+    for w in lay.parameters():
+        torch.nn.init.normal_(w, std=0.02)
+    lay.mlp.force_balance = True
+    x = torch.randn(rows, seq, mc.hidden_size, requires_grad=True) * 1.0
+    freqs = torch.outer(torch.arange(seq).float(), inv_frequencies(mc.rotary_dim, mc.rope_theta, None, seq))
+    cos, sin = torch.cat([freqs, freqs], -1).cos()[None], torch.cat([freqs, freqs], -1).sin()[None]
+    exclude = {t.untyped_storage()._cdata for t in (x, cos, sin, *lay.parameters())}
+    stats = torch.zeros(stats_shape(len(mc.moe_layers), mc.num_moe_experts))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, stats = lay(x, cos, sin, moe_stats=stats)
+    # the weights' bf16 copies aside (the expert biases are cast, added and let go: no copy kept)
+    copies = layer_terms.BF16 * sum(w.numel() for name, w in lay.named_parameters()
+                                    if w.dim() >= 2 and not name.endswith("bias"))
+    measured = _saved_bytes(out.sum() + stats.sum(), exclude) - copies
+    cfg = load_config(None, ["--model.hf_path=unused", f"--data.seq_len={seq}", f"--train.micro_batch_size={rows}"])
+    mixer, moe, window = layer_terms.kind_of(mc, layer)
+    assert (mixer, moe, window) == ("gqa", True, 8 if layer == 0 else None)
+    terms = layer_terms.layer_terms(cfg, mc, moe, mixer=mixer, window=window)
+    assert ("window_mask" in terms) == (layer == 0)
+    predicted = sum(terms.values()) - 4 * rows * seq * mc.hidden_size  # the layer's input is the caller's
+    assert 0 <= measured - predicted <= 40, (measured, predicted, terms)
+
+
+# the tiny gpt_oss of testing/tiny.py (2 layers: sliding window 8, then full; sinks, biases, 4
+# experts top-2, the clamped SwiGLU), one micro batch per step: at 512 tokens the peak is the
+# cross entropy's, at 2048 a sliding-window layer building its mask (10 s^2 bytes)
+GPT_OSS_TINY = [
+    (2, ["--parallel.ep=2", "--optim.zero=1", "--data.seq_len=512", "--train.global_batch_size=2"], "forward"),
+    (2, ["--parallel.tp=2", "--parallel.sp=true", "--data.seq_len=2048", "--train.global_batch_size=1"],
+     "window_build"),
+]
+
+
+@pytest.mark.parametrize("world,overrides,peak_at", GPT_OSS_TINY, ids=["ep2-zero1-s512", "tp2-sp-s2048"])
+def test_gpt_oss_prediction_matches_dry_run(tmp_path, world, overrides, peak_at):
+    import transformers
+
+    from megaswift.testing.tiny import TINY_COMMON, TINY_FAMILIES
+
+    cls, extra = TINY_FAMILIES["gpt_oss"]
+    getattr(transformers, cls)(**{**TINY_COMMON, **extra}).save_pretrained(str(tmp_path))
+    cfg, mc = _config(str(tmp_path), overrides, real=False)
+    pred = predict_position(cfg, mc, world, 0)
+    got = dry_run_position(cfg, mc, world, 0)
+    for key in ("parameters", "gradients", "optimizer"):
+        assert pred[key] == got.state_bytes[key], key
+    assert pred["peak_at"] == peak_at
+    assert abs(pred["peak"] - got.peak_bytes) <= 0.01 * got.peak_bytes, (pred["peak"], got.peak_bytes)

@@ -14,7 +14,9 @@
   planner ranks first on 256 H100s fits and dry-runs within 2% at every rank position;
 - Qwen3-Next-80B-A3B (Gated DeltaNet beside gated attention): on 32 H100s the printed layouts
   launch, use no context parallelism (refused for these layers), and the report gives each
-  layout's recurrent state per sequence.
+  layout's recurrent state per sequence;
+- gpt-oss-120b (sliding windows, sinks, biased router and experts): the layout the planner ranks
+  first on 32 H100s launches, fits with full recompute only, and holds the exact parameters.
 """
 import json
 import shlex
@@ -243,3 +245,51 @@ def test_plan_qwen3_next_on_32_h100s(capsys, qwen3_next):
         tp = int(re.search(r"tp(\d+)", row).group(1))
         layers = got * 2 ** 20 / ((4 * 32 * 128 * 128 + 2 * 3 * 8192) / tp)
         assert 1 <= round(layers) <= 36 and abs(layers - round(layers)) < 0.05, (row, state[0])
+
+
+# what `megaswift plan tests/data/real_configs/gpt-oss-120b --nodes 4 --gpus-per-node 8 --gpu h100
+# --seq-len 4096 --global-batch-tokens 1048576` ranks first (its search takes ~5 s: pinned here;
+# docs/plan.md)
+GPT_OSS_32 = {"parallel.pp": 4, "parallel.cp": 8, "parallel.ep": 8, "optim.zero": 1, "train.recompute": "full",
+              "train.global_batch_size": 256}
+
+
+def test_plan_gpt_oss_120b_on_32_h100s():
+    """gpt-oss-120b full fine-tuning at tp1 pp4 cp8 ep8 ZeRO-1 with full recompute: the layout
+    launches (its checks pass), every rank position fits an H100 and holds the exact parameter
+    count, full recompute is the least that fits (none and selective overflow), and the MFU the
+    plan prints stays under the compute efficiency it assumes."""
+    import argparse
+
+    from megaswift.parallel.pipeline import check_microbatches
+    from megaswift.planner.dry_run import with_values
+    from megaswift.planner.hardware import hardware
+    from megaswift.planner.report import base_config
+    from megaswift.planner.search import evaluate
+    from megaswift.setup import hf_model_config, plan_layout
+    from megaswift.train.metrics import train_flops_per_token
+
+    directory, world, tokens = str(REAL / "gpt-oss-120b"), 32, 1 << 20
+    cfg = with_values(base_config(argparse.Namespace(seq_len=4096, lora_rank=0), directory), GPT_OSS_32)
+    mc = hf_model_config(directory, cfg)
+    layout = plan_layout(cfg, world, mc)
+    layout.check_seq_len(cfg.data.seq_len, moe=True)
+    check_microbatches(cfg.parallel.pp_schedule, layout.pp, cfg.train.global_batch(layout.dp))
+    hw = hardware("h100")
+    cand = evaluate(cfg, mc, world, 8, hw, tokens)
+    assert cand.fits and cand.ranks == [0, 8, 24]
+    # each pp rank holds 9 layers, their attention whole (q/k/v/o with biases, the sinks), the
+    # norms and the router with its bias whole, 16 of the 128 experts with their biases; the
+    # first the embedding, the last the final norm and the output layer. Over the stages and the
+    # 8 expert ranks of each: the model's 116,829,156,672 (test_real_configs.py)
+    H, V, E, F = 2880, 201088, 128, 2880
+    shared = 2 * H + H * 4096 + 4096 + 2 * (H * 512 + 512) + 4096 * H + H + 64 + E * H + E
+    experts = E // 8 * (2 * F * H + 2 * F + F * H + H)
+    stage = {0: 9 * (shared + experts) + V * H, 8: 9 * (shared + experts), 24: 9 * (shared + experts) + H + V * H}
+    assert [m["params"] for m in cand.memory] == [stage[r] for r in cand.ranks]
+    assert 36 * (shared + 8 * experts) + 2 * V * H + H == 116_829_156_672
+    for mode in ("none", "selective"):
+        assert not evaluate(with_values(cfg, {"train.recompute": mode}), mc, world, 8, hw, tokens, timed=False).fits
+    tps = tokens / cand.time["step_s"] / world
+    mfu = train_flops_per_token(mc, cfg.data.seq_len) * tps / (hw.peak_tflops * 1e12)
+    assert 0.1 < mfu < hw.compute_efficiency

@@ -148,3 +148,63 @@ def test_what_interrupted_saves_left_is_removed_at_the_start(tmp_path):
     (root / "step_2" / "megaswift.json").write_text("{}")
     assert clean_interrupted_saves(str(tmp_path)) == ["step_3.old", "step_4.tmp"]
     assert sorted(os.listdir(root)) == ["step_2", "step_5"]
+
+
+REAL_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "data", "real_configs")
+
+
+@pytest.mark.parametrize("name", ["Qwen3-Next-80B-A3B-Instruct", "gpt-oss-120b"])
+def test_flops_per_token_matches_an_independent_count(tmp_path, name):
+    """train_flops_per_token (MFU's numerator) against a count made without megaswift's
+    arithmetic, on the published config cut to 4 layers (Qwen3-Next: 3 Gated DeltaNet layers and
+    1 gated attention; gpt-oss: sliding-window (128) and full attention alternating) at 4096
+    tokens: transformers' model of it built on the meta device, 6 x the weights a token meets in
+    a matmul (every matrix but the input embedding and the depthwise conv, no bias; of a stacked
+    experts tensor the top-k share), plus 6 x each layer's core: attention's q.k and p.v over the
+    keys its causal (and windowed) mask shows, counted; the delta rule's matmuls as torch's FLOP
+    counter counts them in megaswift's chunked kernel, with the triangular solve (which the
+    counter skips) at C^2 / 3 per token and value head."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megaswift.convert.families import family_for
+    from megaswift.kernels.gated_delta import gated_delta_rule
+
+    seq, layers = 4096, 4
+    raw = json.load(open(os.path.join(REAL_CONFIGS, name, "config.json")))
+    raw["num_hidden_layers"] = layers
+    if "layer_types" in raw:
+        raw["layer_types"] = raw["layer_types"][:layers]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = AutoConfig.from_pretrained(str(tmp_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    experts, topk = hf.num_local_experts if name.startswith("gpt") else hf.num_experts, hf.num_experts_per_tok
+    weights = sum(p.numel() * (topk / experts if ".experts." in n else 1) for n, p in model.named_parameters()
+                  if p.dim() >= 2 and "embed_tokens" not in n and "conv1d" not in n and not n.endswith("bias"))
+
+    types = hf.layer_types
+    core = 0.0
+    for t in types:
+        if t == "linear_attention":
+            hk, hv = hf.linear_num_key_heads, hf.linear_num_value_heads
+            dk, dv, r, s = hf.linear_key_head_dim, hf.linear_value_head_dim, hv // hk, 256
+            q, k = torch.randn(1, s, 1, dk), torch.randn(1, s, 1, dk)
+            v, g, beta = torch.randn(1, s, r, dv), -torch.rand(1, s, r), torch.rand(1, s, r)
+            with FlopCounterMode(display=False) as counter:  # one key head and its r value heads
+                gated_delta_rule(q, k, v, g, beta, backend="torch")
+            C = 64
+            core += hv * (counter.get_total_flops() / 2 / (s * r) + C * C / 3)
+        else:
+            i = torch.arange(seq)
+            visible = i[None, :] <= i[:, None]
+            if t == "sliding_attention":
+                visible &= i[:, None] - i[None, :] < hf.sliding_window
+            core += hf.num_attention_heads * 2 * hf.head_dim * visible.sum().item() / seq
+    assert len(types) == layers and {"linear_attention", "sliding_attention"} & set(types)
+
+    mc = family_for(raw).model_config(raw, 128)
+    # they differ by the masks' half key per query: s/2 (and w - w^2 / 2s) against the mask's
+    # (s + 1) / 2 (and w - w (w - 1) / 2s) keys, 7e-6 of the total here
+    assert train_flops_per_token(mc, seq) == pytest.approx(6 * (weights + core), rel=2e-5)
