@@ -299,24 +299,33 @@ class _LseGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lse, q, k, kernel, scale):
-        ctx.save_for_backward(q, k)
-        ctx.kernel, ctx.scale = kernel, scale
+        # the kernel's tensor arguments (its mask or visibility, document ids) are saved as
+        # tensors, not held inside the partial: activation checkpointing then drops them, and
+        # they leave with the graph (the planner's measured memory, planner/layer_terms.py)
+        tensors = {}
+        if isinstance(kernel, functools.partial):
+            tensors = {n: v for n, v in kernel.keywords.items() if isinstance(v, torch.Tensor)}
+            kernel = functools.partial(kernel.func, *kernel.args,
+                                       **{n: v for n, v in kernel.keywords.items() if n not in tensors})
+        ctx.save_for_backward(q, k, *tensors.values())
+        ctx.kernel, ctx.names, ctx.scale = kernel, tuple(tensors), scale
         return lse.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        q, k = ctx.saved_tensors
+        q, k, *tensors = ctx.saved_tensors
+        kernel = functools.partial(ctx.kernel, **dict(zip(ctx.names, tensors))) if ctx.names else ctx.kernel
         g = g.transpose(1, 2)[..., None]  # [b, hq, s] -> [b, s, hq, 1] to scale q rows
         dq = dk = None
         if ctx.needs_input_grad[1]:
             with torch.no_grad():
-                pk, _ = ctx.kernel(q, k, k)
+                pk, _ = kernel(q, k, k)
             dq = (ctx.scale * g * pk.float()).to(q.dtype)
         if ctx.needs_input_grad[2]:
             with torch.enable_grad():
                 v0 = torch.zeros_like(k, requires_grad=True)
-                out0, _ = ctx.kernel(q.detach(), k.detach(), v0)
+                out0, _ = kernel(q.detach(), k.detach(), v0)
                 (dk,) = torch.autograd.grad(out0, v0, (g * q.float()).to(q.dtype))
             dk = dk * ctx.scale
         return None, dq, dk, None, None
