@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers.cli import megaswift, one_line_error
+from tests.helpers.cli import megaswift, megaswift_many, one_line_error
 from tests.helpers.hf import tensors
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -71,19 +71,20 @@ def test_verify_fails_with_exit_1_on_wrong_weights(tiny_hf, tmp_path):
     cfg = json.load(open(bad / "config.json"))
     cfg["rope_parameters"]["rope_theta"] = 10.0
     json.dump(cfg, open(bad / "config.json", "w"))
-    proc = megaswift("verify", tiny_hf["llama"], check=False)
-    assert proc.returncode == 0
-    proc = megaswift("verify", str(bad), "--tolerance", "1e-12", check=False)
+    good, proc = megaswift_many(("verify", tiny_hf["llama"]), ("verify", str(bad), "--tolerance", "1e-12"), check=False)
+    assert good.returncode == 0
     assert proc.returncode == 1 and "FAIL" in proc.stdout
 
 
 def test_layout_errors_name_the_numbers(tiny_hf):
-    one_line_error(megaswift("launch", "--nproc-per-node", "3", "--", "verify", tiny_hf["llama"],
-                             "--parallel.tp", "2", check=False), "world size 3", "tp(2)")
-    # qwen3 tiny: 8 heads, tp=3 does not divide them
-    one_line_error(megaswift("launch", "--nproc-per-node", "3", "--", "verify", tiny_hf["qwen3"],
-                             "--parallel.tp", "3", check=False), "num_attention_heads (8)", "tp (3)")
-    one_line_error(megaswift("verify", tiny_hf["llama"], "--parallel.tpp", "2", check=False), "parallel.tpp")
+    world, heads, key = megaswift_many(
+        ("launch", "--nproc-per-node", "3", "--", "verify", tiny_hf["llama"], "--parallel.tp", "2"),
+        # qwen3 tiny: 8 heads, tp=3 does not divide them
+        ("launch", "--nproc-per-node", "3", "--", "verify", tiny_hf["qwen3"], "--parallel.tp", "3"),
+        ("verify", tiny_hf["llama"], "--parallel.tpp", "2"), check=False)
+    one_line_error(world, "world size 3", "tp(2)")
+    one_line_error(heads, "num_attention_heads (8)", "tp (3)")
+    one_line_error(key, "parallel.tpp")
 
 
 def test_bad_checkpoints_name_the_tensor_or_type(tiny_hf, tmp_path):
@@ -95,7 +96,6 @@ def test_bad_checkpoints_name_the_tensor_or_type(tiny_hf, tmp_path):
     cfg = json.load(open(unknown / "config.json"))
     cfg["model_type"] = "gpt_bigcode"
     json.dump(cfg, open(unknown / "config.json", "w"))
-    one_line_error(megaswift("import-hf", str(unknown), str(tmp_path / "o1"), check=False), "gpt_bigcode", "llama")
 
     missing = tmp_path / "missing"
     shutil.copytree(src, missing)
@@ -106,7 +106,7 @@ def test_bad_checkpoints_name_the_tensor_or_type(tiny_hf, tmp_path):
     save_file(t, str(missing / idx["weight_map"][name]), metadata={"format": "pt"})
     del idx["weight_map"][name]
     json.dump(idx, open(missing / idx_name, "w"))
-    one_line_error(megaswift("import-hf", str(missing), str(tmp_path / "o2"), check=False), name)
+    missing_name = name
 
     shaped = tmp_path / "shaped"
     shutil.copytree(src, shaped)
@@ -115,7 +115,12 @@ def test_bad_checkpoints_name_the_tensor_or_type(tiny_hf, tmp_path):
     t = load_file(str(shaped / idx["weight_map"][name]))
     t[name] = t[name][:-1].contiguous()
     save_file(t, str(shaped / idx["weight_map"][name]), metadata={"format": "pt"})
-    one_line_error(megaswift("import-hf", str(shaped), str(tmp_path / "o3"), check=False), name, "[87, 64]")
+
+    procs = megaswift_many(*[("import-hf", str(d), str(tmp_path / out))
+                             for d, out in ((unknown, "o1"), (missing, "o2"), (shaped, "o3"))], check=False)
+    one_line_error(procs[0], "gpt_bigcode", "llama")
+    one_line_error(procs[1], missing_name)
+    one_line_error(procs[2], name, "[87, 64]")
 
 
 def test_import_refuses_to_overwrite(tiny_hf, tmp_path):
@@ -150,15 +155,16 @@ def test_moe_import_ep_etp_export_is_bitwise_and_loads_in_transformers(moe_hf, t
 
 
 def test_moe_verify_and_layout_errors(moe_hf):
-    proc = megaswift("launch", "--nproc-per-node", "2", "--", "verify", moe_hf["qwen3_moe"], "--parallel.tp", "2",
-                     "--parallel.ep", "2")
-    assert "PASS" in proc.stdout and "ep=2" in proc.stdout, proc.stdout
-    # mixtral tiny: 4 experts
-    one_line_error(megaswift("launch", "--nproc-per-node", "3", "--", "verify", moe_hf["mixtral"],
-                             "--parallel.ep", "3", check=False), "number of experts (4)", "ep (3)")
-    one_line_error(megaswift("launch", "--nproc-per-node", "2", "--", "verify", moe_hf["mixtral"],
-                             "--parallel.ep", "2", "--parallel.etp", "2", check=False),
-                   "world size 2", "ep(2) * etp(2) = 4")
+    proc, experts, world = megaswift_many(
+        ("launch", "--nproc-per-node", "2", "--", "verify", moe_hf["qwen3_moe"], "--parallel.tp", "2",
+         "--parallel.ep", "2"),
+        # mixtral tiny: 4 experts
+        ("launch", "--nproc-per-node", "3", "--", "verify", moe_hf["mixtral"], "--parallel.ep", "3"),
+        ("launch", "--nproc-per-node", "2", "--", "verify", moe_hf["mixtral"], "--parallel.ep", "2",
+         "--parallel.etp", "2"), check=False)
+    assert proc.returncode == 0 and "PASS" in proc.stdout and "ep=2" in proc.stdout, proc.stdout + proc.stderr
+    one_line_error(experts, "number of experts (4)", "ep (3)")
+    one_line_error(world, "world size 2", "ep(2) * etp(2) = 4")
 
 
 def test_damaged_checkpoint_files_are_named(tiny_hf, tmp_path):
@@ -168,33 +174,30 @@ def test_damaged_checkpoint_files_are_named(tiny_hf, tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     shard = weight_map[name]
 
-    def damaged(label, damage):
-        d = tmp_path / label
-        shutil.copytree(src, d)
-        damage(d)
-        return megaswift("import-hf", str(d), str(tmp_path / f"{label}_ckpt"), check=False)
-
     def truncate(d):
         with open(d / shard, "r+b") as f:
             f.truncate(os.path.getsize(d / shard) // 2)
-
-    one_line_error(damaged("truncated", truncate), f"{tmp_path / 'truncated' / shard} is not a readable safetensors",
-                   "truncated")
 
     def drop_tensor(d):
         t = load_file(str(d / shard))
         del t[name]
         save_file(t, str(d / shard), metadata={"format": "pt"})
 
-    one_line_error(damaged("lacks", drop_tensor), f"{tmp_path / 'lacks' / shard} does not hold tensor {name!r}",
-                   "model.safetensors.index.json lists")
-
-    one_line_error(damaged("notjson", lambda d: (d / "config.json").write_text('{"hidden_size": 64,\n')),
-                   f"{tmp_path / 'notjson' / 'config.json'} is not valid JSON", "line 2")
-
     def drop_key(d):
         cfg = json.load(open(d / "config.json"))
         del cfg["hidden_size"]
         json.dump(cfg, open(d / "config.json", "w"))
 
-    one_line_error(damaged("nokey", drop_key), f"{tmp_path / 'nokey' / 'config.json'} lacks hidden_size")
+    damages = {"truncated": truncate, "lacks": drop_tensor,
+               "notjson": lambda d: (d / "config.json").write_text('{"hidden_size": 64,\n'), "nokey": drop_key}
+    for label, damage in damages.items():
+        shutil.copytree(src, tmp_path / label)
+        damage(tmp_path / label)
+    procs = dict(zip(damages, megaswift_many(*[("import-hf", str(tmp_path / label), str(tmp_path / f"{label}_ckpt"))
+                                                for label in damages], check=False)))
+
+    one_line_error(procs["truncated"], f"{tmp_path / 'truncated' / shard} is not a readable safetensors", "truncated")
+    one_line_error(procs["lacks"], f"{tmp_path / 'lacks' / shard} does not hold tensor {name!r}",
+                   "model.safetensors.index.json lists")
+    one_line_error(procs["notjson"], f"{tmp_path / 'notjson' / 'config.json'} is not valid JSON", "line 2")
+    one_line_error(procs["nokey"], f"{tmp_path / 'nokey' / 'config.json'} lacks hidden_size")

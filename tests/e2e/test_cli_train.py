@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from tests.helpers.train import train_config, write_chat_data
-from tests.helpers.cli import megaswift, one_line_error
+from tests.helpers.cli import megaswift, megaswift_many, one_line_error
 from tests.helpers.hf import tensors
 
 
@@ -84,16 +84,17 @@ def test_export_into_the_source_model_is_refused_at_the_start(tiny_hf, tmp_path)
     shutil.copytree(tiny_hf["llama"], src)
     cfg = _config(tmp_path, src)
     before = {n: os.path.getmtime(os.path.join(src, n)) for n in os.listdir(src)}
-    for extra in ([], ["--checkpoint.export_overwrite", "true"]):
-        proc = megaswift("train", "sft", "--config", cfg, "--checkpoint.export_hf", "true",
-                         "--checkpoint.export_dir", src, *extra, check=False)
-        one_line_error(proc, f"export directory {src} is the source", "even if you set checkpoint.export_overwrite")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "config.json").write_text("{}")
-    proc = megaswift("launch", "--nproc-per-node", "2", "--", "train", "sft", "--config", cfg,
-                     "--checkpoint.export_hf", "true", "--checkpoint.export_dir", str(busy), check=False)
-    one_line_error(proc, f"export directory {busy} exists and is not empty", "set checkpoint.export_overwrite=true")
+    *into_source, into_busy = megaswift_many(
+        *[("train", "sft", "--config", cfg, "--checkpoint.export_hf", "true", "--checkpoint.export_dir", src, *extra)
+          for extra in ([], ["--checkpoint.export_overwrite", "true"])],
+        ("launch", "--nproc-per-node", "2", "--", "train", "sft", "--config", cfg,
+         "--checkpoint.export_hf", "true", "--checkpoint.export_dir", str(busy)), check=False)
+    for proc in into_source:
+        one_line_error(proc, f"export directory {src} is the source", "even if you set checkpoint.export_overwrite")
+    one_line_error(into_busy, f"export directory {busy} exists and is not empty", "set checkpoint.export_overwrite=true")
     assert not (tmp_path / "run").exists()
     assert {n: os.path.getmtime(os.path.join(src, n)) for n in os.listdir(src)} == before
 
@@ -101,10 +102,10 @@ def test_export_into_the_source_model_is_refused_at_the_start(tiny_hf, tmp_path)
 def test_bad_output_dir_and_adam_values_are_one_line(tiny_hf, tmp_path):
     cfg = _config(tmp_path, tiny_hf["llama"])
     (tmp_path / "taken").write_text("a file")
-    one_line_error(megaswift("train", "sft", "--config", cfg, "--train.output_dir", str(tmp_path / "taken"),
-                             check=False), f"{tmp_path / 'taken'} is a file", "choose another train.output_dir")
-    one_line_error(megaswift("train", "sft", "--config", cfg, "--optim.adam_beta2", "1", check=False),
-                   "optim.adam_beta2 must be in [0, 1); got 1")
+    taken, beta2 = megaswift_many(("train", "sft", "--config", cfg, "--train.output_dir", str(tmp_path / "taken")),
+                                  ("train", "sft", "--config", cfg, "--optim.adam_beta2", "1"), check=False)
+    one_line_error(taken, f"{tmp_path / 'taken'} is a file", "choose another train.output_dir")
+    one_line_error(beta2, "optim.adam_beta2 must be in [0, 1); got 1")
 
 
 def test_warmup_past_the_run_warns_once(tiny_hf, tmp_path):

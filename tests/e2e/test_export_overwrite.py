@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megaswift.convert import hf_export
-from tests.helpers.cli import megaswift, one_line_error
+from tests.helpers.cli import megaswift, megaswift_many, one_line_error
 from tests.helpers.hf import tensors
 
 
@@ -25,10 +25,8 @@ def ckpts(tiny_hf, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export_overwrite")
     other = make_tiny_hf("llama", str(root / "other_hf"), seed=7)
-    out = {}
-    for name, src in (("old", tiny_hf["llama"]), ("new", other)):
-        out[name] = str(root / name)
-        megaswift("import-hf", src, out[name])
+    out = {"old": str(root / "old"), "new": str(root / "new")}
+    megaswift_many(("import-hf", tiny_hf["llama"], out["old"]), ("import-hf", other, out["new"]))
     out["new_hf"] = other
     return out
 
@@ -54,9 +52,8 @@ def test_overwrite_replaces_the_whole_file_set(ckpts, tmp_path):
     assert (out / "model.safetensors.index.json").is_file()
     (out / "NOTES.md").write_text("mine")
     (out / "eval").mkdir()
-    proc = megaswift("export-hf", ckpts["new"], str(out), "--overwrite")
+    proc, _ = megaswift_many(("export-hf", ckpts["new"], str(out), "--overwrite"), ("export-hf", ckpts["new"], str(fresh)))
     assert "not part of an HF checkpoint): NOTES.md, eval" in proc.stdout, proc.stdout
-    megaswift("export-hf", ckpts["new"], str(fresh))
     # exactly a fresh export's files, plus what the user put there; no staging left beside it
     assert sorted(os.listdir(out)) == sorted(os.listdir(fresh) + ["NOTES.md", "eval"])
     assert (out / "NOTES.md").read_text() == "mine"
@@ -77,11 +74,13 @@ def test_source_directory_is_refused_even_with_overwrite(tiny_hf, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     megaswift("import-hf", str(src), ckpt)
     before = _digest(src)
-    for target in (str(src), os.path.relpath(src) + "/"):  # the same directory, spelled another way
-        one_line_error(megaswift("export-hf", ckpt, target, "--overwrite", check=False),
-                       "is the source of the weights being exported", "even if you pass --overwrite")
-    one_line_error(megaswift("export-hf", ckpt, os.path.join(ckpt, "hf"), "--overwrite", check=False),
-                   "inside the checkpoint being exported")
+    *sources, inside = megaswift_many(
+        *[("export-hf", ckpt, target, "--overwrite")
+          for target in (str(src), os.path.relpath(src) + "/")],  # the same directory, spelled another way
+        ("export-hf", ckpt, os.path.join(ckpt, "hf"), "--overwrite"), check=False)
+    for proc in sources:
+        one_line_error(proc, "is the source of the weights being exported", "even if you pass --overwrite")
+    one_line_error(inside, "inside the checkpoint being exported")
     assert _digest(src) == before
 
 

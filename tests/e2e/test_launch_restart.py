@@ -1,8 +1,12 @@
 """`megaswift launch --max-restarts 1`: a rank killed after the first checkpoint makes torchrun
 restart every rank; the restart resumes from the newest complete checkpoint and the job ends
-with the same losses as an uninterrupted run (bitwise on CPU)."""
+with the same losses as an uninterrupted run (bitwise on CPU).
+
+The uninterrupted run and the killed one are independent jobs (their own output directories and
+ports, one thread per rank), so they run side by side."""
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
@@ -31,10 +35,12 @@ def test_restart_resumes_from_the_last_checkpoint_with_the_same_losses(tiny_hf, 
         configs[name] = str(tmp_path / f"{name}.yaml")
         with open(configs[name], "w") as f:
             yaml.safe_dump(cfg, f)
-    straight = _run(configs["straight"])
+    with ThreadPoolExecutor(2) as pool:
+        straight = pool.submit(_run, configs["straight"])
+        # rank 1 dies at the start of step 3 of the first attempt, after the step-2 checkpoint
+        killed = pool.submit(_run, configs["killed"], "--max-restarts", "1", fault="rank1:3:exit:0")
+        straight, killed = straight.result(), killed.result()
     assert straight.returncode == 0, straight.stderr
-    # rank 1 dies at the start of step 3 of the first attempt, after the step-2 checkpoint
-    killed = _run(configs["killed"], "--max-restarts", "1", fault="rank1:3:exit:0")
     log = killed.stdout + killed.stderr
     assert killed.returncode == 0, log
     assert "restart 1 (launch --max-restarts): resuming from" in log and "step_2" in log, log

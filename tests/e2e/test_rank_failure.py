@@ -1,17 +1,23 @@
 """A data-parallel job of 4 ranks (no point-to-point traffic): a rank that dies, or hangs inside
 a step, ends every rank with a non-zero exit and a message naming it, within parallel.timeout_s.
 The hang is caught by the collective timeout; the survivors name the rank that never finished
-the step's forward and backward (recorded in the job's store)."""
+the step's forward and backward (recorded in the job's store).
+
+A hung rank ignores torchrun's SIGTERM (its handler only asks for a stop after the step), so
+torchrun kills it 30 s later (its fixed grace on a failure): a hang case takes start-up +
+parallel.timeout_s + 30 s. parallel.timeout_s is kept short so that little of it is waiting: a
+4-rank run of this config passes at 2 s on the 2-core machine."""
+import os
 import time
 
 import pytest
 import yaml
 
-from tests.helpers.cli import megaswift
+from tests.helpers.cli import megaswift_timed
 from tests.helpers.train import train_config, write_chat_data
 
-TIMEOUT_S = 20
-SLACK_S = 60
+TIMEOUT_S = 10
+SLACK_S = 70  # start-up of 4 ranks on 2 cores, step 1, and torchrun's 30 s before it kills a hung rank
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +32,19 @@ def config(tiny_hf, tmp_path_factory):
     return path
 
 
-def _launch4(config, fault):
+def _launch4(config, fault, output_dir):
+    """(the completed launch, its merged output, [(arrival time, line)])"""
     env = {"MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore", "MEGASWIFT_TEST_FAULT": fault}
-    proc = megaswift("launch", "--nproc-per-node", "4", "--", "train", "sft", "--config", config, env=env,
-                     timeout=TIMEOUT_S + SLACK_S, check=False, merge_output=True)
-    return proc, proc.stdout
+    proc, lines = megaswift_timed("launch", "--nproc-per-node", "4", "--", "train", "sft", "--config", config,
+                                  "--train.output_dir", output_dir, env=env, timeout=TIMEOUT_S + SLACK_S)
+    return proc, proc.stdout, lines
 
 
 @pytest.mark.parametrize("mode", ["exit", "hang"])
-def test_a_failed_rank_is_named_and_ends_the_job(config, mode):
+def test_a_failed_rank_is_named_and_ends_the_job(config, mode, tmp_path):
     start = time.monotonic()
-    proc, log = _launch4(config, f"rank2:2:{mode}")
+    out = tmp_path / "out"
+    proc, log, lines = _launch4(config, f"rank2:2:{mode}", out)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, log
     assert elapsed < TIMEOUT_S + SLACK_S
@@ -47,12 +55,16 @@ def test_a_failed_rank_is_named_and_ends_the_job(config, mode):
     else:
         assert elapsed > TIMEOUT_S
         assert "rank(s) [2] never finished its forward and backward" in log, log
+        # and not before parallel.timeout_s had passed since step 1 ended (its metrics row, the
+        # file's last write: step 2 never completes)
+        named = min(t for t, line in lines if "never finished its forward and backward" in line)
+        assert named - os.path.getmtime(out / "metrics.jsonl") >= TIMEOUT_S, log
 
 
-def test_a_rank_that_never_starts_is_named(config):
+def test_a_rank_that_never_starts_is_named(config, tmp_path):
     """Health check: rank 3 hangs before joining; the others name it after parallel.timeout_s."""
     start = time.monotonic()
-    proc, log = _launch4(config, "rank3:0:hang")
+    proc, log, _ = _launch4(config, "rank3:0:hang", tmp_path / "out")
     assert proc.returncode != 0, log
     assert TIMEOUT_S < time.monotonic() - start < TIMEOUT_S + SLACK_S
     assert f"health check: rank(s) [3] of 4 did not start within parallel.timeout_s={TIMEOUT_S}" in log, log

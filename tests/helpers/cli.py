@@ -1,7 +1,9 @@
 """The one way tests run the CLI: `python -m megaswift ...` as a user would, always cleaned up.
 
 `megaswift(...)` runs the command to its end in a session of its own and returns the completed
-process. Whatever happens (success, failure, a timeout, pytest's own timeout or Ctrl-C), every
+process; `megaswift_timed(...)` does the same and also says when each line of output came;
+`megaswift_many(...)` runs several independent commands side by side.
+Whatever happens (success, failure, a timeout, pytest's own timeout or Ctrl-C), every
 process it started is killed afterwards: torchrun's workers may sit in sessions of their own, so
 the whole process tree is collected and killed, not only the process group.
 """
@@ -11,6 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 # what every CLI run of the tests gets on top of the caller's environment
 CLI_ENV = {"MEGASWIFT_FORCE_CPU": "1", "PYTHONWARNINGS": "ignore"}
@@ -70,6 +75,45 @@ def megaswift(*args, check: bool = True, timeout: float = 300, env: dict | None 
         raise AssertionError(f"megaswift {' '.join(map(str, args))} exited {done.returncode}\n"
                              f"{done.stdout}\n{done.stderr}")
     return done
+
+
+def megaswift_many(*commands, **kw) -> list[subprocess.CompletedProcess]:
+    """`megaswift(*args, **kw)` for each tuple of args in `commands`, all at once; the completed
+    processes in the same order. For commands that do not depend on each other (error paths,
+    exports to separate directories): a CLI process spends seconds importing on one core, so two
+    side by side take little longer than one. An error (check=True) is raised once all have ended."""
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        futures = [pool.submit(megaswift, *args, **kw) for args in commands]
+        return [f.result() for f in futures]
+
+
+def megaswift_timed(*args, timeout: float = 300, env: dict | None = None
+                    ) -> tuple[subprocess.CompletedProcess, list[tuple[float, str]]]:
+    """Like `megaswift(*args, check=False, merge_output=True)`, and also each output line with the
+    wall-clock time (time.time()) it arrived: (the completed process, [(time, line), ...]). For
+    the failure tests, which check when a message came, not only that it did."""
+    cmd = [sys.executable, "-m", "megaswift", *map(str, args)]
+    proc = subprocess.Popen(cmd, env={**os.environ, **CLI_ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[tuple[float, str]] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append((time.time(), line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            reader.join(timeout=10)
+            raise subprocess.TimeoutExpired(cmd, timeout, output="".join(t for _, t in lines)) from None
+    finally:
+        kill_tree(proc)
+    reader.join(timeout=10)  # a straggler outside the tree may still hold the pipe open
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(t for _, t in lines), ""), list(lines)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
