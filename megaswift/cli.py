@@ -6,6 +6,8 @@ error (bad config, layout, checkpoint) prints one line and exits with code 2, wi
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 
@@ -154,6 +156,11 @@ def check_subcommand(sub_argv: list[str], world_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        # this process's own command: at exit, skip the garbage collection of everything it
+        # loaded (torch, transformers: 0.6-1.5 s per process, measured). Files are flushed and
+        # closed explicitly before (metrics, checkpoints); in-process callers pass argv.
+        atexit.register(gc.freeze)
     argv = sys.argv[1:] if argv is None else argv
     # transformers' per-file progress bars drown the one-line results of these commands
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
