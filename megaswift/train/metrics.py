@@ -213,6 +213,8 @@ class MetricsLogger:
                          f"rollout {100 * m['time/rollout_share']:.0f}%")
         if m.get("rewards/accuracies") is not None:  # DPO
             parts.append(f"acc {m['rewards/accuracies']:.3f}")
+        if m.get("count/desirable") is not None:  # KTO: the reference point and the two rewards
+            parts.append(f"kl {m['kl']:.3f} r+ {m['rewards/chosen']:.3f} r- {m['rewards/rejected']:.3f}")
         parts.append(f"mem {m['peak_mem_gb']:.2f} GB")
         return "  ".join(parts)
 

@@ -258,3 +258,12 @@ def test_train_kto_from_the_cli(tmp_path, tiny_hf, capsys):
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "count/desirable", "count/undesirable"):
         assert all(key in r for r in rows), key
+
+
+def test_progress_line_shows_the_kl_and_both_rewards(tmp_path):
+    from megaswift.train.metrics import MetricsLogger
+
+    m = {"step": 2, "loss": 0.5, "lr": 1e-5, "grad_norm": 1.0, "tokens_per_s": 100.0, "peak_mem_gb": 0.1,
+         "kl": 0.25, "rewards/chosen": 0.125, "rewards/rejected": -0.5, "count/desirable": 3}
+    line = MetricsLogger(str(tmp_path), total_steps=5, enabled=False).progress_line(m)
+    assert "kl 0.250 r+ 0.125 r- -0.500" in line
