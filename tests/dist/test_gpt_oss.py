@@ -9,8 +9,8 @@ stored as gpt-oss stores them ([experts, in, out], gate and up interleaved).
 ring and Ulysses on 48 tokens (longer than the window: windowed and full layers both reach across
 the cp ranks); import then export is bitwise and transformers loads the export, and the
 in-memory weight stream equals the checkpoint at tp=2 x etp=2; 5 SFT steps equal
-one process (rtol 1e-5) at tp=2, dp=2 x ep=2 with ZeRO-1, pp=2 and cp=2; greedy rollouts equal
-transformers' generate.
+one process (rtol 1e-5) at tp=2, dp=2 x ep=2 with ZeRO-1, pp=2 and cp=2, LoRA at tp=2 x ep=2, and
+DPO at tp=2 x ep=2; greedy rollouts equal transformers' generate.
 """
 import os
 
@@ -135,3 +135,17 @@ def test_streamed_weights_equal_the_checkpoint(gpt_oss_hf):
     from tests.dist.test_hf_stream import _check, _stream
 
     _check(run_distributed(_stream, 2, gpt_oss_hf, {"parallel.tp": 2, "parallel.etp": 2}), gpt_oss_hf)
+
+
+def test_dpo_at_tp2_ep2_matches_single_process(gpt_oss_hf, tmp_path):
+    """DPO (the copy reference: a second gpt-oss sharded like the policy) at tp=2 x ep=2: 5 steps
+    equal one process (losses, gradient norms, log-probabilities within relative 1e-5)."""
+    from tests.helpers.train import run_dpo_steps, write_preference_data
+
+    pairs = write_preference_data(str(tmp_path / "pairs.jsonl"), n=16)
+    common = dict(optim__lr=0.01, optim__warmup_steps=0, **{k: v for k, v in COMMON.items() if k != "data__seq_len"})
+    want = run_dpo_steps(0, 1, gpt_oss_hf, pairs, str(tmp_path / "one"), steps=5, **common)
+    got = run_distributed(run_dpo_steps, 2, gpt_oss_hf, pairs, str(tmp_path / "two"), steps=5, parallel__tp=2,
+                          parallel__ep=2, **common)[0]
+    for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-5, err_msg=key)
