@@ -262,9 +262,11 @@ def _mlp_param_names(cfg: ModelConfig, i: int) -> list[str]:
             names.append(p + "mlp.router.expert_bias")
         if cfg.moe_router_bias:
             names.append(p + "mlp.router.bias")
-        names += [p + "mlp.experts.linear_fc1.weight", p + "mlp.experts.linear_fc2.weight"]
-        if cfg.moe_expert_bias:
-            names += [p + "mlp.experts.linear_fc1.bias", p + "mlp.experts.linear_fc2.bias"]
+        # in the model's own order (fc1's weight and bias, then fc2's): the planner's buckets follow it
+        for fc in ("linear_fc1", "linear_fc2"):
+            names.append(p + f"mlp.experts.{fc}.weight")
+            if cfg.moe_expert_bias:
+                names.append(p + f"mlp.experts.{fc}.bias")
         if cfg.moe_shared_expert_ffn_hidden_size:
             names += [p + "mlp.shared_expert.linear_fc1.weight", p + "mlp.shared_expert.linear_fc2.weight"]
             if cfg.moe_shared_expert_gate:
