@@ -16,7 +16,6 @@ no reference at all: no copy, no adapters-off forward, no table.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -30,7 +29,7 @@ from megaswift.section import Section, at_least
 
 from .algorithm import Algorithm
 from .dpo_loss import REFERENCE_FREE, dpo_loss, reference_free_loss
-from .reference import Reference, reference_mode
+from .reference import Reference, precomputed_table, reference_mode
 
 REF_FILE = "ref_logps.pt"
 
@@ -163,7 +162,8 @@ class DPO(Algorithm):
             print(f"data: {len(dataset)} preference pairs from {cfg.data.path}{dropped}; reference: {self.mode}",
                   flush=True)
         if self.mode == "precompute":
-            self.table = self._reference_table(loader)
+            self.table = precomputed_table(ctx, "dpo", REF_FILE, len(loader.dataset), loader.micro_batch_size,
+                                           loader.collate_pairs, self._reference_logps)
         elif self.mode != "none":
             self.reference = Reference(ctx, "dpo", self.mode)
         return loader
@@ -197,48 +197,6 @@ class DPO(Algorithm):
         logps, _ = sequence_logps(out, mb["labels"], self.ctx.st.cp_group)
         m = logps.shape[0] // 2
         return torch.stack([logps[:m], logps[m:]], dim=1).double()
-
-    def _reference_table(self, loader) -> torch.Tensor:
-        """[pairs, 2] reference log-probabilities of every pair, computed once (or read back from
-        `<output_dir>/ref_logps.pt` on resume) and the same on every rank."""
-        ctx = self.ctx
-        path = ctx.path(REF_FILE)
-        n = len(loader.dataset)
-        if ctx.resume_dir is not None and os.path.isfile(path):
-            table = torch.load(path, weights_only=True)
-            if table.shape == (n, 2):
-                return table
-        # on a fresh run the policy holds the starting weights; a resumed one has moved on
-        policy_is_reference = ctx.resume_dir is None and self.cfg.ref_path is None
-        reference = Reference(ctx, "dpo", "policy" if policy_is_reference else "copy")
-        table = self._compute_table(reference, loader, n)
-        if device.rank() == 0:
-            os.makedirs(ctx.output_dir, exist_ok=True)
-            torch.save(table, path)
-        return table
-
-    def _compute_table(self, reference: Reference, loader, n: int) -> torch.Tensor:
-        """Every pair's reference log-probabilities: dp ranks split the pairs (each forward padded
-        to the same count, since MoE models reduce statistics over dp), the last stage fills them,
-        and sums over dp and pp give every rank the whole table."""
-        ctx, st = self.ctx, self.ctx.st
-        mbs = loader.micro_batch_size
-        mine = list(range(st.dp_rank, n, st.dp_size))
-        per_rank = -(-n // st.dp_size)  # ceil: every rank runs as many forwards as the fullest one
-        rounds = -(-per_rank // mbs)
-        table = torch.zeros(n, 2, dtype=torch.float64, device=ctx.device)
-        for k in range(rounds):
-            chunk = mine[k * mbs: (k + 1) * mbs]
-            real = len(chunk)
-            chunk = chunk + [0] * (mbs - real)  # padding forwards keep the ranks in step
-            mb = ctx.prepare_micro_batch(loader.collate_pairs(chunk))
-            with ctx.autocast():
-                logps = self._reference_logps(reference, mb)
-            if logps is not None and real:
-                table[torch.tensor(chunk[:real], device=ctx.device)] = logps[:real].to(table)
-        for group in (st.dp_group, st.pp_group):
-            collectives.all_reduce(table, group=group)
-        return table.cpu()
 
     # -- the engine's hooks ----------------------------------------------------------------------
     def before_step(self, micro_batches: list[dict]) -> None:

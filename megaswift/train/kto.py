@@ -18,7 +18,6 @@ its KL row's) computed once before training and kept in `<output_dir>/kto_ref_lo
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -32,7 +31,7 @@ from megaswift.section import Section, at_least
 from .algorithm import Algorithm
 from .dpo import sequence_logps
 from .kto_loss import kl_estimate, kto_loss
-from .reference import Reference, reference_mode
+from .reference import Reference, precomputed_table, reference_mode
 
 REF_FILE = "kto_ref_logps.pt"
 
@@ -104,7 +103,9 @@ class KTO(Algorithm):
                   f"{len(dataset) - dataset.desirable} undesirable) from {cfg.data.path}{dropped}; "
                   f"reference: {self.mode}", flush=True)
         if self.mode == "precompute":
-            self.reference, self.table = None, self._reference_table(loader)
+            self.reference = None
+            self.table = precomputed_table(ctx, "kto", REF_FILE, len(loader.dataset), loader.micro_batch_size,
+                                           loader.collate_examples, self._reference_logps)
         else:
             self.reference = Reference(ctx, "kto", self.mode)
         return loader
@@ -143,45 +144,6 @@ class KTO(Algorithm):
             return None
         m = logps.shape[0] // 2
         return torch.stack([logps[:m], logps[m:]], dim=1).double()
-
-    def _reference_table(self, loader) -> torch.Tensor:
-        """[examples, 2] reference log-probabilities of every example and its KL row, computed once
-        (or read back from `<output_dir>/kto_ref_logps.pt` on resume), the same on every rank."""
-        ctx = self.ctx
-        path = ctx.path(REF_FILE)
-        n = len(loader.dataset)
-        if ctx.resume_dir is not None and os.path.isfile(path):
-            table = torch.load(path, weights_only=True)
-            if table.shape == (n, 2):
-                return table
-        policy_is_reference = ctx.resume_dir is None and self.cfg.ref_path is None
-        reference = Reference(ctx, "kto", "policy" if policy_is_reference else "copy")
-        table = self._compute_table(reference, loader, n)
-        if device.rank() == 0:
-            os.makedirs(ctx.output_dir, exist_ok=True)
-            torch.save(table, path)
-        return table
-
-    def _compute_table(self, reference: Reference, loader, n: int) -> torch.Tensor:
-        """dp ranks split the examples (each forward padded to the same count: MoE models reduce
-        statistics over dp), the last stage fills them, sums over dp and pp hand out the table."""
-        ctx, st = self.ctx, self.ctx.st
-        mbs = loader.micro_batch_size
-        mine = list(range(st.dp_rank, n, st.dp_size))
-        rounds = -(-(-(-n // st.dp_size)) // mbs)
-        table = torch.zeros(n, 2, dtype=torch.float64, device=ctx.device)
-        for k in range(rounds):
-            chunk = mine[k * mbs: (k + 1) * mbs]
-            real = len(chunk)
-            chunk = chunk + [0] * (mbs - real)
-            mb = ctx.prepare_micro_batch(loader.collate_examples(chunk))
-            with ctx.autocast():
-                logps = self._reference_logps(reference, mb)
-            if logps is not None and real:
-                table[torch.tensor(chunk[:real], device=ctx.device)] = logps[:real].to(table)
-        for group in (st.dp_group, st.pp_group):
-            collectives.all_reduce(table, group=group)
-        return table.cpu()
 
     # -- the engine's hooks ----------------------------------------------------------------------
     def before_step(self, micro_batches: list[dict]) -> None:

@@ -4,8 +4,8 @@ Two ways to get reference outputs during training (`<section>.reference`):
 - copy: a frozen model sharded like the policy, loaded from `<section>.ref_path` or the weights
   the run starts from;
 - adapters: under LoRA, the policy itself with its adapters switched off (no second copy).
-(DPO's third way, reference log-probabilities computed once before training, is built on
-`Reference.forward` in train/dpo.py.)
+DPO's and KTO's third way, reference log-probabilities computed once before training, is
+`precomputed_table` below, built on `Reference.forward`.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import os
 
 import torch
 
-from megaswift import setup
+from megaswift import device, setup
 from megaswift.errors import ConfigError
+from megaswift.parallel import collectives
 
 
 def reference_mode(cfg, section: str) -> str:
@@ -79,3 +80,45 @@ class Reference:
     def forward(self, inputs: dict):
         with self.context():
             return self.model.forward_without_schedule(**inputs)
+
+
+def precomputed_table(ctx, section: str, filename: str, n: int, micro_batch_size: int, collate, logps
+                      ) -> torch.Tensor:
+    """[n, 2] reference log-probabilities of every example (DPO: a pair's chosen and rejected
+    responses; KTO: an example's row and its KL row), computed once before training, or read
+    back from `<output_dir>/<filename>` on resume, and the same on every rank.
+
+    `collate(indices)` builds the micro batch of those examples and `logps(reference, mb)` gives
+    its [m, 2] log-probabilities (None off the last pipeline stage). dp ranks split the examples,
+    each running as many forwards as the fullest one (padding forwards keep the ranks in step:
+    MoE models reduce statistics over dp); the last stage fills the table, and sums over dp and
+    pp hand it to every rank."""
+    path = ctx.path(filename)
+    if ctx.resume_dir is not None and os.path.isfile(path):
+        table = torch.load(path, weights_only=True)
+        if table.shape == (n, 2):
+            return table
+    # on a fresh run the policy holds the starting weights; a resumed one has moved on
+    policy_is_reference = ctx.resume_dir is None and getattr(ctx.cfg, section).ref_path is None
+    reference = Reference(ctx, section, "policy" if policy_is_reference else "copy")
+    st, mbs = ctx.st, micro_batch_size
+    mine = list(range(st.dp_rank, n, st.dp_size))
+    per_rank = -(-n // st.dp_size)  # ceil: every rank runs as many forwards as the fullest one
+    rounds = -(-per_rank // mbs)
+    table = torch.zeros(n, 2, dtype=torch.float64, device=ctx.device)
+    for k in range(rounds):
+        chunk = mine[k * mbs: (k + 1) * mbs]
+        real = len(chunk)
+        chunk = chunk + [0] * (mbs - real)
+        mb = ctx.prepare_micro_batch(collate(chunk))
+        with ctx.autocast():
+            out = logps(reference, mb)
+        if out is not None and real:
+            table[torch.tensor(chunk[:real], device=ctx.device)] = out[:real].to(table)
+    for group in (st.dp_group, st.pp_group):
+        collectives.all_reduce(table, group=group)
+    table = table.cpu()
+    if device.rank() == 0:
+        os.makedirs(ctx.output_dir, exist_ok=True)
+        torch.save(table, path)
+    return table
