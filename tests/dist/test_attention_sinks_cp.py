@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megaswift.testing.dist import run_distributed
+from tests.dist.test_context_parallel import _cp
 
 B, D, HQ = 2, 8, 4
 
@@ -43,27 +44,6 @@ def _full(c):
                        sinks=sinks)
     (out * c["weight"]).sum().backward()
     return out.detach(), q.grad, k.grad, v.grad, sinks.grad
-
-
-def _cp(rank, world, ulysses, backend, cases):
-    from megaswift.parallel.context_parallel import context_parallel_attention, shard_batch
-    from megaswift.parallel.layout import Layout
-    from megaswift.parallel.state import ParallelState
-
-    st = ParallelState.build(Layout(world_size=world, cp=world, ulysses=ulysses))
-    results = []
-    for c in cases:
-        mb = {"input_ids": torch.zeros(c["q"].shape[:2], dtype=torch.long), "document_ids": c["docs"],
-              "q": c["q"], "k": c["k"], "v": c["v"], "weight": c["weight"]}
-        local = shard_batch(mb, world, st.cp_rank)
-        q, k, v = (local[x].clone().requires_grad_() for x in ("q", "k", "v"))
-        sinks = c["sinks"].clone().requires_grad_()
-        out = context_parallel_attention(q, k, v, cp_index=local["cp_index"], document_ids=local["document_ids"],
-                                         window=c["window"], backend=backend, ulysses_group=st.cp_ulysses_group,
-                                         ring_group=st.cp_ring_group, sinks=sinks)
-        (out * local["weight"]).sum().backward()
-        results.append((local["cp_index"][:, st.cp_rank], out.detach(), q.grad, k.grad, v.grad, sinks.grad))
-    return results
 
 
 def _positions(c, world):

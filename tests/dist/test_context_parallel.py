@@ -47,6 +47,8 @@ def _full(c):
 
 
 def _cp(rank, world, ulysses, backend, cases):
+    """Each case through cp attention on this rank's shard: (cp_index, out, q/k/v grads[, sinks
+    grad]). Also used by tests/dist/test_attention_sinks_cp.py."""
     from megaswift.parallel.context_parallel import context_parallel_attention, shard_batch
     from megaswift.parallel.layout import Layout
     from megaswift.parallel.state import ParallelState
@@ -58,11 +60,13 @@ def _cp(rank, world, ulysses, backend, cases):
               "q": c["q"], "k": c["k"], "v": c["v"], "weight": c["weight"]}
         local = shard_batch(mb, world, st.cp_rank)
         q, k, v = (local[x].clone().requires_grad_() for x in ("q", "k", "v"))
+        sinks = c["sinks"].clone().requires_grad_() if "sinks" in c else None  # attention sinks (gpt-oss)
         out = context_parallel_attention(q, k, v, cp_index=local["cp_index"], document_ids=local["document_ids"],
                                          window=c["window"], backend=backend, ulysses_group=st.cp_ulysses_group,
-                                         ring_group=st.cp_ring_group)
+                                         ring_group=st.cp_ring_group, sinks=sinks)
         (out * local["weight"]).sum().backward()
-        results.append((local["cp_index"][:, st.cp_rank], out.detach(), q.grad, k.grad, v.grad))
+        grads = (q.grad, k.grad, v.grad) + ((sinks.grad,) if sinks is not None else ())
+        results.append((local["cp_index"][:, st.cp_rank], out.detach(), *grads))
     return results
 
 
