@@ -38,16 +38,28 @@ def make_fp8_hf(src_dir: str, out_dir: str, block: tuple[int, int] = (8, 8)) -> 
     """Write an fp8 block-quantized copy of the HF checkpoint in `src_dir` to `out_dir` (same
     shards, each quantized weight's grid in its weight's file) and return `out_dir`. Which
     tensors are quantized, and how, is export's rule (convert/fp8.py)."""
+    def quantize(name, t):
+        if not fp8.quantizable(name, t.shape):
+            return None
+        q, scale = fp8.quantize(name, t, block)
+        return {name: q, name + fp8.SCALE_SUFFIX: scale}
+    return quantized_copy(src_dir, out_dir, quantize, fp8.quantization_config(block))
+
+
+def quantized_copy(src_dir: str, out_dir: str, quantize, quantization_config: dict) -> str:
+    """A copy of the HF checkpoint in `src_dir` in `out_dir`, same shards: `quantize(name, t)`
+    gives the stored tensors of a quantized one (None: not quantized), every other floating
+    tensor becomes bf16; the other files are copied, config.json gets `quantization_config`."""
     os.makedirs(out_dir, exist_ok=True)
     weight_map = _weight_map(src_dir)
     new_map = {}
     for fname in sorted(set(weight_map.values())):
         out = {}
         for name, t in load_file(os.path.join(src_dir, fname)).items():
-            if fp8.quantizable(name, t.shape):
-                out[name], out[name + fp8.SCALE_SUFFIX] = fp8.quantize(name, t, block)
-            else:
-                out[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
+            stored = quantize(name, t)
+            if stored is None:
+                stored = {name: t.to(torch.bfloat16) if t.is_floating_point() else t}
+            out.update(stored)
         save_file(out, os.path.join(out_dir, fname), metadata={"format": "pt"})
         new_map.update({k: fname for k in out})
     _write_index(out_dir, new_map)
@@ -57,7 +69,7 @@ def make_fp8_hf(src_dir: str, out_dir: str, block: tuple[int, int] = (8, 8)) -> 
             shutil.copy2(path, os.path.join(out_dir, name))
     with open(os.path.join(src_dir, "config.json")) as f:
         config = json.load(f)
-    config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config=fp8.quantization_config(block))
+    config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config=quantization_config)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return out_dir

@@ -8,16 +8,11 @@ uses), the rest bf16, config.json's quantization_config as gpt-oss-20b's.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 import torch
-from safetensors.torch import load_file, save_file
 
 from megaswift.convert import mxfp4
 
-from .fp8 import INDEX, _weight_map, _write_index
+from .fp8 import quantized_copy
 
 # hidden and intermediate are multiples of 32 (MXFP4's block); two layers, sliding then full
 TINY_GPT_OSS = dict(vocab_size=1001, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
@@ -40,26 +35,9 @@ def make_mxfp4_hf(src_dir: str, out_dir: str) -> str:
     """Write an MXFP4 copy of the HF checkpoint in `src_dir` (gpt-oss-style 3-D expert weights
     [E, in, out]) to `out_dir`, same shards, and return `out_dir`. Which tensors are quantized,
     and how, is export's rule (convert/mxfp4.py); every other floating tensor becomes bf16."""
-    os.makedirs(out_dir, exist_ok=True)
-    weight_map = _weight_map(src_dir)
-    new_map = {}
-    for fname in sorted(set(weight_map.values())):
-        out = {}
-        for name, t in load_file(os.path.join(src_dir, fname)).items():
-            if mxfp4.quantizable(name, t.shape):
-                out[name + mxfp4.BLOCKS_SUFFIX], out[name + mxfp4.SCALES_SUFFIX] = mxfp4.quantize(name, t)
-            else:
-                out[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
-        save_file(out, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        new_map.update({k: fname for k in out})
-    _write_index(out_dir, new_map)
-    for name in os.listdir(src_dir):
-        path = os.path.join(src_dir, name)
-        if os.path.isfile(path) and not name.endswith(".safetensors") and name not in (INDEX, "config.json"):
-            shutil.copy2(path, os.path.join(out_dir, name))
-    with open(os.path.join(src_dir, "config.json")) as f:
-        config = json.load(f)
-    config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config=mxfp4.quantization_config())
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return out_dir
+    def quantize(name, t):
+        if not mxfp4.quantizable(name, t.shape):
+            return None
+        blocks, scales = mxfp4.quantize(name, t)
+        return {name + mxfp4.BLOCKS_SUFFIX: blocks, name + mxfp4.SCALES_SUFFIX: scales}
+    return quantized_copy(src_dir, out_dir, quantize, mxfp4.quantization_config())
