@@ -141,13 +141,11 @@ class PreferenceDataset:
         return sum(lab != IGNORE_INDEX for sample in self.pairs[i] for lab in sample[1])
 
 
-class PreferenceLoader(SFTLoader):
-    """SFTLoader's deterministic, layout-independent, resumable stream with a pair as the item.
-    A micro batch of m pairs is 2m rows: the m chosen responses, then the m rejected ones in the
-    same order (TRL's layout), so both halves of a pair always share a micro batch.
-    `pair_index` [m] names the pairs (for precomputed reference log-probabilities)."""
+class TwoRowLoader(SFTLoader):
+    """SFTLoader's stream over items that are two rows each (a preference pair; an unpaired
+    example and its KL row), never packed; the dataset gives each item's length and loss tokens."""
 
-    def __init__(self, dataset: PreferenceDataset, **kwargs):
+    def __init__(self, dataset, **kwargs):
         super().__init__(dataset, packing=False, **kwargs)
 
     def _item_length(self, i: int) -> int:
@@ -155,6 +153,13 @@ class PreferenceLoader(SFTLoader):
 
     def _item_loss_tokens(self, i: int) -> int:
         return self.dataset.item_loss_tokens(i)
+
+
+class PreferenceLoader(TwoRowLoader):
+    """SFTLoader's deterministic, layout-independent, resumable stream with a pair as the item.
+    A micro batch of m pairs is 2m rows: the m chosen responses, then the m rejected ones in the
+    same order (TRL's layout), so both halves of a pair always share a micro batch.
+    `pair_index` [m] names the pairs (for precomputed reference log-probabilities)."""
 
     def _collate(self, items: list[list[int]]) -> dict:
         pairs = [self.dataset[item[0]] for item in items]

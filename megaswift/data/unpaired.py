@@ -23,8 +23,7 @@ from megaswift.errors import DataError
 
 from .chat import _render, check_messages
 from .dataset import IGNORE_INDEX, make_sample
-from .loader import SFTLoader
-from .preference import _ids
+from .preference import TwoRowLoader, _ids
 from .reader import read_rows
 
 Sample = tuple[list[int], list[int]]
@@ -135,19 +134,10 @@ def _sample(prompt: list[int], completion: list[int], seq_len: int) -> Sample | 
     return make_sample(prompt + completion, [False] * len(prompt) + [True] * len(completion), seq_len)
 
 
-class UnpairedLoader(SFTLoader):
+class UnpairedLoader(TwoRowLoader):
     """SFTLoader's deterministic, layout-independent, resumable stream with an example as the
     item. A micro batch of m examples is 2m rows: the m examples' rows, then their m KL rows in
     the same order; `label` [m] (bool: desirable) and `example_index` [m] name them."""
-
-    def __init__(self, dataset: UnpairedDataset, **kwargs):
-        super().__init__(dataset, packing=False, **kwargs)
-
-    def _item_length(self, i: int) -> int:
-        return self.dataset.item_length(i)
-
-    def _item_loss_tokens(self, i: int) -> int:
-        return self.dataset.item_loss_tokens(i)
 
     def _collate(self, items: list[list[int]]) -> dict:
         examples = [self.dataset[item[0]] for item in items]
