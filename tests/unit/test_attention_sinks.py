@@ -217,7 +217,7 @@ def test_kv_cache_with_sinks_equals_the_full_forward():
 def test_cuda_backends_with_sinks_match_reference(case, backend, dtype):
     """The rescale after the CUDA kernels (flash_attn's lse included) against the reference."""
     if backend == "flash_attn" and (dtype == torch.float32 or not flash_attn_available()):
-        pytest.skip("flash-attn: half precision, and the package installed")
+        pytest.skip("flash-attn runs only in half precision, and only where the package is installed")
     q, k, v, sinks, kw = make_case(case, dtype=dtype, device="cuda")
     out, lse = attention(q, k, v, backend=backend, sinks=sinks, **kw)
     r_out, r_lse = attention(q, k, v, backend="reference", sinks=sinks, **kw)
